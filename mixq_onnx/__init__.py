@@ -1,0 +1,28 @@
+"""mixq-onnx: mixed-precision post-training weight quantization for any float ONNX model.
+
+Pipeline (one module each): io (load) -> find (weights) -> measure (error) ->
+search (bit-widths) -> rewrite (DequantizeLinear) -> verify (ONNX Runtime) -> report.
+"""
+
+from .config import (
+    Budget,
+    ForceBits,
+    Granularity,
+    LayerWeighting,
+    Layout,
+    Metric,
+    MixQuantRule,
+    QuantConfig,
+    Scheme,
+    Uniform,
+)
+from .errors import BudgetError, ConfigError, MixqError, ModelError, OutputError, VerificationError
+from .pipeline import QuantizeResult, VerifyOptions, quantize, quantize_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget", "BudgetError", "ConfigError", "ForceBits", "Granularity", "LayerWeighting", "Layout", "Metric",
+    "MixQuantRule", "MixqError", "ModelError", "OutputError", "QuantConfig", "QuantizeResult", "Scheme", "Uniform",
+    "VerificationError", "VerifyOptions", "quantize", "quantize_file",
+]

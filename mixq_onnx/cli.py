@@ -1,0 +1,171 @@
+"""The ``mixq-onnx`` command: a thin click layer over :func:`mixq_onnx.quantize_file`.
+
+Only this module prints, draws progress bars and turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from .config import (
+    Budget,
+    ForceBits,
+    LayerWeighting,
+    Layout,
+    Metric,
+    MixQuantRule,
+    QuantConfig,
+    Scheme,
+    Uniform,
+)
+from .errors import ConfigError, MixqError
+from .io import check_output_path, write_text_atomic
+from .pipeline import VerifyOptions, quantize_file
+from .report import format_table
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``123456``, ``500KB``, ``1.5MB`` or ``2MiB`` -> bytes (KB/MB/GB are powers of 1000)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise ConfigError(f"--max-size expects a size such as 1500000, 500KB, 1.5MB or 2MiB, got {text!r}")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
+def build_config(
+    bits: int | None, qem: float | None, qem_ref_bits: int, target_bits: float | None, max_size: str | None,
+    weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
+    int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
+) -> QuantConfig:
+    """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
+    modes = [n for n, v in (("--bits", bits), ("--qem", qem), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} choose different searches; give only one")
+    if bits is not None:
+        search = Uniform(bits)
+    elif target_bits is not None or max_size is not None:
+        search = Budget(target_bits, parse_size(max_size) if max_size is not None else None, LayerWeighting(weighting))
+    else:
+        search = MixQuantRule(qem if qem is not None else MixQuantRule.qem, qem_ref_bits)
+    try:
+        cands = tuple(int(b) for b in candidate_bits.split(","))
+    except ValueError:
+        raise ConfigError(f"--candidate-bits expects a comma-separated list such as 2,4,8, got {candidate_bits!r}") from None
+    return QuantConfig(
+        search=search,
+        scheme=Scheme(scheme),
+        layouts=tuple(Layout.parse(g) for g in (granularity or ("channel",))),
+        candidate_bits=cands,
+        storage_aware=not literal_bits,
+        allow_int2=int2,
+        metric=Metric(metric),
+        min_elements=min_elements,
+        keep_float=keep_float,
+        force_bits=tuple(ForceBits.parse(f) for f in force_bits),
+    )
+
+
+class _Progress:
+    """Lazily created progress bar on stderr for the per-tensor error measurement."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, i: int, n: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=n, label="measuring error", file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(i - self.done)
+        self.done = i
+        if i == n:
+            self.bar.__exit__(None, None, None)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the quantized model (required unless --plan).")
+@click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight: the baseline, no search.")
+@click.option("--qem", type=float, help="MixQuant rule (the default search): per tensor, the cheapest option whose error is at most QEM x the reference. Default 2.0.")
+@click.option("--qem-ref-bits", type=int, default=4, show_default=True, help="Reference bit-width: the reference is the median error of all tensors at this width.")
+@click.option("--target-bits", type=float, help="Budget search: average stored bits per weight (scales and zero points included).")
+@click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
+@click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
+@click.option("--scheme", type=click.Choice([s.value for s in Scheme]), default="asymmetric", show_default=True, help="Asymmetric (unsigned + zero point) or symmetric (signed, narrow range, no zero point).")
+@click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. Default channel.")
+@click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use.")
+@click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
+@click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it).")
+@click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares.")
+@click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
+@click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
+@click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full per-tensor report as JSON here.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison with the float model.")
+@click.option("--input-shape", multiple=True, metavar="NAME:DxD..", help="Shape for an input with dynamic dimensions, e.g. image:4x3x224x224. Repeatable.")
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Verify on real samples: an .npz of arrays keyed by input name.")
+@click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
+def main(
+    model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int, target_bits: float | None,
+    max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
+    literal_bits: bool, int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...],
+    force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
+    input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
+) -> None:
+    """Quantize the weights of MODEL (.onnx) with a per-tensor bit-width search and write a QDQ model.
+
+    \b
+    Examples:
+      mixq-onnx model.onnx -o model_q.onnx                  # MixQuant rule, QEM 2
+      mixq-onnx model.onnx -o model_q.onnx --bits 8         # uniform INT8
+      mixq-onnx model.onnx -o model_q.onnx --target-bits 5  # best error at 5 bits/weight
+      mixq-onnx model.onnx --plan                           # show the plan only
+    """
+    logging.basicConfig(
+        level=logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if output is None and not plan_only:
+            raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
+        config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
+                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits)
+        verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
+        if report_path is not None:
+            check_output_path(report_path, model)
+        result = quantize_file(model, None if plan_only else output, config, verify_options, _Progress(not quiet and sys.stderr.isatty()))
+        if report_path is not None:
+            write_text_atomic(report_path, result.report.to_json())
+        if not quiet:
+            click.echo(format_table(result.report, max_rows=0 if verbose or plan_only else 60))
+            if plan_only:
+                click.echo("plan only: nothing written")
+            elif output is not None:
+                click.echo(f"wrote {output}")
+    except MixqError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug of ours: still one line unless asked for details
+        if verbose:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback and please report it)", err=True)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

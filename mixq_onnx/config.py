@@ -1,0 +1,219 @@
+"""Configuration: frozen dataclasses and enums, validated on construction.
+
+Each CLI option maps to exactly one field here.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+MIN_BITS = 2
+MAX_BITS = 8
+BLOCK_SIZES = (32, 64, 128)
+
+
+class Granularity(enum.Enum):
+    """How many scales a tensor gets."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """A granularity together with its block size (0 unless blockwise)."""
+
+    granularity: Granularity = field(compare=False)
+    block_size: int = 0
+    # Sort key so layouts order deterministically: tensor < channel < block32 < ...
+    rank: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.granularity is Granularity.BLOCK:
+            if self.block_size not in BLOCK_SIZES:
+                raise ConfigError(
+                    f"block size {self.block_size} is not supported; use one of {BLOCK_SIZES}"
+                )
+        elif self.block_size:
+            raise ConfigError("a block size only applies to blockwise granularity")
+        rank = {Granularity.TENSOR: 0, Granularity.CHANNEL: 1}.get(self.granularity, 1 + self.block_size)
+        object.__setattr__(self, "rank", rank)
+
+    @property
+    def name(self) -> str:
+        if self.granularity is Granularity.BLOCK:
+            return f"block{self.block_size}"
+        return self.granularity.value
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """Parse ``tensor``, ``channel`` or ``blockNN`` (NN in 32, 64, 128)."""
+        t = text.strip().lower()
+        if t in ("tensor", "per-tensor"):
+            return cls(Granularity.TENSOR)
+        if t in ("channel", "per-channel"):
+            return cls(Granularity.CHANNEL)
+        if t.startswith("block") and t[5:].isdigit():
+            return cls(Granularity.BLOCK, int(t[5:]))
+        raise ConfigError(
+            f"unknown granularity {text!r}; use tensor, channel, block32, block64 or block128"
+        )
+
+
+PER_TENSOR = Layout(Granularity.TENSOR)
+PER_CHANNEL = Layout(Granularity.CHANNEL)
+
+
+class Scheme(enum.Enum):
+    """Asymmetric (unsigned container, zero point) or symmetric (signed, no zero point)."""
+
+    ASYMMETRIC = "asymmetric"
+    SYMMETRIC = "symmetric"
+
+
+class Metric(enum.Enum):
+    """The per-tensor error measure the search compares."""
+
+    NMSE = "nmse"
+    MSE = "mse"
+    MAX_ABS = "max-abs"
+
+
+class LayerWeighting(enum.Enum):
+    """How the budget search weighs each tensor's normalised error in the total."""
+
+    EQUAL = "equal"
+    SQRT = "sqrt"
+    PARAMS = "params"
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Every tensor gets the same bit-width (the baseline)."""
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "--bits")
+
+
+@dataclass(frozen=True)
+class MixQuantRule:
+    """MixQuant: per tensor, the cheapest option with ``err <= qem * ref``.
+
+    ``ref`` is the median, over all searched tensors, of the normalised error
+    at ``ref_bits`` with the first configured layout.  A model-wide reference
+    makes layers comparable; a per-tensor reference would give every tensor
+    the same bit-width (see README).
+    """
+
+    qem: float = 2.0
+    ref_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.qem > 0:
+            raise ConfigError(f"--qem must be greater than 0, got {self.qem}")
+        _check_bits(self.ref_bits, "--qem-ref-bits")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Minimise the total weighted error subject to a size budget.
+
+    Exactly one of ``target_bits`` (average stored bits per weight, scales
+    and zero points included) and ``max_bytes`` (on-disk bytes of the weight
+    tensors) is set.
+    """
+
+    target_bits: float | None = None
+    max_bytes: int | None = None
+    weighting: LayerWeighting = LayerWeighting.EQUAL
+
+    def __post_init__(self) -> None:
+        if (self.target_bits is None) == (self.max_bytes is None):
+            raise ConfigError("give exactly one of --target-bits and --max-size")
+        if self.target_bits is not None and not (0 < self.target_bits <= 32):
+            raise ConfigError(f"--target-bits must be in (0, 32], got {self.target_bits}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-size must be positive, got {self.max_bytes}")
+
+
+Search = Uniform | MixQuantRule | Budget
+
+
+@dataclass(frozen=True)
+class ForceBits:
+    """``--force-bits PATTERN=N``: tensors or nodes matching PATTERN get N bits."""
+
+    pattern: str
+    bits: int
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, f"--force-bits {self.pattern}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ForceBits":
+        pattern, sep, bits = text.rpartition("=")
+        if not sep or not pattern or not bits.strip().isdigit():
+            raise ConfigError(f"--force-bits expects PATTERN=N (for example 'conv1*=8'), got {text!r}")
+        return cls(pattern, int(bits))
+
+
+def matches(pattern: str, names: tuple[str, ...]) -> bool:
+    """Glob match against any of a tensor's or its consumers' names."""
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides the output model; the same config gives the same bytes."""
+
+    search: Search = field(default_factory=MixQuantRule)
+    scheme: Scheme = Scheme.ASYMMETRIC
+    layouts: tuple[Layout, ...] = (PER_CHANNEL,)
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    storage_aware: bool = True
+    allow_int2: bool = False
+    metric: Metric = Metric.NMSE
+    min_elements: int = 1024
+    keep_float: tuple[str, ...] = ()
+    force_bits: tuple[ForceBits, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.layouts:
+            raise ConfigError("give at least one --granularity")
+        if len(set(self.layouts)) != len(self.layouts):
+            raise ConfigError("--granularity was given twice with the same value")
+        if not self.candidate_bits:
+            raise ConfigError("give at least one candidate bit-width")
+        for b in self.candidate_bits:
+            _check_bits(b, "--candidate-bits")
+        object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
+        if self.min_elements < 0:
+            raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
+        if isinstance(self.search, Uniform) and len(self.layouts) > 1:
+            raise ConfigError("--bits takes a single --granularity; use --target-bits or --qem to choose among several")
+
+    def forced_bits(self, names: tuple[str, ...]) -> int | None:
+        """The last ``--force-bits`` rule matching any of ``names`` wins."""
+        hit = None
+        for rule in self.force_bits:
+            if matches(rule.pattern, names):
+                hit = rule.bits
+        return hit
+
+    def kept_float(self, names: tuple[str, ...]) -> str | None:
+        for pattern in self.keep_float:
+            if matches(pattern, names):
+                return pattern
+        return None
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
+        raise ConfigError(f"{what}: bit-width must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits}")

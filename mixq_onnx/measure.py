@@ -1,0 +1,163 @@
+"""Measure the roundoff error each weight suffers at each bit-width and layout (pure numpy).
+
+For every tensor, every candidate bit-width and every layout the tensor
+accepts, we quantize exactly as the output model will (same scale, zero
+point, rounding and container) and record MSE, normalised MSE (MSE over the
+mean square of the weights, so tensors are comparable) and max absolute
+error, together with the exact bytes the option takes on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from .config import BLOCK_SIZES, Granularity, Layout, Metric, QuantConfig, Scheme
+from .find import WeightSite
+from .numerics import GroupRange, QType, container_for, quantize_weight, required_opset, storage_bytes
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the output model may use: the highest default-domain opset, and INT2."""
+
+    opset: int
+    allow_int2: bool
+
+    def container(self, bits: int, symmetric: bool) -> QType | None:
+        """The narrowest container for ``bits`` this opset has, or None if DequantizeLinear is unavailable."""
+        for allow_int4 in (True, False):
+            q = container_for(bits if allow_int4 else 8, symmetric, self.allow_int2 and allow_int4)
+            if q.min_opset <= self.opset:
+                return q
+        return None
+
+    def allows(self, qtype: QType, layout: Layout) -> bool:
+        return required_opset(qtype, layout) <= self.opset
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a tensor: bit-width, layout and container, with its cost and error."""
+
+    bits: int
+    layout: Layout
+    axis: int
+    qtype: QType
+    nbytes: int
+    mse: float
+    nmse: float
+    max_abs: float
+
+    def error(self, metric: Metric) -> float:
+        return {Metric.NMSE: self.nmse, Metric.MSE: self.mse, Metric.MAX_ABS: self.max_abs}[metric]
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.bits, self.layout.name
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """All measured options of one weight, in (layout order, bits) order."""
+
+    site: WeightSite
+    options: tuple[Option, ...]
+    scale_dtype: np.dtype
+
+    def get(self, bits: int, layout: Layout) -> Option | None:
+        for o in self.options:
+            if o.bits == bits and o.layout == layout:
+                return o
+        return None
+
+
+def scale_dtype_for(array: np.ndarray) -> np.dtype:
+    """float16 weights keep float16 scales; bfloat16 ones use float32 (ORT has no bf16 DequantizeLinear)."""
+    return np.dtype(np.float16) if array.dtype == np.float16 else np.dtype(np.float32)
+
+
+def layout_axis(site: WeightSite, layout: Layout) -> int | None:
+    """The axis a layout quantizes along for this weight, or None if it does not apply."""
+    if layout.granularity is Granularity.TENSOR:
+        return 0
+    if layout.granularity is Granularity.CHANNEL:
+        return site.channel_axis
+    red = site.reduction_axis
+    if red is None or site.shape[red] <= layout.block_size:
+        return None
+    return red
+
+
+def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...]) -> list[tuple[Layout, int]]:
+    """The configured layouts this weight accepts, falling back to per-tensor if none does."""
+    out = [(lay, ax) for lay in layouts if (ax := layout_axis(site, lay)) is not None]
+    if not out:
+        out = [(Layout(Granularity.TENSOR), 0)]
+    return out
+
+
+def measure_tensor(
+    site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...]
+) -> ErrorTable:
+    """Quantize one tensor every candidate way and record error and bytes."""
+    symmetric = config.scheme is Scheme.SYMMETRIC
+    w = site.array
+    sdt = scale_dtype_for(w)
+    if w.dtype == ml_dtypes.bfloat16:
+        w = w.astype(np.float32)
+    w32 = w.astype(np.float32, copy=False)
+    mean_sq = float(np.mean(np.square(w32, dtype=np.float64))) if w32.size else 0.0
+    options: list[Option] = []
+    for layout, axis in valid_layouts(site, config.layouts):
+        rng: GroupRange | None = None
+        for bits in bits_list:
+            qtype = caps.container(bits, symmetric)
+            if qtype is None or not caps.allows(qtype, layout):
+                continue
+            rng = rng if rng is not None else GroupRange.of(w, layout, axis)
+            qt = quantize_weight(w, bits, symmetric, layout, axis, qtype, sdt, rng)
+            diff = qt.dequantize().astype(np.float32) - w32
+            mse = float(np.mean(np.square(diff, dtype=np.float64)))
+            options.append(
+                Option(
+                    bits,
+                    layout,
+                    axis,
+                    qtype,
+                    storage_bytes(site.shape, layout, axis, qtype, symmetric, sdt.itemsize),
+                    mse,
+                    mse / mean_sq if mean_sq > 0 else 0.0,
+                    float(np.max(np.abs(diff))) if diff.size else 0.0,
+                )
+            )
+    return ErrorTable(site, tuple(options), sdt)
+
+
+def measure(
+    sites: tuple[WeightSite, ...],
+    config: QuantConfig,
+    caps: Capabilities,
+    extra_bits: tuple[int, ...] = (),
+    progress: Progress | None = None,
+) -> list[ErrorTable]:
+    """Error tables for every weight; ``extra_bits`` adds bit-widths the search needs as a reference."""
+    bits_list = tuple(sorted(set(config.candidate_bits) | set(extra_bits)))
+    tables = []
+    for i, site in enumerate(sites):
+        tables.append(measure_tensor(site, config, caps, bits_list))
+        if progress is not None:
+            progress(i + 1, len(sites), site.name)
+    log.info("measured %d tensors at bits %s", len(tables), bits_list)
+    return tables
+
+
+__all__ = ["BLOCK_SIZES", "Capabilities", "ErrorTable", "Option", "measure", "measure_tensor", "valid_layouts"]

@@ -1,0 +1,254 @@
+"""Quantize and dequantize numerics in pure numpy (no ONNX import).
+
+``quantize_linear`` and ``dequantize_linear`` follow the ONNX operator
+definitions exactly as onnx.reference computes them (the same division,
+``rint`` half-to-even rounding, saturation and float32 dequantization), so
+that what we measure and store is bit for bit what a runtime computes.
+One table describes every storage dtype; one helper broadcasts scales and
+zero points for per-tensor, per-axis and blockwise layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from .config import Granularity, Layout
+
+
+@dataclass(frozen=True)
+class QType:
+    """A storage dtype for quantized integers."""
+
+    name: str
+    bits: int
+    signed: bool
+    dtype: np.dtype
+    # The opset from which DequantizeLinear accepts this dtype at all.
+    min_opset: int
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def nbytes(self, count: int) -> int:
+        """Packed bytes for ``count`` values (sub-byte types are packed, odd tails padded)."""
+        return -(-count * self.bits // 8)
+
+
+QTYPES: dict[str, QType] = {
+    q.name: q
+    for q in (
+        QType("int8", 8, True, np.dtype(np.int8), 10),
+        QType("uint8", 8, False, np.dtype(np.uint8), 10),
+        QType("int4", 4, True, np.dtype(ml_dtypes.int4), 21),
+        QType("uint4", 4, False, np.dtype(ml_dtypes.uint4), 21),
+        QType("int2", 2, True, np.dtype(ml_dtypes.int2), 25),
+        QType("uint2", 2, False, np.dtype(ml_dtypes.uint2), 25),
+    )
+}
+QTYPE_BY_DTYPE: dict[np.dtype, QType] = {q.dtype: q for q in QTYPES.values()}
+
+
+def container_for(bits: int, symmetric: bool, allow_int2: bool) -> QType:
+    """The narrowest storage dtype that holds ``bits``-bit values."""
+    if bits <= 2 and allow_int2:
+        width = 2
+    elif bits <= 4:
+        width = 4
+    else:
+        width = 8
+    return QTYPES[("int" if symmetric else "uint") + str(width)]
+
+
+def logical_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range a ``bits``-bit value uses inside its container.
+
+    Symmetric ranges are narrow ([-(2^(b-1)-1), 2^(b-1)-1]) so zero is exact,
+    no zero point is needed and TensorRT's [-127, 127] rule holds at 8 bits.
+    """
+    if symmetric:
+        m = (1 << (bits - 1)) - 1
+        return -m, m
+    return 0, (1 << bits) - 1
+
+
+def required_opset(qtype: QType, layout: Layout) -> int:
+    """The lowest default-domain opset whose DequantizeLinear can express this."""
+    need = qtype.min_opset
+    if layout.granularity is Granularity.CHANNEL:
+        need = max(need, 13)
+    elif layout.granularity is Granularity.BLOCK:
+        need = max(need, 21)
+    return need
+
+
+def broadcast(value: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
+    """Make a scale or zero point broadcastable to ``shape``, as the ONNX ops do."""
+    if value.size == 1:
+        return value.reshape(())
+    if not block_size:
+        dims = [1] * len(shape)
+        dims[axis] = value.size
+        return value.reshape(dims)
+    value = np.repeat(value, block_size, axis=axis)
+    if value.shape[axis] != shape[axis]:
+        value = value.take(np.arange(shape[axis]), axis=axis)
+    return value
+
+
+def _round_to_int(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int, lo: int, hi: int
+) -> np.ndarray:
+    """round(x / scale) + zero_point, saturated to [lo, hi], as int32."""
+    s = broadcast(scale, x.shape, axis, block_size)
+    xi = np.rint(x / s).astype(np.int32)
+    if zero_point is not None:
+        xi += broadcast(zero_point.astype(np.int32), x.shape, axis, block_size)
+    return np.clip(xi, lo, hi)
+
+
+def quantize_linear(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    qtype: QType,
+    axis: int = 1,
+    block_size: int = 0,
+) -> np.ndarray:
+    """ONNX QuantizeLinear (opset 21+ semantics): saturate to the full container range."""
+    q = _round_to_int(x, scale, zero_point, axis, block_size, qtype.qmin, qtype.qmax)
+    return q.astype(qtype.dtype)
+
+
+def dequantize_linear(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1, block_size: int = 0
+) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale in float32, cast to the scale's dtype."""
+    dx = q.astype(np.float32)
+    if zero_point is not None:
+        dx = dx - broadcast(zero_point.astype(np.float32), q.shape, axis, block_size)
+    y = dx * broadcast(scale, q.shape, axis, block_size)
+    return y.astype(scale.dtype)
+
+
+def _reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> np.ndarray:
+    """min or max of each quantization group, shaped like the ONNX scale input."""
+    if layout.granularity is Granularity.TENSOR:
+        return ufunc.reduce(w, axis=None)
+    if layout.granularity is Granularity.CHANNEL:
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        return ufunc.reduce(w, axis=others) if others else w.copy()
+    starts = np.arange(0, w.shape[axis], layout.block_size)
+    return ufunc.reduceat(w, starts, axis=axis)
+
+
+@dataclass(frozen=True)
+class GroupRange:
+    """Per-group minimum and maximum of a weight, computed once per layout."""
+
+    rmin: np.ndarray  # float32
+    rmax: np.ndarray  # float32
+
+    @classmethod
+    def of(cls, w: np.ndarray, layout: Layout, axis: int) -> "GroupRange":
+        return cls(
+            np.asarray(_reduce(w, layout, axis, np.minimum), dtype=np.float32),
+            np.asarray(_reduce(w, layout, axis, np.maximum), dtype=np.float32),
+        )
+
+
+def params_from_range(
+    rng: GroupRange, bits: int, symmetric: bool, qtype: QType, scale_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Min-max scale (and zero point when asymmetric) for ``bits``-bit values.
+
+    Ranges are widened to include 0 so that zero is represented exactly.
+    Scales are kept at or above the scale dtype's smallest normal number:
+    a subnormal scale makes ``x / scale`` overflow.
+    """
+    lo, hi = logical_range(bits, symmetric)
+    rmin = np.minimum(rng.rmin, np.float32(0))
+    rmax = np.maximum(rng.rmax, np.float32(0))
+    if symmetric:
+        scale = np.maximum(-rmin, rmax) / np.float32(hi)
+    else:
+        scale = (rmax - rmin) / np.float32(hi - lo)
+    tiny = np.float32(ml_dtypes.finfo(scale_dtype).smallest_normal)
+    scale = np.where(scale > 0, np.maximum(scale, tiny), np.float32(1)).astype(scale_dtype)
+    if symmetric:
+        return scale, None
+    zp = np.clip(np.float32(lo) - np.rint(rmin / scale.astype(np.float32)), lo, hi)
+    return scale, zp.astype(qtype.dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integers plus the scale and zero point that DequantizeLinear needs."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    qtype: QType
+    bits: int
+    layout: Layout
+    axis: int
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_linear(self.values, self.scale, self.zero_point, self.axis, self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: packed integers, scales and zero points."""
+        zp = self.qtype.nbytes(self.zero_point.size) if self.zero_point is not None else 0
+        return self.qtype.nbytes(self.values.size) + self.scale.nbytes + zp
+
+
+def quantize_weight(
+    w: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    layout: Layout,
+    axis: int,
+    qtype: QType,
+    scale_dtype: np.dtype,
+    rng: GroupRange | None = None,
+) -> QuantizedTensor:
+    """Min-max round-to-nearest quantization of one weight tensor.
+
+    The integers are QuantizeLinear's output further clipped to the logical
+    ``bits``-bit range, so a 3-bit tensor in an INT4 container really uses
+    only 8 levels.
+    """
+    rng = rng if rng is not None else GroupRange.of(w, layout, axis)
+    scale, zp = params_from_range(rng, bits, symmetric, qtype, scale_dtype)
+    lo, hi = logical_range(bits, symmetric)
+    q = _round_to_int(w, scale, zp, axis, layout.block_size, lo, hi).astype(qtype.dtype)
+    return QuantizedTensor(q, scale, zp, qtype, bits, layout, axis)
+
+
+def scale_count(shape: tuple[int, ...], layout: Layout, axis: int) -> int:
+    """Number of scales a layout needs for a tensor of ``shape``."""
+    if layout.granularity is Granularity.TENSOR:
+        return 1
+    if layout.granularity is Granularity.CHANNEL:
+        return shape[axis]
+    n = int(np.prod(shape)) // shape[axis]
+    return n * -(-shape[axis] // layout.block_size)
+
+
+def storage_bytes(shape: tuple[int, ...], layout: Layout, axis: int, qtype: QType, symmetric: bool, scale_itemsize: int) -> int:
+    """Exact on-disk bytes of a quantized tensor, computed without quantizing it."""
+    n = int(np.prod(shape))
+    s = scale_count(shape, layout, axis)
+    return qtype.nbytes(n) + s * scale_itemsize + (0 if symmetric else qtype.nbytes(s))

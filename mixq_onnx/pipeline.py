@@ -1,0 +1,177 @@
+"""The whole job, as a library: load, find weights, measure error, search, rewrite, verify, report.
+
+The CLI is a thin layer over :func:`quantize` and :func:`quantize_file`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .config import Budget, MixQuantRule, QuantConfig, Scheme
+from .errors import ConfigError, ModelError
+from .find import Inventory, find_weights, gather_index_bounds
+from .graph import default_opset
+from .io import check_output_path, load_model, save_model
+from .measure import Capabilities, Progress, measure
+from .numerics import container_for, required_opset
+from .report import Report, build_report
+from .rewrite import apply_plan, raise_opset
+from .search import Plan, search
+from .verify import load_inputs, parse_input_shapes, random_inputs, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How to check the written model against the float one."""
+
+    enabled: bool = True
+    input_shapes: tuple[str, ...] = ()
+    inputs: Path | None = None
+    samples: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"--verify-samples must be at least 1, got {self.samples}")
+        parse_input_shapes(self.input_shapes)
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    report: Report
+    plan: Plan
+
+
+def _needed_opset(config: QuantConfig) -> int:
+    """The opset the most demanding candidate option would need."""
+    sym = config.scheme is Scheme.SYMMETRIC
+    return max(
+        required_opset(container_for(b, sym, config.allow_int2), lay) for b in config.candidate_bits for lay in config.layouts
+    )
+
+
+def _config_dict(config: QuantConfig) -> dict:
+    def conv(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if dataclasses.is_dataclass(v):
+            d = {k: conv(x) for k, x in dataclasses.asdict(v).items() if k != "rank"}
+            return {"type": type(v).__name__, **d} if not hasattr(v, "granularity") else v.name
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    out = {f.name: conv(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    out["layouts"] = [lay.name for lay in config.layouts]
+    return out
+
+
+def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
+    if inv.quant_ops:
+        ops = ", ".join(f"{k} x{v}" for k, v in inv.quant_ops.items())
+        return ModelError(f"{where}: nothing to quantize: the model is already quantized ({ops}); pass the float model instead")
+    reasons = Counter(s.reason.split(" (")[0].split(":")[0] for s in inv.skipped)
+    top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) or "no float constants"
+    return ModelError(f"{where}: nothing to quantize ({top}); lower --min-elements or check --keep-float if weights were expected")
+
+
+def quantize(
+    model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig | None = None, progress: Progress | None = None
+) -> QuantizeResult:
+    """Quantize a model (a ModelProto or a path) and return the new model with its report.
+
+    Never modifies the input. Raises a :class:`MixqError` subclass on bad input.
+    """
+    config = config or QuantConfig()
+    path = None
+    if not isinstance(model, onnx.ModelProto):
+        loaded = load_model(model)
+        model, path = loaded.model, loaded.path
+    where = str(path) if path else "model"
+    inventory = find_weights(model, config)
+    if not inventory.weights:
+        raise _nothing_to_quantize(where, inventory)
+    notes: list[str] = []
+    if inventory.quant_ops:
+        ops = ", ".join(f"{k} x{v}" for k, v in inventory.quant_ops.items())
+        notes.append(f"model already contains quantization ops ({ops}); those parts were left as they are")
+    original = default_opset(model)
+    change = raise_opset(model, _needed_opset(config))
+    base = change.model
+    if base is None:
+        base = model
+        if original < 10:
+            raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
+        notes.append(f"{change.note}; fell back to what opset {original} supports (INT8 only" + (", per-tensor only)" if original < 13 else ")"))
+    if base is not model:
+        inventory = find_weights(base, config)
+    caps = Capabilities(default_opset(base), config.allow_int2)
+    extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
+    tables = measure(inventory.weights, config, caps, extra, progress)
+    plan = search(tables, config)
+    uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
+    out = apply_plan(base, plan.decisions, config.scheme is Scheme.SYMMETRIC, uses_int2)
+    if uses_int2:
+        notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
+    opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version, "note": change.note}
+    report = build_report(inventory, plan, _config_dict(config), opset_info, str(path) if path else None, None, notes)
+    return QuantizeResult(out, report, plan)
+
+
+def quantize_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None,
+    config: QuantConfig | None = None,
+    verify_options: VerifyOptions | None = None,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize ``input_path``, write ``output_path`` atomically and verify it in ONNX Runtime.
+
+    With ``output_path`` None nothing is written (a plan only).
+    """
+    verify_options = verify_options or VerifyOptions()
+    out = check_output_path(output_path, input_path) if output_path is not None else None
+    shapes = parse_input_shapes(verify_options.input_shapes)
+    loaded = load_model(input_path)
+    result = quantize(loaded.model, config, progress)
+    result.report.input = str(input_path)
+    if out is None:
+        return result
+    save_model(result.model, out, loaded.had_external_data)
+    result.report.output = str(out)
+    in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
+    out_bytes = out.stat().st_size + _data_size(out)
+    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=out_bytes)
+    if verify_options.enabled:
+        if verify_options.inputs is not None:
+            feeds, source = load_inputs(verify_options.inputs), f"from {verify_options.inputs}"
+        else:
+            bounds = gather_index_bounds(loaded.model)
+            feeds = random_inputs(Path(input_path), shapes, bounds, verify_options.samples, verify_options.seed)
+            source = f"seeded random (seed {verify_options.seed})"
+        result.report.verification = verify(Path(input_path), out, feeds, source)
+    return result
+
+
+def _data_size(model_path: Path) -> int:
+    """Bytes of external data files beside a model (those it references)."""
+    try:
+        m = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return 0
+    locs = {e.value for t in onnx.external_data_helper._get_all_tensors(m) for e in t.external_data if e.key == "location"}
+    return sum((model_path.parent / loc).stat().st_size for loc in locs if (model_path.parent / loc).is_file())
+
+
+__all__ = ["QuantizeResult", "VerifyOptions", "quantize", "quantize_file", "Budget"]

@@ -1,0 +1,189 @@
+"""The per-layer report: plain data, a stable JSON schema and a terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .find import Inventory
+from .search import Plan
+from .verify import Verification
+
+SCHEMA = "mixq-onnx/report/v1"
+
+
+def _float_itemsize(dtype: str) -> int:
+    return 2 if dtype in ("float16", "bfloat16") else 4
+
+
+@dataclass(frozen=True)
+class Totals:
+    tensors: int
+    params: int
+    float_bytes: int
+    quantized_bytes: int
+    compression: float
+    avg_bits: float
+    avg_logical_bits: float
+    input_file_bytes: int | None = None
+    output_file_bytes: int | None = None
+
+
+@dataclass
+class Report:
+    """Everything a user needs to trust the output: choices, reasons, totals and the check."""
+
+    input: str | None
+    output: str | None
+    config: dict[str, Any]
+    opset: dict[str, Any]
+    search: dict[str, Any]
+    tensors: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    quant_ops_found: dict[str, int]
+    totals: Totals
+    verification: Verification | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"schema": SCHEMA, **d}
+        return _json_safe(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def build_report(
+    inventory: Inventory,
+    plan: Plan,
+    config: dict[str, Any],
+    opset: dict[str, Any],
+    input_path: str | None,
+    output_path: str | None,
+    notes: list[str],
+) -> Report:
+    tensors = []
+    params = float_bytes = qbytes = logical = 0
+    for d in plan.decisions:
+        site, o = d.table.site, d.option
+        fb = site.params * _float_itemsize(site.dtype)
+        params += site.params
+        float_bytes += fb
+        qbytes += o.nbytes
+        logical += site.params * o.bits
+        tensors.append(
+            {
+                "name": site.name,
+                "graph": site.graph,
+                "source": site.source.value,
+                "op_types": site.op_types,
+                "consumers": [u.node for u in site.uses],
+                "via": list(site.via),
+                "shape": list(site.shape),
+                "dtype": site.dtype,
+                "params": site.params,
+                "channel_axis": site.channel_axis,
+                "reduction_axis": site.reduction_axis,
+                "errors": [
+                    {"bits": x.bits, "granularity": x.layout.name, "container": x.qtype.name, "bytes": x.nbytes,
+                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs}
+                    for x in d.table.options
+                ],
+                "chosen": {
+                    "bits": o.bits,
+                    "granularity": o.layout.name,
+                    "axis": o.axis if o.layout.name != "tensor" else None,
+                    "container": o.qtype.name,
+                    "container_bits": o.qtype.bits,
+                    "bytes": o.nbytes,
+                    "float_bytes": fb,
+                    "mse": o.mse,
+                    "nmse": o.nmse,
+                    "max_abs": o.max_abs,
+                },
+                "reason": d.reason,
+                "notes": list(site.notes),
+            }
+        )
+    skipped = [
+        {"name": s.name, "graph": s.graph, "shape": list(s.shape), "dtype": s.dtype, "params": s.params, "reason": s.reason}
+        for s in inventory.skipped
+    ]
+    totals = Totals(
+        len(tensors),
+        params,
+        float_bytes,
+        qbytes,
+        float_bytes / qbytes if qbytes else 0.0,
+        8 * qbytes / params if params else 0.0,
+        logical / params if params else 0.0,
+    )
+    return Report(input_path, output_path, config, opset, {"mode": plan.summary.mode, **plan.summary.details},
+                  tensors, skipped, inventory.quant_ops, totals, None, notes)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(report: Report, max_rows: int = 0) -> str:
+    """A readable table: one row per quantized tensor, then skips, totals and the check."""
+    rows = [("tensor", "op", "shape", "params", "bits", "layout", "store", "bytes", "nmse", "reason")]
+    shown = report.tensors if not max_rows else report.tensors[:max_rows]
+    for t in shown:
+        c = t["chosen"]
+        rows.append((t["name"][:40], t["op_types"], "x".join(map(str, t["shape"])), str(t["params"]), str(c["bits"]),
+                     c["granularity"], c["container"], _size(c["bytes"]), f"{c['nmse']:.2e}", t["reason"][:48]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if max_rows and len(report.tensors) > max_rows:
+        lines.append(f"... {len(report.tensors) - max_rows} more tensors (see --report)")
+    if report.skipped:
+        lines.append("")
+        lines.append(f"left in float ({len(report.skipped)}):")
+        for s in report.skipped[: max_rows or None]:
+            lines.append(f"  {s['name'][:48]}  {'x'.join(map(str, s['shape'])) or 'scalar'}  {s['reason']}")
+        if max_rows and len(report.skipped) > max_rows:
+            lines.append(f"  ... {len(report.skipped) - max_rows} more (see --report)")
+    t = report.totals
+    lines.append("")
+    lines.append(
+        f"search: {report.search['mode']}; {t.tensors} tensors, {t.params} weights: {_size(t.float_bytes)} float -> "
+        f"{_size(t.quantized_bytes)} quantized ({t.compression:.2f}x), {t.avg_bits:.3f} stored bits/weight incl. scales, "
+        f"{t.avg_logical_bits:.3f} logical bits"
+    )
+    if t.input_file_bytes and t.output_file_bytes:
+        lines.append(f"file: {_size(t.input_file_bytes)} -> {_size(t.output_file_bytes)} ({t.input_file_bytes / t.output_file_bytes:.2f}x)")
+    if report.opset.get("note"):
+        lines.append(f"opset: {report.opset['note']}")
+    for n in report.notes:
+        lines.append(f"note: {n}")
+    v = report.verification
+    if v is not None:
+        lines.append("")
+        lines.append(f"verification on {v.samples} {v.inputs} sample(s), {v.provider}:")
+        for run in v.runs:
+            for o in run.outputs:
+                top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""
+                lines.append(
+                    f"  {run.setting}: {o.name}: max|d| {o.max_abs:.3g}, mean|d| {o.mean_abs:.3g}, "
+                    f"cosine {o.cosine:.5f}, SQNR {o.sqnr_db:.1f} dB{top1}"
+                )
+    return "\n".join(lines)

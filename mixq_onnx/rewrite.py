@@ -1,0 +1,147 @@
+"""Rewrite the graph: each chosen weight becomes integers + scale (+ zero point) behind a DequantizeLinear.
+
+The DequantizeLinear output takes the weight's original name, so no
+consumer, subgraph reference or value_info entry needs to change; only the
+float constant itself is replaced.  Everything else in the model (inputs,
+outputs, names, metadata, producer fields, doc strings) is kept as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from .find import Source
+from .graph import all_names, default_opset, iter_scopes
+from .measure import scale_dtype_for
+from .numerics import QuantizedTensor, quantize_weight
+from .search import Decision
+
+log = logging.getLogger(__name__)
+
+# INT2/UINT2 tensors need IR version 13 (runtime facts; onnx.checker enforces it).
+INT2_IR_VERSION = 13
+
+
+@dataclass(frozen=True)
+class OpsetChange:
+    """Outcome of raising the default-domain opset."""
+
+    model: onnx.ModelProto | None
+    original: int
+    target: int
+    note: str
+
+
+def raise_opset(model: onnx.ModelProto, target: int) -> OpsetChange:
+    """Convert to ``target`` with onnx.version_converter; report instead of raising on failure."""
+    original = default_opset(model)
+    if original >= target:
+        return OpsetChange(model, original, original, "")
+    try:
+        converted = version_converter.convert_version(model, target)
+        converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import), True))
+        onnx.checker.check_model(converted, full_check=False)
+    except Exception as exc:  # the converter raises many unrelated types
+        note = f"could not convert opset {original} to {target} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        log.warning(note)
+        return OpsetChange(None, original, original, note)
+    # The converter drops these; they are the user's and must survive.
+    converted.producer_name, converted.producer_version = model.producer_name, model.producer_version
+    converted.domain, converted.model_version, converted.doc_string = model.domain, model.model_version, model.doc_string
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    return OpsetChange(converted, original, target, f"opset raised from {original} to {target}")
+
+
+class _Namer:
+    """Deterministic, collision-free names for new tensors and nodes."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+
+def quantize_decision(d: Decision, symmetric: bool) -> QuantizedTensor:
+    """Quantize a weight exactly as measured for its chosen option."""
+    w = d.table.site.array
+    if w.dtype == ml_dtypes.bfloat16:
+        w = w.astype(np.float32)
+    o = d.option
+    return quantize_weight(w, o.bits, symmetric, o.layout, o.axis, o.qtype, scale_dtype_for(d.table.site.array))
+
+
+def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Tensors and nodes that recompute weight ``d`` under its original name."""
+    site = d.table.site
+    base = site.name
+    tensors = [numpy_helper.from_array(qt.values, namer(f"{base}_quantized")), numpy_helper.from_array(qt.scale, namer(f"{base}_scale"))]
+    if qt.zero_point is not None:
+        tensors.append(numpy_helper.from_array(qt.zero_point, namer(f"{base}_zero_point")))
+    attrs: dict[str, int] = {}
+    if qt.layout.granularity.value != "tensor":
+        attrs["axis"] = qt.axis
+    if qt.block_size:
+        attrs["block_size"] = qt.block_size
+    needs_cast = site.array.dtype == ml_dtypes.bfloat16
+    dq_out = namer(f"{base}_dequantized") if needs_cast else base
+    nodes = [helper.make_node("DequantizeLinear", [t.name for t in tensors], [dq_out], name=namer(f"{base}_DequantizeLinear"), **attrs)]
+    if needs_cast:
+        nodes.append(helper.make_node("Cast", [dq_out], [base], name=namer(f"{base}_Cast"), to=onnx.TensorProto.BFLOAT16))
+    return tensors, nodes
+
+
+def apply_plan(model: onnx.ModelProto, decisions: tuple[Decision, ...], symmetric: bool, uses_int2: bool) -> onnx.ModelProto:
+    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of integers."""
+    out = copy.deepcopy(model)
+    if uses_int2:
+        out.ir_version = max(out.ir_version, INT2_IR_VERSION)
+    namer = _Namer(all_names(out))
+    scopes = {s.path: s.graph for s in iter_scopes(out.graph)}
+    by_graph: dict[str, list[Decision]] = {}
+    for d in decisions:
+        by_graph.setdefault(d.table.site.graph, []).append(d)
+    for path, ds in by_graph.items():
+        graph = scopes[path]
+        front: list[onnx.NodeProto] = []
+        inits = {t.name: i for i, t in enumerate(graph.initializer)}
+        replaced_inits: dict[int, list[onnx.TensorProto]] = {}
+        replaced_consts: dict[str, list[onnx.NodeProto]] = {}
+        for d in ds:
+            qt = quantize_decision(d, symmetric)
+            tensors, nodes = _nodes_for(d, qt, namer)
+            if d.table.site.source is Source.INITIALIZER:
+                replaced_inits[inits[d.table.site.name]] = tensors
+                front.extend(nodes)
+            else:
+                consts = [helper.make_node("Constant", [], [t.name], name=namer(f"{t.name}_Constant"), value=t) for t in tensors]
+                replaced_consts[d.table.site.name] = consts + nodes
+        if replaced_inits:
+            new_inits: list[onnx.TensorProto] = []
+            for i, t in enumerate(graph.initializer):
+                new_inits.extend(replaced_inits.get(i, [t]))
+            del graph.initializer[:]
+            graph.initializer.extend(new_inits)
+        new_nodes = list(front)
+        for n in graph.node:
+            if n.op_type == "Constant" and n.output and n.output[0] in replaced_consts:
+                new_nodes.extend(replaced_consts[n.output[0]])
+            else:
+                new_nodes.append(n)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    log.info("rewrote %d weights", len(decisions))
+    return out

@@ -1,0 +1,273 @@
+"""Choose a bit-width and layout per weight: uniform, the MixQuant rule, or a size budget.
+
+Pure Python/numpy: it works on error tables and never sees ONNX.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from .config import Budget, LayerWeighting, MixQuantRule, QuantConfig, Uniform
+from .errors import BudgetError
+from .measure import ErrorTable, Option
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The option chosen for one weight, and why."""
+
+    table: ErrorTable
+    option: Option
+    reason: str
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What the search did, as data for the report."""
+
+    mode: str
+    details: dict[str, float | int | str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    decisions: tuple[Decision, ...]
+    summary: SearchSummary
+
+
+def effective_bits(config: QuantConfig, table: ErrorTable) -> list[int]:
+    """Candidate bit-widths after the storage-aware rule.
+
+    By default only the widest candidate per container is kept: 3 bits in an
+    INT4 container costs the same bytes as 4 and is strictly lossier.
+    """
+    bits = sorted({o.bits for o in table.options if o.bits in config.candidate_bits})
+    if not config.storage_aware:
+        return bits
+    widest: dict[str, int] = {}
+    for o in table.options:
+        if o.bits in bits:
+            widest[o.qtype.name] = max(widest.get(o.qtype.name, 0), o.bits)
+    return sorted(set(widest.values()))
+
+
+def candidates(config: QuantConfig, table: ErrorTable) -> list[Option]:
+    keep = set(effective_bits(config, table))
+    return [o for o in table.options if o.bits in keep]
+
+
+def _first_layout_option(table: ErrorTable, bits: int) -> Option:
+    for o in table.options:
+        if o.bits == bits:
+            return o
+    # Containers below the opset cap can be missing; fall back to the widest measured.
+    return max(table.options, key=lambda o: (o.bits <= bits, o.bits))
+
+
+def _forced(config: QuantConfig, table: ErrorTable) -> Decision | None:
+    bits = config.forced_bits(table.site.names)
+    if bits is None:
+        return None
+    return Decision(table, _first_layout_option(table, bits), f"--force-bits {bits}")
+
+
+def search(tables: list[ErrorTable], config: QuantConfig) -> Plan:
+    """Pick one option per weight according to ``config.search``."""
+    forced = {t.site: d for t in tables if (d := _forced(config, t)) is not None}
+    free = [t for t in tables if t.site not in forced]
+    s = config.search
+    if isinstance(s, Uniform):
+        chosen = [Decision(t, _first_layout_option(t, s.bits), f"uniform --bits {s.bits}") for t in free]
+        summary = SearchSummary("uniform", {"bits": s.bits})
+    elif isinstance(s, MixQuantRule):
+        chosen, summary = _mixquant(free, config, s)
+    else:
+        chosen, summary = _budget(free, list(forced.values()), config, s)
+    by_site = {d.table.site: d for d in chosen} | forced
+    decisions = tuple(by_site[t.site] for t in tables)
+    return Plan(decisions, summary)
+
+
+def _mixquant(tables: list[ErrorTable], config: QuantConfig, rule: MixQuantRule) -> tuple[list[Decision], SearchSummary]:
+    metric = config.metric
+    refs = [o.error(metric) for t in tables if (o := _ref_option(t, rule.ref_bits)) is not None]
+    ref = float(np.median(refs)) if refs else 0.0
+    threshold = rule.qem * ref
+    out = []
+    for t in tables:
+        opts = candidates(config, t)
+        ok = [o for o in opts if o.error(metric) <= threshold]
+        if ok:
+            best = min(ok, key=lambda o: (o.nbytes, o.bits, o.error(metric)))
+            reason = f"{metric.value} {best.error(metric):.3g} <= qem*ref {threshold:.3g}"
+        else:
+            best = min(opts, key=lambda o: (o.error(metric), o.nbytes))
+            reason = f"no option within qem*ref {threshold:.3g}; most accurate option"
+        out.append(Decision(t, best, reason))
+    summary = SearchSummary(
+        "mixquant",
+        {"qem": rule.qem, "ref_bits": rule.ref_bits, "metric": metric.value, "ref": ref, "threshold": threshold},
+    )
+    return out, summary
+
+
+def _ref_option(t: ErrorTable, ref_bits: int) -> Option | None:
+    for o in t.options:
+        if o.bits == ref_bits:
+            return o
+    return None
+
+
+def layer_weight(weighting: LayerWeighting, params: int) -> float:
+    return {LayerWeighting.EQUAL: 1.0, LayerWeighting.SQRT: math.sqrt(params), LayerWeighting.PARAMS: float(params)}[weighting]
+
+
+def _budget(
+    tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, budget: Budget
+) -> tuple[list[Decision], SearchSummary]:
+    metric = config.metric
+    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, o.error(metric))) for t in tables]
+    fixed = sum(d.option.nbytes for d in forced)
+    params = sum(t.site.params for t in tables) + sum(d.table.site.params for d in forced)
+    if budget.max_bytes is not None:
+        limit = budget.max_bytes
+        unit, scale = "bytes", 1.0
+    else:
+        limit = int(math.floor(budget.target_bits * params / 8))
+        unit, scale = "bits per weight", 8.0 / max(params, 1)
+    smallest = fixed + sum(o[0].nbytes for o in opts)
+    if smallest > limit:
+        raise BudgetError(
+            f"budget of {_fmt(limit * scale, unit)} cannot be met: the smallest reachable is "
+            f"{_fmt(smallest * scale, unit)} with these options (allow --int2, add coarser --granularity "
+            f"or keep fewer tensors forced)",
+            smallest * scale,
+        )
+    costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
+    errs = [np.array([o.error(metric) for o in ol]) * layer_weight(budget.weighting, t.site.params) for t, ol in zip(tables, opts)]
+    choice, lower, exact = solve_mckp(costs, errs, limit - fixed)
+    total = float(sum(e[c] for e, c in zip(errs, choice)))
+    used = fixed + int(sum(c[i] for c, i in zip(costs, choice)))
+    out = [Decision(t, ol[c], f"budget search ({budget.weighting.value} weighting)") for t, ol, c in zip(tables, opts, choice)]
+    summary = SearchSummary(
+        "budget",
+        {
+            "limit_bytes": limit,
+            "used_bytes": used,
+            "target_bits": budget.target_bits,
+            "max_bytes": budget.max_bytes,
+            "weighting": budget.weighting.value,
+            "metric": metric.value,
+            "objective": total,
+            "lower_bound": lower,
+            "gap": total - lower,
+            "solver": "dynamic programming (exact)" if exact else "Lagrangian greedy with LP bound",
+        },
+    )
+    return out, summary
+
+
+def _fmt(v: float, unit: str) -> str:
+    return f"{int(v)} bytes" if unit == "bytes" else f"{v:.4f} {unit}"
+
+
+DP_MAX_CELLS = 40_000_000
+
+
+def solve_mckp(costs: list[np.ndarray], errs: list[np.ndarray], budget: int) -> tuple[list[int], float, bool]:
+    """Multiple-choice knapsack: one option per item, total cost <= budget, least total error.
+
+    Exact dynamic programming over cost (in units of the costs' gcd) when the
+    table fits in memory; otherwise the greedy walk along each item's lower
+    convex hull, which is optimal for the LP relaxation, followed by a fill
+    pass. Returns (choice per item, lower bound on the optimum, exact?).
+    """
+    if not costs:
+        return [], 0.0, True
+    g = reduce(math.gcd, [int(c) for cs in costs for c in cs] + [max(budget, 1)]) or 1
+    states = budget // g + 1
+    if states * len(costs) <= DP_MAX_CELLS:
+        choice = _dp(costs, errs, budget, g)
+        val = float(sum(e[c] for e, c in zip(errs, choice)))
+        return choice, val, True
+    return _lagrangian(costs, errs, budget)
+
+
+def _dp(costs: list[np.ndarray], errs: list[np.ndarray], budget: int, g: int) -> list[int]:
+    states = budget // g + 1
+    best = np.full(states, np.inf)
+    best[0] = 0.0
+    picks = np.zeros((len(costs), states), dtype=np.int16)
+    for i, (c, e) in enumerate(zip(costs, errs)):
+        new = np.full(states, np.inf)
+        for j in range(len(c)):
+            k = int(c[j]) // g
+            if k >= states:
+                continue
+            cand = np.full(states, np.inf)
+            cand[k:] = best[: states - k] + e[j]
+            better = cand < new
+            new[better] = cand[better]
+            picks[i, better] = j
+        best = new
+    s = int(np.argmin(best))
+    choice = [0] * len(costs)
+    for i in range(len(costs) - 1, -1, -1):
+        j = int(picks[i, s])
+        choice[i] = j
+        s -= int(costs[i][j]) // g
+    return choice
+
+
+def _hull(c: np.ndarray, e: np.ndarray) -> list[int]:
+    """Indices on the lower convex hull of (cost, error), cheapest first, error strictly falling."""
+    order = sorted(range(len(c)), key=lambda j: (c[j], e[j]))
+    hull: list[int] = []
+    for j in order:
+        if hull and e[j] >= e[hull[-1]]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # Drop b if it lies on or above the segment a -> j.
+            if (e[b] - e[a]) * (c[j] - c[a]) >= (e[j] - e[a]) * (c[b] - c[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+def _lagrangian(costs: list[np.ndarray], errs: list[np.ndarray], budget: int) -> tuple[list[int], float, bool]:
+    hulls = [_hull(c, e) for c, e in zip(costs, errs)]
+    pos = [0] * len(costs)
+    used = sum(int(c[h[0]]) for c, h in zip(costs, hulls))
+    steps = []
+    for i, (c, e, h) in enumerate(zip(costs, errs, hulls)):
+        for k in range(1, len(h)):
+            dc = int(c[h[k]] - c[h[k - 1]])
+            de = float(e[h[k - 1]] - e[h[k]])
+            steps.append((-de / dc, i, k, dc, de))
+    steps.sort()
+    total = sum(float(e[h[0]]) for e, h in zip(errs, hulls))
+    lower = None
+    for _, i, k, dc, de in steps:
+        if pos[i] != k - 1:
+            continue
+        if used + dc <= budget:
+            used += dc
+            total -= de
+            pos[i] = k
+        elif lower is None:
+            # The LP relaxation takes this step fractionally: a bound on the optimum.
+            lower = total - de * (budget - used) / dc
+    choice = [h[p] for h, p in zip(hulls, pos)]
+    if lower is None:
+        lower = total
+    return choice, float(lower), False

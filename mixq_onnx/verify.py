@@ -1,0 +1,173 @@
+"""Run the float and quantized models in ONNX Runtime and compare their outputs, as data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ConfigError, VerificationError
+
+log = logging.getLogger(__name__)
+
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How one output of the quantized model differs from the float model's."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """All outputs compared under one ONNX Runtime configuration."""
+
+    setting: str
+    outputs: tuple[OutputComparison, ...]
+
+
+@dataclass(frozen=True)
+class Verification:
+    inputs: str
+    samples: int
+    provider: str
+    runs: tuple[RunComparison, ...]
+
+
+# The settings users get: exact math, and ORT's default full optimisation in
+# which DQ->MatMul becomes MatMulNBits with int8 activations (accuracy level 4).
+SETTINGS = (
+    ("exact (ORT_DISABLE_ALL)", ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None),
+    ("optimized (ORT_ENABLE_ALL, MatMulNBits accuracy_level 4)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "4"),
+)
+
+
+def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``name:1x3x224x224`` -> {name: (1, 3, 224, 224)}."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise ConfigError(f"--input-shape expects NAME:DxDxD with positive sizes (for example 'input:1x3x224x224'), got {spec!r}")
+        out[name] = shape
+    return out
+
+
+def _session(model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if accuracy is not None:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy)
+    src = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def random_inputs(
+    model: bytes | Path, shapes: dict[str, tuple[int, ...]], index_bounds: dict[str, int], samples: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """Seeded random feeds shaped from the model; dynamic dimensions come from ``shapes`` or default to 1."""
+    sess = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)
+    unknown = set(shapes) - {i.name for i in sess.get_inputs()}
+    if unknown:
+        raise ConfigError(f"--input-shape names {sorted(unknown)}, which are not model inputs; inputs are {[i.name for i in sess.get_inputs()]}")
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(samples):
+        feed = {}
+        for inp in sess.get_inputs():
+            if inp.name in shapes:
+                shape = shapes[inp.name]
+            else:
+                shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
+            dtype = ORT_TYPES.get(inp.type)
+            if dtype is None:
+                raise ConfigError(f"input '{inp.name}' has type {inp.type}, which random inputs cannot fill; pass --inputs FILE.npz")
+            if np.issubdtype(dtype, np.floating):
+                feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype is np.bool_:
+                feed[inp.name] = rng.integers(0, 2, shape).astype(bool)
+            else:
+                feed[inp.name] = rng.integers(0, index_bounds.get(inp.name, 2), shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def load_inputs(path: Path) -> list[dict[str, np.ndarray]]:
+    """One feed from an .npz file of arrays keyed by input name."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [{k: data[k] for k in data.files}]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read --inputs as an .npz file ({exc})") from exc
+
+
+def compare(reference: np.ndarray, actual: np.ndarray, name: str) -> OutputComparison:
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    d = a - r
+    noise = float(np.sum(d * d))
+    signal = float(np.sum(r * r))
+    denom = float(np.linalg.norm(r) * np.linalg.norm(a))
+    top1 = None
+    ref = np.asarray(reference)
+    if ref.ndim == 2 and ref.shape[1] >= 2 and np.issubdtype(ref.dtype, np.floating):
+        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(np.asarray(actual), axis=1)))
+    return OutputComparison(
+        name,
+        float(np.max(np.abs(d))) if d.size else 0.0,
+        float(np.mean(np.abs(d))) if d.size else 0.0,
+        float(np.dot(r, a) / denom) if denom > 0 else 1.0,
+        float(10 * np.log10(signal / noise)) if noise > 0 else float("inf"),
+        top1,
+    )
+
+
+def verify(
+    float_model: bytes | Path, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], source: str
+) -> Verification:
+    """Run both models on ``feeds`` at each setting and compare every output."""
+    runs = []
+    ref_sess = _session(float_model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)
+    wanted = [i.name for i in ref_sess.get_inputs()]
+    missing = [n for n in wanted if n not in feeds[0]]
+    if missing:
+        raise ConfigError(f"verification inputs lack {missing}; the model's inputs are {wanted}")
+    # Extra arrays (labels, say) may sit in the same .npz; they are not fed.
+    feeds = [{n: f[n] for n in wanted} for f in feeds]
+    names = [o.name for o in ref_sess.get_outputs()]
+    try:
+        refs = [ref_sess.run(None, f) for f in feeds]
+    except Exception as exc:
+        raise ConfigError(f"the float model does not run on the verification inputs ({str(exc).splitlines()[0][:200]}); pass --input-shape or --inputs") from exc
+    for label, level, acc in SETTINGS:
+        try:
+            sess = _session(quant_model, level, acc)
+            outs = [sess.run(None, f) for f in feeds]
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label}: {str(exc).splitlines()[0][:300]}") from exc
+        comps = []
+        for k, name in enumerate(names):
+            ref = np.concatenate([np.asarray(r[k]).reshape(1, -1) if np.asarray(r[k]).ndim == 0 else np.asarray(r[k]) for r in refs])
+            got = np.concatenate([np.asarray(o[k]).reshape(1, -1) if np.asarray(o[k]).ndim == 0 else np.asarray(o[k]) for o in outs])
+            comps.append(compare(ref, got, name))
+        runs.append(RunComparison(label, tuple(comps)))
+    return Verification(source, len(feeds), "CPUExecutionProvider", tuple(runs))
