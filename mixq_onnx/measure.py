@@ -98,10 +98,16 @@ def layout_axis(site: WeightSite, layout: Layout) -> int | None:
 
 
 def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...]) -> list[tuple[Layout, int]]:
-    """The configured layouts this weight accepts, falling back to per-tensor if none does."""
+    """The configured layouts this weight accepts, else per-channel, else per-tensor.
+
+    A blockwise request on an axis no longer than the block falls back to
+    per-channel, the closest layout that still applies.
+    """
     out = [(lay, ax) for lay in layouts if (ax := layout_axis(site, lay)) is not None]
     if not out:
-        out = [(Layout(Granularity.TENSOR), 0)]
+        for lay in (Layout(Granularity.CHANNEL), Layout(Granularity.TENSOR)):
+            if (ax := layout_axis(site, lay)) is not None:
+                return [(lay, ax)]
     return out
 
 

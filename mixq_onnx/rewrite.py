@@ -57,7 +57,20 @@ def raise_opset(model: onnx.ModelProto, target: int) -> OpsetChange:
     converted.domain, converted.model_version, converted.doc_string = model.domain, model.model_version, model.doc_string
     del converted.metadata_props[:]
     converted.metadata_props.extend(model.metadata_props)
+    _restore_value_info(model, converted)
     return OpsetChange(converted, original, target, f"opset raised from {original} to {target}")
+
+
+def _restore_value_info(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """Put back the value_info entries the converter dropped, for names that still exist."""
+    old = {s.path: s for s in iter_scopes(original.graph)}
+    for scope in iter_scopes(converted.graph):
+        src = old.get(scope.path)
+        if src is None:
+            continue
+        have = {v.name for v in scope.graph.value_info}
+        known = scope.defined | {n for node in scope.graph.node for n in node.input}
+        scope.graph.value_info.extend(v for v in src.graph.value_info if v.name not in have and v.name in known)
 
 
 class _Namer:
@@ -114,7 +127,12 @@ def apply_plan(model: onnx.ModelProto, decisions: tuple[Decision, ...], symmetri
     by_graph: dict[str, list[Decision]] = {}
     for d in decisions:
         by_graph.setdefault(d.table.site.graph, []).append(d)
-    for path, ds in by_graph.items():
+    # Subgraphs first: rebuilding a parent's node list copies its subgraphs,
+    # so edits made through older references would be lost.
+    for path in reversed(list(scopes)):
+        ds = by_graph.get(path)
+        if not ds:
+            continue
         graph = scopes[path]
         front: list[onnx.NodeProto] = []
         inits = {t.name: i for i, t in enumerate(graph.initializer)}
