@@ -115,10 +115,12 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external:
             written.insert(0, out.parent / data_name)
         else:
             tmp_model.write_bytes(model.SerializeToString(deterministic=True))
-        try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
-        except Exception as exc:
-            raise OutputError(f"{out}: refusing to write a model that fails onnx.checker ({exc}); please report this") from exc
+        if external:
+            # In-memory models were checked by the pipeline; large ones can only be checked on disk.
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except Exception as exc:
+                raise OutputError(f"{out}: refusing to write a model that fails onnx.checker ({exc}); please report this") from exc
         for final in written:
             os.replace(tmpdir / final.name, final)
     except OSError as exc:

@@ -10,6 +10,8 @@ error, together with the exact bytes the option takes on disk.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from .config import BLOCK_SIZES, Granularity, Layout, Metric, QuantConfig, Scheme
 from .find import WeightSite
-from .numerics import GroupRange, QType, container_for, quantize_weight, required_opset, storage_bytes
+from .numerics import GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,17 @@ class ErrorTable:
         return None
 
 
-def scale_dtype_for(array: np.ndarray) -> np.dtype:
-    """float16 weights keep float16 scales; bfloat16 ones use float32 (ORT has no bf16 DequantizeLinear)."""
-    return np.dtype(np.float16) if array.dtype == np.float16 else np.dtype(np.float32)
+# DequantizeLinear outputs float16 from opset 19.
+FP16_DQ_OPSET = 19
+
+
+def scale_dtype_for(array: np.ndarray, opset: int) -> np.dtype:
+    """float16 weights keep float16 scales where DequantizeLinear allows it.
+
+    bfloat16 weights (no bf16 DequantizeLinear kernel in ONNX Runtime) and
+    float16 ones below opset 19 get float32 scales and a Cast after the DQ.
+    """
+    return np.dtype(np.float16) if array.dtype == np.float16 and opset >= FP16_DQ_OPSET else np.dtype(np.float32)
 
 
 def layout_axis(site: WeightSite, layout: Layout) -> int | None:
@@ -117,11 +127,11 @@ def measure_tensor(
     """Quantize one tensor every candidate way and record error and bytes."""
     symmetric = config.scheme is Scheme.SYMMETRIC
     w = site.array
-    sdt = scale_dtype_for(w)
+    sdt = scale_dtype_for(w, caps.opset)
     if w.dtype == ml_dtypes.bfloat16:
         w = w.astype(np.float32)
     w32 = w.astype(np.float32, copy=False)
-    mean_sq = float(np.mean(np.square(w32, dtype=np.float64))) if w32.size else 0.0
+    mean_sq = float(np.dot(w32.ravel(), w32.ravel())) / w32.size if w32.size else 0.0
     options: list[Option] = []
     for layout, axis in valid_layouts(site, config.layouts):
         rng: GroupRange | None = None
@@ -130,9 +140,10 @@ def measure_tensor(
             if qtype is None or not caps.allows(qtype, layout):
                 continue
             rng = rng if rng is not None else GroupRange.of(w, layout, axis)
-            qt = quantize_weight(w, bits, symmetric, layout, axis, qtype, sdt, rng)
-            diff = qt.dequantize().astype(np.float32) - w32
-            mse = float(np.mean(np.square(diff, dtype=np.float64)))
+            diff, _ = fake_quantize(w, bits, symmetric, layout, axis, qtype, sdt, rng)
+            diff -= w32
+            flat = diff.ravel()
+            mse = float(np.dot(flat, flat)) / max(flat.size, 1)
             options.append(
                 Option(
                     bits,
@@ -142,7 +153,7 @@ def measure_tensor(
                     storage_bytes(site.shape, layout, axis, qtype, symmetric, sdt.itemsize),
                     mse,
                     mse / mean_sq if mean_sq > 0 else 0.0,
-                    float(np.max(np.abs(diff))) if diff.size else 0.0,
+                    max(float(flat.max()), -float(flat.min())) if flat.size else 0.0,
                 )
             )
     return ErrorTable(site, tuple(options), sdt)
@@ -152,16 +163,20 @@ def measure(
     sites: tuple[WeightSite, ...],
     config: QuantConfig,
     caps: Capabilities,
-    extra_bits: tuple[int, ...] = (),
+    bits: tuple[int, ...],
     progress: Progress | None = None,
 ) -> list[ErrorTable]:
-    """Error tables for every weight; ``extra_bits`` adds bit-widths the search needs as a reference."""
-    bits_list = tuple(sorted(set(config.candidate_bits) | set(extra_bits)))
-    tables = []
-    for i, site in enumerate(sites):
-        tables.append(measure_tensor(site, config, caps, bits_list))
-        if progress is not None:
-            progress(i + 1, len(sites), site.name)
+    """Error tables for every weight at each of ``bits``."""
+    bits_list = tuple(sorted(set(bits)))
+    # numpy releases the GIL in its array loops, so threads use every core;
+    # each tensor is independent, so the result does not depend on scheduling.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(measure_tensor, site, config, caps, bits_list) for site in sites]
+        tables = []
+        for i, (site, fut) in enumerate(zip(sites, futures)):
+            tables.append(fut.result())
+            if progress is not None:
+                progress(i + 1, len(sites), site.name)
     log.info("measured %d tensors at bits %s", len(tables), bits_list)
     return tables
 

@@ -103,15 +103,23 @@ def broadcast(value: np.ndarray, shape: tuple[int, ...], axis: int, block_size: 
     return value
 
 
-def _round_to_int(
+def _round_clip(
     x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int, lo: int, hi: int
 ) -> np.ndarray:
-    """round(x / scale) + zero_point, saturated to [lo, hi], as int32."""
-    s = broadcast(scale, x.shape, axis, block_size)
-    xi = np.rint(x / s).astype(np.int32)
+    """round(x / scale) + zero_point saturated to [lo, hi], as integer-valued floats.
+
+    The one shared implementation behind QuantizeLinear and the weight
+    quantizer. ``x / scale`` is computed in the inputs' own dtype and rounded
+    half to even, as onnx.reference does. Staying in floating point is exact
+    (every value involved is an integer below 2^24) and saturates where the
+    reference's int32 cast would overflow.
+    """
+    q = np.rint(x / broadcast(scale, x.shape, axis, block_size))
+    if q.dtype != np.float32:
+        q = q.astype(np.float32)
     if zero_point is not None:
-        xi += broadcast(zero_point.astype(np.int32), x.shape, axis, block_size)
-    return np.clip(xi, lo, hi)
+        q += broadcast(zero_point.astype(np.float32), x.shape, axis, block_size)
+    return np.clip(q, lo, hi, out=q)
 
 
 def quantize_linear(
@@ -123,8 +131,7 @@ def quantize_linear(
     block_size: int = 0,
 ) -> np.ndarray:
     """ONNX QuantizeLinear (opset 21+ semantics): saturate to the full container range."""
-    q = _round_to_int(x, scale, zero_point, axis, block_size, qtype.qmin, qtype.qmax)
-    return q.astype(qtype.dtype)
+    return _round_clip(x, scale, zero_point, axis, block_size, qtype.qmin, qtype.qmax).astype(qtype.dtype)
 
 
 def dequantize_linear(
@@ -133,9 +140,9 @@ def dequantize_linear(
     """ONNX DequantizeLinear: (q - zero_point) * scale in float32, cast to the scale's dtype."""
     dx = q.astype(np.float32)
     if zero_point is not None:
-        dx = dx - broadcast(zero_point.astype(np.float32), q.shape, axis, block_size)
-    y = dx * broadcast(scale, q.shape, axis, block_size)
-    return y.astype(scale.dtype)
+        dx -= broadcast(zero_point.astype(np.float32), q.shape, axis, block_size)
+    dx *= broadcast(scale, q.shape, axis, block_size)
+    return dx.astype(scale.dtype, copy=False)
 
 
 def _reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> np.ndarray:
@@ -233,8 +240,28 @@ def quantize_weight(
     rng = rng if rng is not None else GroupRange.of(w, layout, axis)
     scale, zp = params_from_range(rng, bits, symmetric, qtype, scale_dtype)
     lo, hi = logical_range(bits, symmetric)
-    q = _round_to_int(w, scale, zp, axis, layout.block_size, lo, hi).astype(qtype.dtype)
+    q = _round_clip(w, scale, zp, axis, layout.block_size, lo, hi).astype(qtype.dtype)
     return QuantizedTensor(q, scale, zp, qtype, bits, layout, axis)
+
+
+def fake_quantize(
+    w: np.ndarray, bits: int, symmetric: bool, layout: Layout, axis: int, qtype: QType, scale_dtype: np.dtype, rng: GroupRange
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dequantized weight (as float32) and its scale, without materialising the integer container.
+
+    Gives exactly ``quantize_weight(...).dequantize()``: the integers are
+    the same integer-valued floats, and (q - zp) * scale is the same float32
+    arithmetic DequantizeLinear does.
+    """
+    scale, zp = params_from_range(rng, bits, symmetric, qtype, scale_dtype)
+    lo, hi = logical_range(bits, symmetric)
+    q = _round_clip(w, scale, zp, axis, layout.block_size, lo, hi)
+    if zp is not None:
+        q -= broadcast(zp.astype(np.float32), w.shape, axis, layout.block_size)
+    q *= broadcast(scale, w.shape, axis, layout.block_size)
+    if scale.dtype != np.float32:
+        q = q.astype(scale.dtype).astype(np.float32)
+    return q, scale
 
 
 def scale_count(shape: tuple[int, ...], layout: Layout, axis: int) -> int:

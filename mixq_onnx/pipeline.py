@@ -15,11 +15,11 @@ from pathlib import Path
 
 import onnx
 
-from .config import Budget, MixQuantRule, QuantConfig, Scheme
+from .config import Budget, MixQuantRule, QuantConfig, Scheme, Uniform
 from .errors import ConfigError, ModelError
 from .find import Inventory, find_weights, gather_index_bounds
 from .graph import default_opset
-from .io import check_output_path, load_model, save_model
+from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
 from .measure import Capabilities, Progress, measure
 from .numerics import container_for, required_opset
 from .report import Report, build_report
@@ -59,6 +59,15 @@ def _needed_opset(config: QuantConfig) -> int:
     return max(
         required_opset(container_for(b, sym, config.allow_int2), lay) for b in config.candidate_bits for lay in config.layouts
     )
+
+
+def _bits_to_measure(config: QuantConfig) -> tuple[int, ...]:
+    """Uniform mode needs one width (plus any forced); searches need every candidate and the reference."""
+    forced = tuple(f.bits for f in config.force_bits)
+    if isinstance(config.search, Uniform):
+        return (config.search.bits,) + forced
+    extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
+    return config.candidate_bits + extra + forced
 
 
 def _config_dict(config: QuantConfig) -> dict:
@@ -108,25 +117,48 @@ def quantize(
         notes.append(f"model already contains quantization ops ({ops}); those parts were left as they are")
     original = default_opset(model)
     change = raise_opset(model, _needed_opset(config))
-    base = change.model
-    if base is None:
-        base = model
-        if original < 10:
-            raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
-        notes.append(f"{change.note}; fell back to what opset {original} supports (INT8 only" + (", per-tensor only)" if original < 13 else ")"))
-    if base is not model:
-        inventory = find_weights(base, config)
-    caps = Capabilities(default_opset(base), config.allow_int2)
-    extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
-    tables = measure(inventory.weights, config, caps, extra, progress)
-    plan = search(tables, config)
-    uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
-    out = apply_plan(base, plan.decisions, config.scheme is Scheme.SYMMETRIC, uses_int2)
-    if uses_int2:
-        notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
-    opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version, "note": change.note}
-    report = build_report(inventory, plan, _config_dict(config), opset_info, str(path) if path else None, None, notes)
-    return QuantizeResult(out, report, plan)
+    attempts: list[tuple[onnx.ModelProto, list[str]]] = []
+    if change.model is not None:
+        attempts.append((change.model, []))
+    else:
+        notes.append(change.note)
+    if original >= 10:
+        limit = "INT8 only" + (", per-tensor only" if original < 13 else "")
+        attempts.append((model, [f"fell back to what opset {original} supports ({limit})"]))
+    if not attempts:
+        raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
+    failure = ""
+    for base, fallback_notes in attempts:
+        inv = inventory if base is model else find_weights(base, config)
+        caps = Capabilities(default_opset(base), config.allow_int2)
+        tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress)
+        plan = search(tables, config)
+        uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
+        out = apply_plan(base, plan.decisions, config.scheme is Scheme.SYMMETRIC, uses_int2)
+        problem = _check(out)
+        if problem:
+            failure = f"{failure}; {problem}" if failure else problem
+            log.warning("output at opset %d failed onnx.checker: %s", caps.opset, problem)
+            continue
+        all_notes = notes + ([failure] if failure else []) + fallback_notes
+        if uses_int2:
+            all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
+        opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version,
+                      "note": change.note if base is not model else ""}
+        report = build_report(inv, plan, _config_dict(config), opset_info, str(path) if path else None, None, all_notes)
+        return QuantizeResult(out, report, plan)
+    raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
+
+
+def _check(model: onnx.ModelProto) -> str:
+    """onnx.checker's full check, or '' when it passes; models over 2 GB are checked when saved."""
+    if model.ByteSize() > EXTERNAL_THRESHOLD:
+        return ""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError and friends
+        return str(exc).splitlines()[0][:300]
+    return ""
 
 
 def quantize_file(

@@ -19,7 +19,6 @@ from onnx import helper, numpy_helper, version_converter
 
 from .find import Source
 from .graph import all_names, default_opset, iter_scopes
-from .measure import scale_dtype_for
 from .numerics import QuantizedTensor, quantize_weight
 from .search import Decision
 
@@ -44,10 +43,11 @@ def raise_opset(model: onnx.ModelProto, target: int) -> OpsetChange:
     original = default_opset(model)
     if original >= target:
         return OpsetChange(model, original, original, "")
+    stripped, payloads = _strip_payloads(model)
     try:
-        converted = version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(stripped, target)
         converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import), True))
-        onnx.checker.check_model(converted, full_check=False)
+        _restore_payloads(converted, payloads)
     except Exception as exc:  # the converter raises many unrelated types
         note = f"could not convert opset {original} to {target} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         log.warning(note)
@@ -59,6 +59,45 @@ def raise_opset(model: onnx.ModelProto, target: int) -> OpsetChange:
     converted.metadata_props.extend(model.metadata_props)
     _restore_value_info(model, converted)
     return OpsetChange(converted, original, target, f"opset raised from {original} to {target}")
+
+
+_STRIP_BYTES = 4096
+
+# Shape and type survive; the bytes are a marker the converter passes through.
+_PLACEHOLDER = b"mixq-placeholder"
+
+
+def _strip_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[tuple[str, str], onnx.TensorProto]]:
+    """A copy whose large initializers point at a placeholder instead of holding data.
+
+    The version converter round-trips the whole model through C++ and only
+    needs the graph, so this saves copying every weight twice.
+    """
+    payloads: dict[tuple[str, str], onnx.TensorProto] = {}
+    for scope in iter_scopes(model.graph):
+        for t in scope.graph.initializer:
+            if t.ByteSize() > _STRIP_BYTES:
+                payloads[(scope.path, t.name)] = t
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for scope in iter_scopes(light.graph):
+        for t in scope.graph.initializer:
+            if (scope.path, t.name) in payloads:
+                # Same name, type and shape; no data. The converter never reads weights.
+                t.CopyFrom(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=_PLACEHOLDER))
+    return light, payloads
+
+
+def _restore_payloads(model: onnx.ModelProto, payloads: dict[tuple[str, str], onnx.TensorProto]) -> None:
+    restored = 0
+    for scope in iter_scopes(model.graph):
+        for t in scope.graph.initializer:
+            original = payloads.get((scope.path, t.name))
+            if original is not None and t.raw_data == _PLACEHOLDER:
+                t.CopyFrom(original)
+                restored += 1
+    if restored != len(payloads):
+        raise RuntimeError(f"the converter changed {len(payloads) - restored} initializers it should have kept")
 
 
 def _restore_value_info(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
@@ -94,7 +133,7 @@ def quantize_decision(d: Decision, symmetric: bool) -> QuantizedTensor:
     if w.dtype == ml_dtypes.bfloat16:
         w = w.astype(np.float32)
     o = d.option
-    return quantize_weight(w, o.bits, symmetric, o.layout, o.axis, o.qtype, scale_dtype_for(d.table.site.array))
+    return quantize_weight(w, o.bits, symmetric, o.layout, o.axis, o.qtype, d.table.scale_dtype)
 
 
 def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
@@ -109,11 +148,12 @@ def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[on
         attrs["axis"] = qt.axis
     if qt.block_size:
         attrs["block_size"] = qt.block_size
-    needs_cast = site.array.dtype == ml_dtypes.bfloat16
+    needs_cast = site.array.dtype != qt.scale.dtype
     dq_out = namer(f"{base}_dequantized") if needs_cast else base
     nodes = [helper.make_node("DequantizeLinear", [t.name for t in tensors], [dq_out], name=namer(f"{base}_DequantizeLinear"), **attrs)]
     if needs_cast:
-        nodes.append(helper.make_node("Cast", [dq_out], [base], name=namer(f"{base}_Cast"), to=onnx.TensorProto.BFLOAT16))
+        to = helper.np_dtype_to_tensor_dtype(site.array.dtype)
+        nodes.append(helper.make_node("Cast", [dq_out], [base], name=namer(f"{base}_Cast"), to=to))
     return tensors, nodes
 
 
