@@ -98,7 +98,10 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external:
     """
     out = Path(output)
     external = external or model.ByteSize() > EXTERNAL_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=".mixq-", dir=out.parent if str(out.parent) else "."))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".mixq-", dir=out.parent if str(out.parent) else "."))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in folder '{out.parent}' ({exc.strerror or exc}); choose another -o path") from exc
     try:
         tmp_model = tmpdir / out.name
         written = [out]

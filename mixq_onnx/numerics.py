@@ -117,8 +117,8 @@ def _round_clip(
     q = np.rint(x / broadcast(scale, x.shape, axis, block_size))
     if q.dtype != np.float32:
         q = q.astype(np.float32)
-    if zero_point is not None:
-        q += broadcast(zero_point.astype(np.float32), x.shape, axis, block_size)
+    # Adding the zero point (or 0) also turns rint's -0.0 into the +0.0 an integer would give.
+    q += broadcast(zero_point.astype(np.float32), x.shape, axis, block_size) if zero_point is not None else np.float32(0)
     return np.clip(q, lo, hi, out=q)
 
 

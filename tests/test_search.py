@@ -1,0 +1,166 @@
+"""The search: MixQuant rule, exact budget knapsack, storage awareness and overrides."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mixq_onnx import Budget, BudgetError, ForceBits, Layout, MixQuantRule, QuantConfig, Uniform, quantize
+from mixq_onnx.numerics import QTYPES, GroupRange, fake_quantize, quantize_weight
+from mixq_onnx.search import _lagrangian, solve_mckp
+from onnx import helper
+from tests.helpers import init, make_model, quantize_and_compare, rng, run, sqnr_db, vi
+
+
+def two_layer_model(seed: int = 0, n_gauss: int = 3):
+    """Gaussian layers and one outlier-heavy layer of the same shape, in a chain."""
+    r = rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for k in range(n_gauss):
+        inits.append(init(f"gauss{k}", r.normal(0, 0.06, (256, 256)).astype(np.float32)))
+        nodes += [helper.make_node("MatMul", [prev, f"gauss{k}"], [f"h{k}"], name=f"mm_gauss{k}"),
+                  helper.make_node("Relu", [f"h{k}"], [f"r{k}"])]
+        prev = f"r{k}"
+    heavy = r.normal(0, 0.05, (256, 256)).astype(np.float32)
+    # One large outlier per output channel stretches its min-max range.
+    idx = r.integers(0, 256, 256)
+    heavy[idx, np.arange(256)] = r.choice([-1, 1], 256) * r.uniform(0.8, 1.2, 256)
+    inits.append(init("heavy", heavy))
+    nodes.append(helper.make_node("MatMul", [prev, "heavy"], ["y"], name="mm_heavy"))
+    m = make_model(nodes, [vi("x", [8, 256])], [vi("y", [8, 256])], inits)
+    return m, {"x": r.normal(size=(8, 256)).astype(np.float32)}
+
+
+def _bits(result):
+    return {t["name"]: t["chosen"]["bits"] for t in result.report.tensors}
+
+
+def test_mixquant_gives_the_sensitive_layer_more_bits():
+    m, feeds = two_layer_model()
+    result, s = quantize_and_compare(m, feeds, QuantConfig(search=MixQuantRule(qem=2.0), min_elements=0))
+    bits = _bits(result)
+    assert bits == {"gauss0": 4, "gauss1": 4, "gauss2": 4, "heavy": 8}
+    # The heavy layer's normalised error at 4 bits is far above the Gaussian one's.
+    errs = {t["name"]: {(e["bits"], e["granularity"]): e["nmse"] for e in t["errors"]} for t in result.report.tensors}
+    assert errs["heavy"][(4, "channel")] > 5 * errs["gauss0"][(4, "channel")]
+    # And it pays off: better than uniform 4 bits at the model output.
+    _, s4 = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
+    assert s > s4 + 3
+
+
+def test_mixquant_literal_bits_picks_the_lowest_width_within_threshold():
+    m, feeds = two_layer_model()
+    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.0), storage_aware=False, min_elements=0))
+    t = {x["name"]: x for x in result.report.tensors}
+    thr = result.report.search["threshold"]
+    for name, rep in t.items():
+        chosen = rep["chosen"]["bits"]
+        lower = [e for e in rep["errors"] if e["bits"] < chosen]
+        assert all(e["nmse"] > thr for e in lower)
+        assert rep["chosen"]["nmse"] <= thr or chosen == 8
+
+
+def test_storage_aware_never_picks_a_lossier_width_for_the_same_bytes():
+    m, feeds = two_layer_model()
+    for qem in (0.3, 1.0, 3.0, 30.0):
+        result = quantize(m, QuantConfig(search=MixQuantRule(qem=qem), min_elements=0))
+        assert set(_bits(result).values()) <= {4, 8}
+
+
+def test_per_tensor_reference_trap_is_avoided():
+    """With a per-tensor 8-bit reference every layer would get the same bits; ours differ."""
+    m, _ = two_layer_model()
+    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.5), storage_aware=False, min_elements=0))
+    assert len(set(_bits(result).values())) == 2
+
+
+@pytest.mark.parametrize("target", [4.5, 5.0, 6.0, 8.0])
+def test_budget_target_bits_is_met_and_spent(target):
+    m, feeds = two_layer_model()
+    result = quantize(m, QuantConfig(search=Budget(target_bits=target), min_elements=0))
+    t = result.report.totals
+    assert t.avg_bits <= target + 1e-9
+    # Both widths are 4 or 8; the budget search upgrades as much as fits.
+    assert result.report.search["gap"] == pytest.approx(0, abs=1e-12)
+
+
+def test_budget_max_size_and_unreachable_budget():
+    m, feeds = two_layer_model()
+    q4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).report.totals.quantized_bytes
+    ok = quantize(m, QuantConfig(search=Budget(max_bytes=q4), min_elements=0))
+    assert ok.report.totals.quantized_bytes <= q4
+    with pytest.raises(BudgetError, match=f"smallest reachable is {q4} bytes") as exc:
+        quantize(m, QuantConfig(search=Budget(max_bytes=q4 - 1), min_elements=0))
+    assert exc.value.smallest_reachable == q4
+
+
+def test_budget_with_int2_and_granularity_choices_mixes_at_the_int4_size():
+    m, feeds = two_layer_model()
+    q4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).report.totals.quantized_bytes
+    cfg = QuantConfig(search=Budget(max_bytes=q4), allow_int2=True,
+                      layouts=(Layout.parse("channel"), Layout.parse("block32"), Layout.parse("block128")), min_elements=0)
+    result, s = quantize_and_compare(m, feeds, cfg)
+    chosen = {(t["chosen"]["bits"], t["chosen"]["granularity"]) for t in result.report.tensors}
+    assert result.report.totals.quantized_bytes <= q4
+    assert result.model.opset_import[0].version == 25 or all(b != 2 for b, _ in chosen)
+    _, s4 = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
+    assert s >= s4 - 0.5  # never materially worse than uniform INT4 at the same bytes
+
+
+def test_dp_is_exact_against_brute_force():
+    r = np.random.default_rng(0)
+    for trial in range(30):
+        n = r.integers(2, 6)
+        costs = [np.sort(r.integers(1, 20, r.integers(1, 4))) for _ in range(n)]
+        errs = [np.sort(r.uniform(0, 1, len(c)))[::-1].copy() for c in costs]
+        budget = int(sum(c.min() for c in costs) + r.integers(0, 30))
+        best = min(
+            (sum(e[j] for e, j in zip(errs, js)), js)
+            for js in itertools.product(*[range(len(c)) for c in costs])
+            if sum(c[j] for c, j in zip(costs, js)) <= budget
+        )
+        choice, lower, exact = solve_mckp(costs, errs, budget)
+        assert exact
+        assert sum(c[j] for c, j in zip(costs, choice)) <= budget
+        assert sum(e[j] for e, j in zip(errs, choice)) == pytest.approx(best[0])
+
+
+def test_lagrangian_is_feasible_and_its_bound_brackets_the_optimum():
+    r = np.random.default_rng(1)
+    for trial in range(30):
+        n = r.integers(2, 6)
+        costs = [np.sort(r.integers(1, 20, r.integers(1, 4))) for _ in range(n)]
+        errs = [np.sort(r.uniform(0, 1, len(c)))[::-1].copy() for c in costs]
+        budget = int(sum(c.min() for c in costs) + r.integers(0, 30))
+        opt = min(
+            sum(e[j] for e, j in zip(errs, js))
+            for js in itertools.product(*[range(len(c)) for c in costs])
+            if sum(c[j] for c, j in zip(costs, js)) <= budget
+        )
+        choice, lower, exact = _lagrangian(costs, errs, budget)
+        value = sum(e[j] for e, j in zip(errs, choice))
+        assert sum(c[j] for c, j in zip(costs, choice)) <= budget
+        assert lower <= opt + 1e-12 <= value + 1e-12
+
+
+def test_force_bits_and_keep_float_patterns():
+    m, feeds = two_layer_model()
+    cfg = QuantConfig(search=Uniform(4), force_bits=(ForceBits.parse("mm_heavy=8"),), keep_float=("gau*",), min_elements=0)
+    result = quantize(m, cfg)
+    assert _bits(result) == {"heavy": 8}
+    assert any(s["name"] == "gauss0" and "--keep-float" in s["reason"] for s in result.report.skipped)
+
+
+def test_fake_quantize_matches_stored_integers_bit_for_bit():
+    r = np.random.default_rng(3)
+    for dtype in (np.float32, np.float16):
+        w = (r.standard_t(3, (70, 96)) * 0.05).astype(dtype)
+        for lay, axis in ((Layout.parse("tensor"), 0), (Layout.parse("channel"), 1), (Layout.parse("block32"), 0)):
+            for bits, sym in itertools.product(range(2, 9), (False, True)):
+                qt = QTYPES[("int" if sym else "uint") + ("4" if bits <= 4 else "8")]
+                gr = GroupRange.of(w, lay, axis)
+                a = quantize_weight(w, bits, sym, lay, axis, qt, np.dtype(dtype), gr).dequantize().astype(np.float32)
+                b, _ = fake_quantize(w, bits, sym, lay, axis, qt, np.dtype(dtype), gr)
+                assert a.tobytes() == b.tobytes()
