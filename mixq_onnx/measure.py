@@ -107,16 +107,23 @@ def layout_axis(site: WeightSite, layout: Layout) -> int | None:
     return red
 
 
-def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...]) -> list[tuple[Layout, int]]:
-    """The configured layouts this weight accepts, else per-channel, else per-tensor.
+def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...], caps: Capabilities, symmetric: bool) -> list[tuple[Layout, int]]:
+    """The configured layouts this weight and opset accept, else per-channel, else per-tensor.
 
     A blockwise request on an axis no longer than the block falls back to
-    per-channel, the closest layout that still applies.
+    per-channel, the closest layout that still applies; below opset 13 only
+    per-tensor scales exist.
     """
-    out = [(lay, ax) for lay in layouts if (ax := layout_axis(site, lay)) is not None]
+    int8 = caps.container(8, symmetric)
+
+    def usable(lay: Layout) -> int | None:
+        ax = layout_axis(site, lay)
+        return ax if ax is not None and int8 is not None and caps.allows(int8, lay) else None
+
+    out = [(lay, ax) for lay in layouts if (ax := usable(lay)) is not None]
     if not out:
         for lay in (Layout(Granularity.CHANNEL), Layout(Granularity.TENSOR)):
-            if (ax := layout_axis(site, lay)) is not None:
+            if (ax := usable(lay)) is not None:
                 return [(lay, ax)]
     return out
 
@@ -133,7 +140,7 @@ def measure_tensor(
     w32 = w.astype(np.float32, copy=False)
     mean_sq = float(np.dot(w32.ravel(), w32.ravel())) / w32.size if w32.size else 0.0
     options: list[Option] = []
-    for layout, axis in valid_layouts(site, config.layouts):
+    for layout, axis in valid_layouts(site, config.layouts, caps, symmetric):
         rng: GroupRange | None = None
         for bits in bits_list:
             qtype = caps.container(bits, symmetric)

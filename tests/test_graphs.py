@@ -224,3 +224,37 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, location):
     src.write_bytes(raw.SerializeToString())
     with pytest.raises(ModelError, match="outside|absolute|symbolic"):
         load_model(src)
+
+
+def _mm_model(opset: int):
+    w = init("w", _w((64, 48)))
+    mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    return make_model([mm], [vi("x", [4, 64])], [vi("y", [4, 48])], [w], opset=opset), {"x": _w((4, 64), 1)}
+
+
+@pytest.mark.parametrize("opset,granularity", [(13, "channel"), (11, "tensor")])
+def test_failed_opset_conversion_falls_back_to_int8(monkeypatch, opset, granularity):
+    import mixq_onnx.rewrite as rw
+
+    def broken(model, target):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(rw.version_converter, "convert_version", broken)
+    m, feeds = _mm_model(opset)
+    result, s = quantize_and_compare(m, feeds, QuantConfig(min_elements=0))
+    assert result.model.opset_import[0].version == opset
+    t = result.report.tensors[0]["chosen"]
+    assert t["container"] == "uint8" and t["granularity"] == granularity
+    assert any("could not convert" in n for n in result.report.notes)
+    assert any(f"fell back to what opset {opset} supports" in n for n in result.report.notes)
+    assert s > 30
+
+
+def test_int2_output_runs_at_opset_25():
+    m, feeds = _mm_model(13)
+    result, s = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(2), allow_int2=True, min_elements=0))
+    assert result.model.opset_import[0].version == 25 and result.model.ir_version >= 13
+    assert result.report.tensors[0]["chosen"]["container"] == "uint2"
+    q = [t for t in result.model.graph.initializer if t.name == "w_quantized"][0]
+    assert q.data_type == TensorProto.UINT2 and len(q.raw_data) == 64 * 48 // 4
+    assert s > 3

@@ -109,29 +109,11 @@ def test_budget_with_int2_and_granularity_choices_mixes_at_the_int4_size():
     assert s >= s4 - 0.5  # never materially worse than uniform INT4 at the same bytes
 
 
-def test_dp_is_exact_against_brute_force():
-    r = np.random.default_rng(0)
-    for trial in range(30):
-        n = r.integers(2, 6)
-        costs = [np.sort(r.integers(1, 20, r.integers(1, 4))) for _ in range(n)]
-        errs = [np.sort(r.uniform(0, 1, len(c)))[::-1].copy() for c in costs]
-        budget = int(sum(c.min() for c in costs) + r.integers(0, 30))
-        best = min(
-            (sum(e[j] for e, j in zip(errs, js)), js)
-            for js in itertools.product(*[range(len(c)) for c in costs])
-            if sum(c[j] for c, j in zip(costs, js)) <= budget
-        )
-        choice, lower, exact = solve_mckp(costs, errs, budget)
-        assert exact
-        assert sum(c[j] for c, j in zip(costs, choice)) <= budget
-        assert sum(e[j] for e, j in zip(errs, choice)) == pytest.approx(best[0])
-
-
-def test_lagrangian_is_feasible_and_its_bound_brackets_the_optimum():
-    r = np.random.default_rng(1)
-    for trial in range(30):
-        n = r.integers(2, 6)
-        costs = [np.sort(r.integers(1, 20, r.integers(1, 4))) for _ in range(n)]
+def _random_knapsacks(seed: int, count: int = 30):
+    """Small random multiple-choice knapsacks with their brute-force optimum."""
+    r = np.random.default_rng(seed)
+    for _ in range(count):
+        costs = [np.sort(r.integers(1, 20, r.integers(1, 4))) for _ in range(r.integers(2, 6))]
         errs = [np.sort(r.uniform(0, 1, len(c)))[::-1].copy() for c in costs]
         budget = int(sum(c.min() for c in costs) + r.integers(0, 30))
         opt = min(
@@ -139,6 +121,19 @@ def test_lagrangian_is_feasible_and_its_bound_brackets_the_optimum():
             for js in itertools.product(*[range(len(c)) for c in costs])
             if sum(c[j] for c, j in zip(costs, js)) <= budget
         )
+        yield costs, errs, budget, opt
+
+
+def test_dp_is_exact_against_brute_force():
+    for costs, errs, budget, opt in _random_knapsacks(0):
+        choice, lower, exact = solve_mckp(costs, errs, budget)
+        assert exact
+        assert sum(c[j] for c, j in zip(costs, choice)) <= budget
+        assert sum(e[j] for e, j in zip(errs, choice)) == pytest.approx(opt)
+
+
+def test_lagrangian_is_feasible_and_its_bound_brackets_the_optimum():
+    for costs, errs, budget, opt in _random_knapsacks(1):
         choice, lower, exact = _lagrangian(costs, errs, budget)
         value = sum(e[j] for e, j in zip(errs, choice))
         assert sum(c[j] for c, j in zip(costs, choice)) <= budget
