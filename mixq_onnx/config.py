@@ -5,9 +5,11 @@ Each CLI option maps to exactly one field here.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 
@@ -24,14 +26,12 @@ class Granularity(enum.Enum):
     BLOCK = "block"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Layout:
     """A granularity together with its block size (0 unless blockwise)."""
 
-    granularity: Granularity = field(compare=False)
+    granularity: Granularity
     block_size: int = 0
-    # Sort key so layouts order deterministically: tensor < channel < block32 < ...
-    rank: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.granularity is Granularity.BLOCK:
@@ -41,8 +41,6 @@ class Layout:
                 )
         elif self.block_size:
             raise ConfigError("a block size only applies to blockwise granularity")
-        rank = {Granularity.TENSOR: 0, Granularity.CHANNEL: 1}.get(self.granularity, 1 + self.block_size)
-        object.__setattr__(self, "rank", rank)
 
     @property
     def name(self) -> str:
@@ -198,6 +196,25 @@ class QuantConfig:
             raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
         if isinstance(self.search, Uniform) and len(self.layouts) > 1:
             raise ConfigError("--bits takes a single --granularity; use --target-bits or --qem to choose among several")
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for the report: enums as their values, layouts and rules as their CLI spelling."""
+        search = {"type": type(self.search).__name__}
+        for f in dataclasses.fields(self.search):
+            v = getattr(self.search, f.name)
+            search[f.name] = v.value if isinstance(v, enum.Enum) else v
+        return {
+            "search": search,
+            "scheme": self.scheme.value,
+            "layouts": [lay.name for lay in self.layouts],
+            "candidate_bits": list(self.candidate_bits),
+            "storage_aware": self.storage_aware,
+            "allow_int2": self.allow_int2,
+            "metric": self.metric.value,
+            "min_elements": self.min_elements,
+            "keep_float": list(self.keep_float),
+            "force_bits": [f"{r.pattern}={r.bits}" for r in self.force_bits],
+        }
 
     def forced_bits(self, names: tuple[str, ...]) -> int | None:
         """The last ``--force-bits`` rule matching any of ``names`` wins."""

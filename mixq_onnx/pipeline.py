@@ -6,7 +6,6 @@ The CLI is a thin layer over :func:`quantize` and :func:`quantize_file`.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
 from collections import Counter
@@ -70,22 +69,6 @@ def _bits_to_measure(config: QuantConfig) -> tuple[int, ...]:
     return config.candidate_bits + extra + forced
 
 
-def _config_dict(config: QuantConfig) -> dict:
-    def conv(v):
-        if isinstance(v, enum.Enum):
-            return v.value
-        if dataclasses.is_dataclass(v):
-            d = {k: conv(x) for k, x in dataclasses.asdict(v).items() if k != "rank"}
-            return {"type": type(v).__name__, **d} if not hasattr(v, "granularity") else v.name
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        return v
-
-    out = {f.name: conv(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    out["layouts"] = [lay.name for lay in config.layouts]
-    return out
-
-
 def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
     if inv.quant_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in inv.quant_ops.items())
@@ -145,7 +128,7 @@ def quantize(
             all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
         opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version,
                       "note": change.note if base is not model else ""}
-        report = build_report(inv, plan, _config_dict(config), opset_info, str(path) if path else None, None, all_notes)
+        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes)
         return QuantizeResult(out, report, plan)
     raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
 

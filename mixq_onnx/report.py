@@ -178,7 +178,7 @@ def format_table(report: Report, max_rows: int = 0) -> str:
     v = report.verification
     if v is not None:
         lines.append("")
-        lines.append(f"verification on {v.samples} {v.inputs} sample(s), {v.provider}:")
+        lines.append(f"verification on {v.samples} sample(s), {v.inputs}, {v.provider}:")
         for run in v.runs:
             for o in run.outputs:
                 top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""

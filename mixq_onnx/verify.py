@@ -170,4 +170,6 @@ def verify(
             got = np.concatenate([np.asarray(o[k]).reshape(1, -1) if np.asarray(o[k]).ndim == 0 else np.asarray(o[k]) for o in outs])
             comps.append(compare(ref, got, name))
         runs.append(RunComparison(label, tuple(comps)))
-    return Verification(source, len(feeds), "CPUExecutionProvider", tuple(runs))
+    # Samples = rows of the batch axis across all runs (an .npz holds many in one run).
+    samples = sum(int(np.asarray(f[wanted[0]]).shape[0]) if np.asarray(f[wanted[0]]).ndim else 1 for f in feeds) if wanted else len(feeds)
+    return Verification(source, samples, "CPUExecutionProvider", tuple(runs))

@@ -258,3 +258,17 @@ def test_int2_output_runs_at_opset_25():
     q = [t for t in result.model.graph.initializer if t.name == "w_quantized"][0]
     assert q.data_type == TensorProto.UINT2 and len(q.raw_data) == 64 * 48 // 4
     assert s > 3
+
+
+def test_scan_body_weight():
+    body_w = helper.make_node("Constant", [], ["sw"], value=numpy_helper.from_array(_w((32, 32), 6), "sw"))
+    mm = helper.make_node("MatMul", ["x_t", "sw"], ["y_t"], name="scan_mm")
+    add = helper.make_node("Add", ["s_in", "y_t"], ["s_out"])
+    body = helper.make_graph(
+        [body_w, mm, add], "body", [vi("s_in", [1, 32]), vi("x_t", [1, 32])], [vi("s_out", [1, 32]), vi("y_t", [1, 32])]
+    )
+    scan = helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1)
+    m = make_model([scan], [vi("s0", [1, 32]), vi("xs", [5, 1, 32])], [vi("s", [1, 32]), vi("ys", [5, 1, 32])])
+    result, s = quantize_and_compare(m, {"s0": _w((1, 32), 7), "xs": _w((5, 1, 32), 8) * 10}, CFG8)
+    assert s > 30 and result.report.tensors[0]["graph"] == "main/scan:body"
+    assert count_ops(result.model, "DequantizeLinear") == 1

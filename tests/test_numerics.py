@@ -100,7 +100,7 @@ def _reference_with_output_dtype(ins, axis, block_size, opset, qtype):
     return ReferenceEvaluator(model).run(None, {})[0]
 
 
-@pytest.mark.parametrize("bits,symmetric", itertools.product(range(2, 9), [False, True]))
+@pytest.mark.parametrize("bits,symmetric", list(itertools.product(range(2, 9), [False, True])))
 def test_weight_values_stay_in_logical_range_and_error_shrinks(bits, symmetric):
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(16, 300)).astype(np.float32)
