@@ -56,7 +56,7 @@ def _needed_opset(config: QuantConfig) -> int:
     """The opset the most demanding candidate option would need."""
     sym = config.scheme is Scheme.SYMMETRIC
     return max(
-        required_opset(container_for(b, sym, config.allow_int2), lay) for b in config.candidate_bits for lay in config.layouts
+        required_opset(container_for(b, sym, config.allow_int2), lay) for b in _bits_to_measure(config) for lay in config.layouts
     )
 
 

@@ -92,14 +92,16 @@ def test_shared_weight_with_disagreeing_axes_falls_back_to_a_common_layout():
     assert result.report.tensors[0]["notes"] and s > 25
 
 
-def test_fp16_model():
+@pytest.mark.parametrize("opset,scale_type,casts", [(21, TensorProto.FLOAT16, 0), (13, TensorProto.FLOAT, 1)])
+def test_fp16_model(opset, scale_type, casts):
+    """fp16 scales where DequantizeLinear allows them (opset 19+), else fp32 scales and a Cast."""
     w = init("w", _w((64, 32), dtype=np.float16))
     mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
-    m = make_model([mm], [vi("x", [4, 64], TensorProto.FLOAT16)], [vi("y", [4, 32], TensorProto.FLOAT16)], [w])
+    m = make_model([mm], [vi("x", [4, 64], TensorProto.FLOAT16)], [vi("y", [4, 32], TensorProto.FLOAT16)], [w], opset=opset)
     result, s = quantize_and_compare(m, {"x": _w((4, 64), 1, np.float16)}, CFG8)
-    assert s > 25
+    assert s > 25 and result.model.opset_import[0].version == opset
     scale = [t for t in result.model.graph.initializer if t.name == "w_scale"][0]
-    assert scale.data_type == TensorProto.FLOAT16
+    assert scale.data_type == scale_type and count_ops(result.model, "Cast") == casts
 
 
 def test_bf16_weight_through_cast():
@@ -272,3 +274,11 @@ def test_scan_body_weight():
     result, s = quantize_and_compare(m, {"s0": _w((1, 32), 7), "xs": _w((5, 1, 32), 8) * 10}, CFG8)
     assert s > 30 and result.report.tensors[0]["graph"] == "main/scan:body"
     assert count_ops(result.model, "DequantizeLinear") == 1
+
+
+def test_opset_is_raised_only_when_needed():
+    m, feeds = _mm_model(13)
+    result, _ = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(8), min_elements=0))
+    assert result.model.opset_import[0].version == 13 and result.report.opset["note"] == ""
+    result, _ = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
+    assert result.model.opset_import[0].version == 21
