@@ -40,20 +40,23 @@ def parse_size(text: str) -> int:
 
 
 def build_config(
-    bits: int | None, qem: float | None, qem_ref_bits: int, target_bits: float | None, max_size: str | None,
+    bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None, max_size: str | None,
     weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
-    modes = [n for n, v in (("--bits", bits), ("--qem", qem), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
+    modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} choose different searches; give only one")
     if bits is not None:
         search = Uniform(bits)
     elif target_bits is not None or max_size is not None:
         search = Budget(target_bits, parse_size(max_size) if max_size is not None else None, LayerWeighting(weighting))
+    elif qem is not None or qem_ref_bits is not None:
+        search = MixQuantRule(qem if qem is not None else MixQuantRule.qem, qem_ref_bits if qem_ref_bits is not None else MixQuantRule.ref_bits)
     else:
-        search = MixQuantRule(qem if qem is not None else MixQuantRule.qem, qem_ref_bits)
+        # The default: see docs/RESULTS.md for why data-free mixing below 8 bits is opt-in.
+        search = Uniform(8)
     try:
         cands = tuple(int(b) for b in candidate_bits.split(","))
     except ValueError:
@@ -95,9 +98,9 @@ class _Progress:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the quantized model (required unless --plan).")
-@click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight: the baseline, no search.")
-@click.option("--qem", type=float, help="MixQuant rule (the default search): per tensor, the cheapest option whose error is at most QEM x the reference. Default 2.0.")
-@click.option("--qem-ref-bits", type=int, default=4, show_default=True, help="Reference bit-width: the reference is the median error of all tensors at this width.")
+@click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight, no search. This is the default, at 8 bits, when no search option is given.")
+@click.option("--qem", type=float, help="MixQuant rule: per tensor, the cheapest option whose error is at most QEM x the reference (2.0 if only --qem-ref-bits is given).")
+@click.option("--qem-ref-bits", type=int, help="MixQuant reference bit-width: the reference is the median error of all tensors at this width. [default: 4]")
 @click.option("--target-bits", type=float, help="Budget search: average stored bits per weight (scales and zero points included).")
 @click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
 @click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
@@ -120,7 +123,7 @@ class _Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
 def main(
-    model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int, target_bits: float | None,
+    model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...],
     force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
@@ -130,8 +133,8 @@ def main(
 
     \b
     Examples:
-      mixq-onnx model.onnx -o model_q.onnx                  # MixQuant rule, QEM 2
-      mixq-onnx model.onnx -o model_q.onnx --bits 8         # uniform INT8
+      mixq-onnx model.onnx -o model_q.onnx                  # uniform 8 bits per channel (the safe default)
+      mixq-onnx model.onnx -o model_q.onnx --qem 1          # MixQuant rule
       mixq-onnx model.onnx -o model_q.onnx --target-bits 5  # best error at 5 bits/weight
       mixq-onnx model.onnx --plan                           # show the plan only
     """

@@ -171,7 +171,8 @@ def matches(pattern: str, names: tuple[str, ...]) -> bool:
 class QuantConfig:
     """Everything that decides the output model; the same config gives the same bytes."""
 
-    search: Search = field(default_factory=MixQuantRule)
+    # Uniform 8 bits is the default: data-free mixing below 8 bits broke EfficientNet-Lite0 (docs/RESULTS.md).
+    search: Search = field(default_factory=lambda: Uniform(8))
     scheme: Scheme = Scheme.ASYMMETRIC
     layouts: tuple[Layout, ...] = (PER_CHANNEL,)
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)

@@ -46,7 +46,7 @@ def test_default_run_on_the_digits_model(tmp_path):
 
 def test_report_json_schema(tmp_path):
     out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
-    r = invoke(DIGITS, "-o", out, "--report", rep, "--min-elements", "0", "-q")
+    r = invoke(DIGITS, "-o", out, "--report", rep, "--min-elements", "0", "--qem", "2", "-q")
     assert r.exit_code == 0 and r.output == ""
     data = json.loads(rep.read_text())
     assert data["schema"] == "mixq-onnx/report/v1"
@@ -87,6 +87,7 @@ def test_same_input_same_bytes(tmp_path):
         ["--bits", "8"],
         ["--bits", "4", "--granularity", "block32", "--scheme", "symmetric"],
         ["--qem", "1.5", "--literal-bits"],
+        ["--qem-ref-bits", "8"],
         ["--target-bits", "6", "--weighting", "sqrt"],
         ["--max-size", "30KB", "--int2", "--min-elements", "0"],
         ["--force-bits", "fc1*=8", "--keep-float", "conv2*"],
@@ -131,6 +132,7 @@ def _bias_only_model(path: Path) -> None:
         ("ok", ["--target-bits", "2"], "cannot be met: the smallest reachable is", 2),
         ("ok", ["--max-size", "1KB"], "cannot be met: the smallest reachable is", 2),
         ("ok", ["--bits", "4", "--qem", "2"], "give only one", 2),
+        ("ok", ["--target-bits", "4", "--qem-ref-bits", "8"], "give only one", 2),
         ("ok", ["--granularity", "rows"], "unknown granularity", 2),
         ("ok", ["--force-bits", "fc1"], "PATTERN=N", 2),
         ("ok", ["--input-shape", "image:1xfoo"], "--input-shape expects", 2),

@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's bundled digits dataset (pure numpy) and export it to ONNX.
 
-Regenerates models/digits_cnn.onnx and models/digits_test.npz:
+Regenerates models/digits_cnn.onnx, models/digits_test.npz and models/digits_calib.npz:
 
     python tools/train_digits_cnn.py
 
@@ -165,6 +165,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     export(p, args.out / "digits_cnn.onnx")
     np.savez_compressed(args.out / "digits_test.npz", image=xte, label=yte.astype(np.int64))
+    # Calibration samples for data-aware methods: the first 256 training images, never the test split.
+    np.savez_compressed(args.out / "digits_calib.npz", image=xtr[:256])
     print(f"test accuracy {acc:.4f} on {len(yte)} held-out images; wrote {args.out / 'digits_cnn.onnx'}")
 
 
