@@ -14,15 +14,17 @@ from .config import (
     MixQuantRule,
     QuantConfig,
     Scheme,
+    Sensitivity,
     Uniform,
 )
+from .calibrate import load_calibration
 from .errors import BudgetError, ConfigError, MixqError, ModelError, OutputError, VerificationError
-from .pipeline import QuantizeResult, VerifyOptions, quantize, quantize_file
+from .pipeline import CalibrationOptions, QuantizeResult, VerifyOptions, quantize, quantize_file
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "BudgetError", "ConfigError", "ForceBits", "Granularity", "LayerWeighting", "Layout", "Metric",
+    "Budget", "BudgetError", "CalibrationOptions", "Sensitivity", "load_calibration", "ConfigError", "ForceBits", "Granularity", "LayerWeighting", "Layout", "Metric",
     "MixQuantRule", "MixqError", "ModelError", "OutputError", "QuantConfig", "QuantizeResult", "Scheme", "Uniform",
     "VerificationError", "VerifyOptions", "quantize", "quantize_file",
 ]

@@ -21,11 +21,12 @@ from .config import (
     MixQuantRule,
     QuantConfig,
     Scheme,
+    Sensitivity,
     Uniform,
 )
 from .errors import ConfigError, MixqError
 from .io import check_output_path, write_text_atomic
-from .pipeline import VerifyOptions, quantize_file
+from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
 from .report import format_table
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -43,6 +44,7 @@ def build_config(
     bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None, max_size: str | None,
     weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
+    sensitivity: str = "output",
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
@@ -69,6 +71,7 @@ def build_config(
         storage_aware=not literal_bits,
         allow_int2=int2,
         metric=Metric(metric),
+        sensitivity=Sensitivity(sensitivity),
         min_elements=min_elements,
         keep_float=keep_float,
         force_bits=tuple(ForceBits.parse(f) for f in force_bits),
@@ -110,6 +113,9 @@ class _Progress:
 @click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
 @click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it).")
 @click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares.")
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. Enables output sensitivity.")
+@click.option("--calib-samples", type=int, help="Use only the first N calibration samples.")
+@click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="output", show_default=True, help="What the searches compare: output error on calibration data (where available) or weight error.")
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
 @click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
@@ -125,8 +131,8 @@ class _Progress:
 def main(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
-    literal_bits: bool, int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...],
-    force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
+    literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str,
+    min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
 ) -> None:
     """Quantize the weights of MODEL (.onnx) with a per-tensor bit-width search and write a QDQ model.
@@ -147,11 +153,15 @@ def main(
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
-                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits)
+                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity)
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
+        calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
+        if calib_samples is not None and calibration is None:
+            raise ConfigError("--calib-samples needs --calib")
         if report_path is not None:
             check_output_path(report_path, model)
-        result = quantize_file(model, None if plan_only else output, config, verify_options, _Progress(not quiet and sys.stderr.isatty()))
+        result = quantize_file(model, None if plan_only else output, config, verify_options,
+                               _Progress(not quiet and sys.stderr.isatty()), calibration)
         if report_path is not None:
             write_text_atomic(report_path, result.report.to_json())
         if not quiet:

@@ -82,6 +82,13 @@ class Metric(enum.Enum):
     MAX_ABS = "max-abs"
 
 
+class Sensitivity(enum.Enum):
+    """What the searches compare: the weight's own error, or the error of its output on calibration data."""
+
+    WEIGHT = "weight"
+    OUTPUT = "output"
+
+
 class LayerWeighting(enum.Enum):
     """How the budget search weighs each tensor's normalised error in the total."""
 
@@ -179,6 +186,8 @@ class QuantConfig:
     storage_aware: bool = True
     allow_int2: bool = False
     metric: Metric = Metric.NMSE
+    # Output sensitivity applies where calibration data gives a weight's input statistics.
+    sensitivity: Sensitivity = Sensitivity.OUTPUT
     min_elements: int = 1024
     keep_float: tuple[str, ...] = ()
     force_bits: tuple[ForceBits, ...] = ()
@@ -196,7 +205,10 @@ class QuantConfig:
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
         if isinstance(self.search, Uniform) and len(self.layouts) > 1:
-            raise ConfigError("--bits takes a single --granularity; use --target-bits or --qem to choose among several")
+            raise ConfigError(
+                "several --granularity values need a search to choose among them (--qem, --target-bits or --max-size); "
+                "uniform --bits, the default, takes one"
+            )
 
     def describe(self) -> dict[str, Any]:
         """Plain data for the report: enums as their values, layouts and rules as their CLI spelling."""
@@ -212,6 +224,7 @@ class QuantConfig:
             "storage_aware": self.storage_aware,
             "allow_int2": self.allow_int2,
             "metric": self.metric.value,
+            "sensitivity": self.sensitivity.value,
             "min_elements": self.min_elements,
             "keep_float": list(self.keep_float),
             "force_bits": [f"{r.pattern}={r.bits}" for r in self.force_bits],

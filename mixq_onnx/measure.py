@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .config import BLOCK_SIZES, Granularity, Layout, Metric, QuantConfig, Scheme
+from .calibrate import InputStats
+from .config import BLOCK_SIZES, Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
 from .find import WeightSite
 from .numerics import GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 
@@ -58,9 +59,17 @@ class Option:
     mse: float
     nmse: float
     max_abs: float
+    # tr(dW H dW^T) / tr(W H W^T) on calibration data, where the weight's input statistics exist.
+    output_error: float | None = None
 
     def error(self, metric: Metric) -> float:
         return {Metric.NMSE: self.nmse, Metric.MSE: self.mse, Metric.MAX_ABS: self.max_abs}[metric]
+
+    def sensitivity(self, metric: Metric, sensitivity: Sensitivity) -> float:
+        """The error the searches compare: output error when asked for and available, else ``metric``."""
+        if sensitivity is Sensitivity.OUTPUT and self.output_error is not None:
+            return self.output_error
+        return self.error(metric)
 
     @property
     def key(self) -> tuple[int, str]:
@@ -129,7 +138,7 @@ def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...], caps: Capabilit
 
 
 def measure_tensor(
-    site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...]
+    site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...], stats: InputStats | None = None
 ) -> ErrorTable:
     """Quantize one tensor every candidate way and record error and bytes."""
     symmetric = config.scheme is Scheme.SYMMETRIC
@@ -161,6 +170,7 @@ def measure_tensor(
                     mse,
                     mse / mean_sq if mean_sq > 0 else 0.0,
                     max(float(flat.max()), -float(flat.min())) if flat.size else 0.0,
+                    stats.output_error(diff, w32) if stats is not None else None,
                 )
             )
     return ErrorTable(site, tuple(options), sdt)
@@ -172,13 +182,15 @@ def measure(
     caps: Capabilities,
     bits: tuple[int, ...],
     progress: Progress | None = None,
+    stats: dict[str, InputStats] | None = None,
 ) -> list[ErrorTable]:
     """Error tables for every weight at each of ``bits``."""
     bits_list = tuple(sorted(set(bits)))
     # numpy releases the GIL in its array loops, so threads use every core;
     # each tensor is independent, so the result does not depend on scheduling.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(measure_tensor, site, config, caps, bits_list) for site in sites]
+        stats = stats or {}
+        futures = [pool.submit(measure_tensor, site, config, caps, bits_list, stats.get(site.name)) for site in sites]
         tables = []
         for i, (site, fut) in enumerate(zip(sites, futures)):
             tables.append(fut.result())

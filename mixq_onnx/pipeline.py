@@ -14,7 +14,10 @@ from pathlib import Path
 
 import onnx
 
-from .config import Budget, MixQuantRule, QuantConfig, Scheme, Uniform
+import numpy as np
+
+from .calibrate import collect_input_stats, load_calibration
+from .config import Budget, MixQuantRule, QuantConfig, Scheme, Sensitivity, Uniform
 from .errors import ConfigError, ModelError
 from .find import Inventory, find_weights, gather_index_bounds
 from .graph import default_opset
@@ -43,6 +46,18 @@ class VerifyOptions:
         if self.samples < 1:
             raise ConfigError(f"--verify-samples must be at least 1, got {self.samples}")
         parse_input_shapes(self.input_shapes)
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where calibration samples come from (--calib) and how many to use (--calib-samples)."""
+
+    path: Path
+    samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(f"--calib-samples must be at least 1, got {self.samples}")
 
 
 @dataclass
@@ -79,11 +94,16 @@ def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
 
 
 def quantize(
-    model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig | None = None, progress: Progress | None = None
+    model: onnx.ModelProto | str | os.PathLike[str],
+    config: QuantConfig | None = None,
+    progress: Progress | None = None,
+    calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
 
-    Never modifies the input. Raises a :class:`MixqError` subclass on bad input.
+    ``calibration`` (feeds for the float model, see :func:`load_calibration`)
+    enables output-aware sensitivity. Never modifies the input. Raises a
+    :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
     path = None
@@ -114,7 +134,8 @@ def quantize(
     for base, fallback_notes in attempts:
         inv = inventory if base is model else find_weights(base, config)
         caps = Capabilities(default_opset(base), config.allow_int2)
-        tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress)
+        stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration else ({}, {})
+        tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress, stats)
         plan = search(tables, config)
         uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
         out = apply_plan(base, plan.decisions, config.scheme is Scheme.SYMMETRIC, uses_int2)
@@ -128,7 +149,12 @@ def quantize(
             all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
         opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version,
                       "note": change.note if base is not model else ""}
-        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes)
+        if calibration and config.sensitivity is Sensitivity.OUTPUT:
+            all_notes.append(
+                f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
+                f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
+            )
+        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats)
         return QuantizeResult(out, report, plan)
     raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
 
@@ -150,6 +176,7 @@ def quantize_file(
     config: QuantConfig | None = None,
     verify_options: VerifyOptions | None = None,
     progress: Progress | None = None,
+    calibration: CalibrationOptions | None = None,
 ) -> QuantizeResult:
     """Quantize ``input_path``, write ``output_path`` atomically and verify it in ONNX Runtime.
 
@@ -159,7 +186,8 @@ def quantize_file(
     out = check_output_path(output_path, input_path) if output_path is not None else None
     shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
-    result = quantize(loaded.model, config, progress)
+    feeds = load_calibration(calibration.path, Path(input_path), calibration.samples) if calibration else None
+    result = quantize(loaded.model, config, progress, feeds)
     result.report.input = str(input_path)
     if out is None:
         return result
@@ -189,4 +217,4 @@ def _data_size(model_path: Path) -> int:
     return sum((model_path.parent / loc).stat().st_size for loc in locs if (model_path.parent / loc).is_file())
 
 
-__all__ = ["QuantizeResult", "VerifyOptions", "quantize", "quantize_file", "Budget"]
+__all__ = ["CalibrationOptions", "QuantizeResult", "VerifyOptions", "quantize", "quantize_file", "Budget"]

@@ -74,6 +74,7 @@ def build_report(
     input_path: str | None,
     output_path: str | None,
     notes: list[str],
+    no_stats: dict[str, str] | None = None,
 ) -> Report:
     tensors = []
     params = float_bytes = qbytes = logical = 0
@@ -99,9 +100,12 @@ def build_report(
                 "reduction_axis": site.reduction_axis,
                 "errors": [
                     {"bits": x.bits, "granularity": x.layout.name, "container": x.qtype.name, "bytes": x.nbytes,
-                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs}
+                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs, "output_error": x.output_error}
                     for x in d.table.options
                 ],
+                "output_statistics": (
+                    "collected" if o.output_error is not None else (no_stats or {}).get(site.name, "no calibration data")
+                ),
                 "chosen": {
                     "bits": o.bits,
                     "granularity": o.layout.name,
@@ -113,6 +117,7 @@ def build_report(
                     "mse": o.mse,
                     "nmse": o.nmse,
                     "max_abs": o.max_abs,
+                    "output_error": o.output_error,
                 },
                 "reason": d.reason,
                 "notes": list(site.notes),

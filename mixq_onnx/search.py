@@ -95,20 +95,25 @@ def search(tables: list[ErrorTable], config: QuantConfig) -> Plan:
     return Plan(decisions, summary)
 
 
+def _err(config: QuantConfig, o: Option) -> float:
+    return o.sensitivity(config.metric, config.sensitivity)
+
+
 def _mixquant(tables: list[ErrorTable], config: QuantConfig, rule: MixQuantRule) -> tuple[list[Decision], SearchSummary]:
     metric = config.metric
-    refs = [o.error(metric) for t in tables if (o := _ref_option(t, rule.ref_bits)) is not None]
+    refs = [_err(config, o) for t in tables if (o := _ref_option(t, rule.ref_bits)) is not None]
     ref = float(np.median(refs)) if refs else 0.0
     threshold = rule.qem * ref
     out = []
     for t in tables:
         opts = candidates(config, t)
-        ok = [o for o in opts if o.error(metric) <= threshold]
+        ok = [o for o in opts if _err(config, o) <= threshold]
+        label = "output error" if opts and opts[0].output_error is not None and config.sensitivity.value == "output" else metric.value
         if ok:
-            best = min(ok, key=lambda o: (o.nbytes, o.bits, o.error(metric)))
-            reason = f"{metric.value} {best.error(metric):.3g} <= qem*ref {threshold:.3g}"
+            best = min(ok, key=lambda o: (o.nbytes, o.bits, _err(config, o)))
+            reason = f"{label} {_err(config, best):.3g} <= qem*ref {threshold:.3g}"
         else:
-            best = min(opts, key=lambda o: (o.error(metric), o.nbytes))
+            best = min(opts, key=lambda o: (_err(config, o), o.nbytes))
             reason = f"no option within qem*ref {threshold:.3g}; most accurate option"
         out.append(Decision(t, best, reason))
     summary = SearchSummary(
@@ -133,7 +138,7 @@ def _budget(
     tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, budget: Budget
 ) -> tuple[list[Decision], SearchSummary]:
     metric = config.metric
-    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, o.error(metric))) for t in tables]
+    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, _err(config, o))) for t in tables]
     fixed = sum(d.option.nbytes for d in forced)
     params = sum(t.site.params for t in tables) + sum(d.table.site.params for d in forced)
     if budget.max_bytes is not None:
@@ -151,7 +156,7 @@ def _budget(
             smallest * scale,
         )
     costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
-    errs = [np.array([o.error(metric) for o in ol]) * layer_weight(budget.weighting, t.site.params) for t, ol in zip(tables, opts)]
+    errs = [np.array([_err(config, o) for o in ol]) * layer_weight(budget.weighting, t.site.params) for t, ol in zip(tables, opts)]
     choice, lower, exact = solve_mckp(costs, errs, limit - fixed)
     total = float(sum(e[c] for e, c in zip(errs, choice)))
     used = fixed + int(sum(c[i] for c, i in zip(costs, choice)))

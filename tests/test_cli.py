@@ -134,6 +134,7 @@ def _bias_only_model(path: Path) -> None:
         ("ok", ["--bits", "4", "--qem", "2"], "give only one", 2),
         ("ok", ["--target-bits", "4", "--qem-ref-bits", "8"], "give only one", 2),
         ("ok", ["--granularity", "rows"], "unknown granularity", 2),
+        ("ok", ["--granularity", "channel", "--granularity", "block32"], "need a search", 2),
         ("ok", ["--force-bits", "fc1"], "PATTERN=N", 2),
         ("ok", ["--input-shape", "image:1xfoo"], "--input-shape expects", 2),
         ("no-output", [], "missing -o/--output", 2),

@@ -1,0 +1,242 @@
+"""Calibration data: load and validate it, then stream it through the float model to collect
+the second moments H = E[x x^T] of each weight's input, for output-aware sensitivity.
+
+The float model runs in ONNX Runtime with the needed activations exposed as
+extra outputs, one batch at a time; only the K x K statistics are kept, so
+memory is bounded by the statistics, not by the number of samples.
+
+Covered: MatMul and Gemm with a constant weight on the right (B), and Conv
+(every group, with strides, dilations and padding). Weights of other
+consumers (ConvTranspose, Gather, LSTM/GRU/RNN, a constant left MatMul input,
+weights reached through Transpose/Reshape, weights inside subgraphs) have no
+H and keep the weight-error measure; the report says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import ConfigError
+from .find import WeightSite
+from .graph import MAIN, node_label
+
+log = logging.getLogger(__name__)
+
+ORT_NP = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+Feed = dict[str, np.ndarray]
+
+
+def _arrays_from(path: Path) -> dict[str, np.ndarray]:
+    """Arrays keyed by input name from an .npz file, or from a folder of .npz/.npy files (concatenated)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy")) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"{path}: no .npz or .npy files in the --calib folder")
+    parts: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        try:
+            if f.suffix == ".npy":
+                parts.setdefault(f.stem, []).append(np.load(f, allow_pickle=False))
+            else:
+                with np.load(f, allow_pickle=False) as data:
+                    for k in data.files:
+                        parts.setdefault(k, []).append(data[k])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{f}: cannot read calibration data ({exc}); give .npz or .npy files of arrays") from exc
+    try:
+        return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+    except ValueError as exc:
+        raise ConfigError(f"{path}: calibration files disagree on array shapes ({exc})") from exc
+
+
+def load_calibration(path: str | Path, model: bytes | Path, samples: int | None, batch: int = 8) -> list[Feed]:
+    """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
+
+    The first axis of every array is the sample axis. ``samples`` keeps the first N.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: calibration data not found; pass an .npz file or a folder of .npz/.npy files")
+    arrays = _arrays_from(p)
+    sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise ConfigError(f"{p}: calibration data lacks model input(s) {missing}; it has {sorted(arrays)}")
+    count = None
+    for i in inputs:
+        a = arrays[i.name]
+        want = ORT_NP.get(i.type)
+        if want is None or a.dtype != np.dtype(want):
+            raise ConfigError(f"{p}: input '{i.name}' is {a.dtype}, the model expects {i.type}; convert the array")
+        dims = list(i.shape)
+        if a.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], a.shape[1:])):
+            raise ConfigError(f"{p}: input '{i.name}' has shape {list(a.shape)}, the model expects {dims} (first axis = samples)")
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise ConfigError(f"{p}: input '{i.name}' contains NaN or infinite values; clean the calibration data")
+        if count is not None and a.shape[0] != count:
+            raise ConfigError(f"{p}: inputs have different sample counts ({count} and {a.shape[0]} for '{i.name}')")
+        count = a.shape[0]
+    if not count:
+        raise ConfigError(f"{p}: calibration data has no samples")
+    if samples is not None:
+        if samples < 1:
+            raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
+        count = min(count, samples)
+    # A fixed batch dimension of 1 in the model forces one sample per run.
+    fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
+    step = 1 if fixed and fixed[0] == 1 else batch
+    return [{i.name: arrays[i.name][s : s + step] for i in inputs} for s in range(0, count, step)]
+
+
+@dataclass
+class InputStats:
+    """Running second moment of the input of one weight: H[g] = sum x x^T / rows, per group."""
+
+    hessian: np.ndarray  # [groups, K, K], float64
+    op: str
+    trans_b: bool
+    rows: int = 0
+
+    def mean(self) -> np.ndarray:
+        return self.hessian / max(self.rows, 1)
+
+    def matrices(self, w: np.ndarray) -> np.ndarray:
+        """The weight (or its error) as [groups, outputs per group, K], K ordered like the input rows."""
+        if self.op == "MatMul":
+            return w.T[None]
+        if self.op == "Gemm":
+            return (w if self.trans_b else w.T)[None]
+        g = self.hessian.shape[0]
+        return w.reshape(g, w.shape[0] // g, -1)
+
+    def output_error(self, dw: np.ndarray, w: np.ndarray) -> float:
+        """Relative energy of the output perturbation: tr(dW H dW^T) / tr(W H W^T), summed over groups."""
+        h = self.mean()
+        d, m = self.matrices(dw).astype(np.float64), self.matrices(w).astype(np.float64)
+        num = float(np.einsum("gok,gkl,gol->", d, h, d, optimize=True))
+        den = float(np.einsum("gok,gkl,gol->", m, h, m, optimize=True))
+        return num / den if den > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Probe:
+    site: WeightSite
+    activation: str
+    op: str
+    attrs: dict
+
+
+def _probes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> tuple[list[_Probe], dict[str, str]]:
+    """Which activation feeds each weight, for the weights whose H we can compute; reasons for the others."""
+    nodes = {node_label(n, i): n for i, n in enumerate(model.graph.node)}
+    probes, skipped = [], {}
+    for s in sites:
+        if s.graph != MAIN or s.via and set(s.via) - {"Identity"}:
+            skipped[s.name] = "inside a subgraph or behind a Transpose/Reshape/Cast"
+            continue
+        acts = []
+        for u in s.uses:
+            n = nodes.get(u.node)
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute} if n is not None else {}
+            if n is not None and u.op_type in ("MatMul", "Gemm") and u.input_index == 1 and len(s.shape) == 2:
+                acts.append((n.input[0], u.op_type, attrs))
+            elif n is not None and u.op_type == "Conv" and u.input_index == 1:
+                acts.append((n.input[0], "Conv", attrs))
+            else:
+                acts = []
+                break
+        if not acts or len({a[0] for a in acts}) != 1:
+            skipped[s.name] = "no input statistics for this consumer (only MatMul/Gemm weights on the right and Conv)"
+            continue
+        probes.append(_Probe(s, acts[0][0], acts[0][1], acts[0][2]))
+    return probes, skipped
+
+
+def _rows(x: np.ndarray, probe: _Probe, wshape: tuple[int, ...]) -> np.ndarray:
+    """The weight's input as [groups, rows, K], in the same K order as the weight's reduction."""
+    if probe.op == "MatMul":
+        return x.reshape(1, -1, x.shape[-1])
+    if probe.op == "Gemm":
+        a = x.T if probe.attrs.get("transA", 0) else x
+        return a.reshape(1, -1, a.shape[-1])
+    return _im2col(x, probe.attrs, wshape)
+
+
+def _im2col(x: np.ndarray, attrs: dict, wshape: tuple[int, ...]) -> np.ndarray:
+    """Conv input patches [groups, N*out positions, C/g * prod(kernel)], matching W[o, c, k...] order."""
+    group = int(attrs.get("group", 1))
+    kernel = tuple(wshape[2:])
+    nd = len(kernel)
+    strides = tuple(attrs.get("strides", [1] * nd))
+    dil = tuple(attrs.get("dilations", [1] * nd))
+    pads = list(attrs.get("pads", [0] * 2 * nd))
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 2 * nd
+        for d in range(nd):
+            size = x.shape[2 + d]
+            out = -(-size // strides[d])
+            total = max(0, (out - 1) * strides[d] + (kernel[d] - 1) * dil[d] + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[d], pads[d + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * 2 * nd
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[d + nd]) for d in range(nd)])
+    span = tuple((k - 1) * dl + 1 for k, dl in zip(kernel, dil))
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    # Keep every dilation-th tap and every stride-th position.
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, dl) for dl in dil)]
+    n, c = x.shape[:2]
+    outs = win.shape[2 : 2 + nd]
+    # [N, C, out..., k...] -> [N, out..., C, k...] -> [groups, rows, C/g * k]
+    perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    cols = win.transpose(perm).reshape(n * int(np.prod(outs)), group, c // group * int(np.prod(kernel)))
+    return cols.transpose(1, 0, 2)
+
+
+def collect_input_stats(
+    model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed]
+) -> tuple[dict[str, InputStats], dict[str, str]]:
+    """Stream ``feeds`` through the float model and accumulate H per weight (keyed by tensor name)."""
+    probes, skipped = _probes(model, sites)
+    if not probes:
+        return {}, skipped
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    have = {o.name for o in exposed.graph.output}
+    for act in dict.fromkeys(p.activation for p in probes):
+        if act not in have:
+            exposed.graph.output.append(helper.make_empty_tensor_value_info(act))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    stats: dict[str, InputStats] = {}
+    for feed in feeds:
+        values = dict(zip(names, sess.run(None, feed)))
+        for p in probes:
+            x = np.asarray(values[p.activation], dtype=np.float64)
+            rows = _rows(x, p, p.site.shape)
+            st = stats.get(p.site.name)
+            if st is None:
+                st = stats[p.site.name] = InputStats(
+                    np.zeros((rows.shape[0], rows.shape[2], rows.shape[2])), p.op, bool(p.attrs.get("transB", 0))
+                )
+            st.hessian += np.einsum("gri,grj->gij", rows, rows, optimize=True)
+            st.rows += rows.shape[1]
+    log.info("collected input statistics for %d weights from %d batches", len(stats), len(feeds))
+    return stats, skipped
+
