@@ -235,7 +235,7 @@ def collect_input_stats(
                 st = stats[p.site.name] = InputStats(
                     np.zeros((rows.shape[0], rows.shape[2], rows.shape[2])), p.op, bool(p.attrs.get("transB", 0))
                 )
-            st.hessian += np.einsum("gri,grj->gij", rows, rows, optimize=True)
+            st.hessian += np.matmul(rows.transpose(0, 2, 1), rows)
             st.rows += rows.shape[1]
     log.info("collected input statistics for %d weights from %d batches", len(stats), len(feeds))
     return stats, skipped
