@@ -65,11 +65,12 @@ class Option:
     def error(self, metric: Metric) -> float:
         return {Metric.NMSE: self.nmse, Metric.MSE: self.mse, Metric.MAX_ABS: self.max_abs}[metric]
 
+    def uses_output_error(self, sensitivity: Sensitivity) -> bool:
+        return sensitivity is Sensitivity.OUTPUT and self.output_error is not None
+
     def sensitivity(self, metric: Metric, sensitivity: Sensitivity) -> float:
         """The error the searches compare: output error when asked for and available, else ``metric``."""
-        if sensitivity is Sensitivity.OUTPUT and self.output_error is not None:
-            return self.output_error
-        return self.error(metric)
+        return self.output_error if self.uses_output_error(sensitivity) else self.error(metric)  # type: ignore[return-value]
 
     @property
     def key(self) -> tuple[int, str]:

@@ -108,9 +108,9 @@ def _mixquant(tables: list[ErrorTable], config: QuantConfig, rule: MixQuantRule)
     for t in tables:
         opts = candidates(config, t)
         ok = [o for o in opts if _err(config, o) <= threshold]
-        label = "output error" if opts and opts[0].output_error is not None and config.sensitivity.value == "output" else metric.value
         if ok:
             best = min(ok, key=lambda o: (o.nbytes, o.bits, _err(config, o)))
+            label = "output error" if best.uses_output_error(config.sensitivity) else metric.value
             reason = f"{label} {_err(config, best):.3g} <= qem*ref {threshold:.3g}"
         else:
             best = min(opts, key=lambda o: (_err(config, o), o.nbytes))
