@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-import ml_dtypes
 import numpy as np
-import onnx
 import pytest
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator

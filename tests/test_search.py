@@ -11,7 +11,7 @@ from mixq_onnx import Budget, BudgetError, ForceBits, Layout, MixQuantRule, Quan
 from mixq_onnx.numerics import QTYPES, GroupRange, fake_quantize, quantize_weight
 from mixq_onnx.search import _lagrangian, solve_mckp
 from onnx import helper
-from tests.helpers import init, make_model, quantize_and_compare, rng, run, sqnr_db, vi
+from tests.helpers import init, make_model, quantize_and_compare, rng, vi
 
 
 def two_layer_model(seed: int = 0, n_gauss: int = 3):
