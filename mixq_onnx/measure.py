@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from .calibrate import InputStats
-from .config import BLOCK_SIZES, Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
+from .config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
 from .find import WeightSite
 from .numerics import GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 
@@ -201,4 +201,4 @@ def measure(
     return tables
 
 
-__all__ = ["BLOCK_SIZES", "Capabilities", "ErrorTable", "Option", "measure", "measure_tensor", "valid_layouts"]
+__all__ = ["Capabilities", "ErrorTable", "Option", "measure", "measure_tensor", "valid_layouts"]
