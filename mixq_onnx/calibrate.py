@@ -26,14 +26,9 @@ from onnx import helper
 from .errors import ConfigError
 from .find import WeightSite
 from .graph import MAIN, node_label
+from .verify import ORT_TYPES
 
 log = logging.getLogger(__name__)
-
-ORT_NP = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 Feed = dict[str, np.ndarray]
 
@@ -77,7 +72,7 @@ def load_calibration(path: str | Path, model: bytes | Path, samples: int | None,
     count = None
     for i in inputs:
         a = arrays[i.name]
-        want = ORT_NP.get(i.type)
+        want = ORT_TYPES.get(i.type)
         if want is None or a.dtype != np.dtype(want):
             raise ConfigError(f"{p}: input '{i.name}' is {a.dtype}, the model expects {i.type}; convert the array")
         dims = list(i.shape)
