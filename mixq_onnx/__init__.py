@@ -13,6 +13,7 @@ from .config import (
     Metric,
     MixQuantRule,
     QuantConfig,
+    Method,
     Scheme,
     Sensitivity,
     Uniform,
@@ -24,7 +25,7 @@ from .pipeline import CalibrationOptions, QuantizeResult, VerifyOptions, quantiz
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "BudgetError", "CalibrationOptions", "Sensitivity", "load_calibration", "ConfigError", "ForceBits", "Granularity", "LayerWeighting", "Layout", "Metric",
+    "Budget", "BudgetError", "CalibrationOptions", "Sensitivity", "load_calibration", "ConfigError", "ForceBits", "Granularity", "LayerWeighting", "Layout", "Method", "Metric",
     "MixQuantRule", "MixqError", "ModelError", "OutputError", "QuantConfig", "QuantizeResult", "Scheme", "Uniform",
     "VerificationError", "VerifyOptions", "quantize", "quantize_file",
 ]

@@ -1,15 +1,20 @@
 """Calibration data: load and validate it, then stream it through the float model to collect
-the second moments H = E[x x^T] of each weight's input, for output-aware sensitivity.
+the moments H = E[x x^T] and E[x] of each weight's input, for output-aware
+sensitivity, GPTQ, AdaRound and bias correction.
 
 The float model runs in ONNX Runtime with the needed activations exposed as
 extra outputs, one batch at a time; only the K x K statistics are kept, so
-memory is bounded by the statistics, not by the number of samples.
+memory is bounded by the statistics and one batch of activations, not by the
+number of samples.
 
-Covered: MatMul and Gemm with a constant weight on the right (B), and Conv
-(every group, with strides, dilations and padding). Weights of other
-consumers (ConvTranspose, Gather, LSTM/GRU/RNN, a constant left MatMul input,
-weights reached through Transpose/Reshape, weights inside subgraphs) have no
-H and keep the weight-error measure; the report says which.
+Covered: MatMul and Gemm with a constant weight on the right (B), Conv
+(every group, with strides, dilations and padding), and the input weights W
+of LSTM/GRU/RNN (every time step is a row; padded steps beyond
+``sequence_lens`` are included). Weights of other consumers (ConvTranspose,
+Gather, recurrent weights R, a constant left MatMul input, weights reached
+through Transpose/Reshape/Cast, weights inside subgraphs) have no H: they
+keep the weight-error measure and round with ``mse`` at most; the report
+says which.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from onnx import helper
 from .errors import ConfigError
 from .find import WeightSite
 from .graph import MAIN, node_label
+from .layer_stats import InputStats
 from .verify import ORT_TYPES
 
 log = logging.getLogger(__name__)
+
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 Feed = dict[str, np.ndarray]
 
@@ -95,36 +103,6 @@ def load_calibration(path: str | Path, model: bytes | Path, samples: int | None,
     return [{i.name: arrays[i.name][s : s + step] for i in inputs} for s in range(0, count, step)]
 
 
-@dataclass
-class InputStats:
-    """Running second moment of the input of one weight: H[g] = sum x x^T / rows, per group."""
-
-    hessian: np.ndarray  # [groups, K, K], float64
-    op: str
-    trans_b: bool
-    rows: int = 0
-
-    def mean(self) -> np.ndarray:
-        return self.hessian / max(self.rows, 1)
-
-    def matrices(self, w: np.ndarray) -> np.ndarray:
-        """The weight (or its error) as [groups, outputs per group, K], K ordered like the input rows."""
-        if self.op == "MatMul":
-            return w.T[None]
-        if self.op == "Gemm":
-            return (w if self.trans_b else w.T)[None]
-        g = self.hessian.shape[0]
-        return w.reshape(g, w.shape[0] // g, -1)
-
-    def output_error(self, dw: np.ndarray, w: np.ndarray) -> float:
-        """Relative energy of the output perturbation: tr(dW H dW^T) / tr(W H W^T), summed over groups."""
-        h = self.mean()
-        d, m = self.matrices(dw).astype(np.float64), self.matrices(w).astype(np.float64)
-        num = float(np.einsum("gok,gkl,gol->", d, h, d, optimize=True))
-        den = float(np.einsum("gok,gkl,gol->", m, h, m, optimize=True))
-        return num / den if den > 0 else 0.0
-
-
 @dataclass(frozen=True)
 class _Probe:
     site: WeightSite
@@ -149,11 +127,13 @@ def _probes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> tuple[list
                 acts.append((n.input[0], u.op_type, attrs))
             elif n is not None and u.op_type == "Conv" and u.input_index == 1:
                 acts.append((n.input[0], "Conv", attrs))
+            elif n is not None and u.op_type in RECURRENT and u.input_index == 1 and len(s.shape) == 3:
+                acts.append((n.input[0], "Recurrent", attrs))
             else:
                 acts = []
                 break
         if not acts or len({a[0] for a in acts}) != 1:
-            skipped[s.name] = "no input statistics for this consumer (only MatMul/Gemm weights on the right and Conv)"
+            skipped[s.name] = "no input statistics for this consumer (only MatMul/Gemm weights on the right, Conv, and LSTM/GRU/RNN input weights W)"
             continue
         probes.append(_Probe(s, acts[0][0], acts[0][1], acts[0][2]))
     return probes, skipped
@@ -166,6 +146,10 @@ def _rows(x: np.ndarray, probe: _Probe, wshape: tuple[int, ...]) -> np.ndarray:
     if probe.op == "Gemm":
         a = x.T if probe.attrs.get("transA", 0) else x
         return a.reshape(1, -1, a.shape[-1])
+    if probe.op == "Recurrent":
+        # X is [seq, batch, in] (or [batch, seq, in]); every direction sees the same rows.
+        rows = x.reshape(1, -1, x.shape[-1])
+        return np.broadcast_to(rows, (wshape[0],) + rows.shape[1:])
     return _im2col(x, probe.attrs, wshape)
 
 
@@ -230,8 +214,7 @@ def collect_input_stats(
                 st = stats[p.site.name] = InputStats(
                     np.zeros((rows.shape[0], rows.shape[2], rows.shape[2])), p.op, bool(p.attrs.get("transB", 0))
                 )
-            st.hessian += np.matmul(rows.transpose(0, 2, 1), rows)
-            st.rows += rows.shape[1]
+            st.add(rows)
     log.info("collected input statistics for %d weights from %d batches", len(stats), len(feeds))
     return stats, skipped
 

@@ -17,6 +17,7 @@ from .config import (
     ForceBits,
     LayerWeighting,
     Layout,
+    Method,
     Metric,
     MixQuantRule,
     QuantConfig,
@@ -44,7 +45,7 @@ def build_config(
     bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None, max_size: str | None,
     weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
-    sensitivity: str = "output",
+    sensitivity: str = "output", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
@@ -75,6 +76,9 @@ def build_config(
         min_elements=min_elements,
         keep_float=keep_float,
         force_bits=tuple(ForceBits.parse(f) for f in force_bits),
+        method=Method(method),
+        search_with_method=search_with_method,
+        bias_correction=bias_correction,
     )
 
 
@@ -116,6 +120,9 @@ class _Progress:
 @click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. Enables output sensitivity.")
 @click.option("--calib-samples", type=int, help="Use only the first N calibration samples.")
 @click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="output", show_default=True, help="What the searches compare: output error on calibration data (where available) or weight error.")
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq or adaround (both need --calib).")
+@click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see README).")
+@click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
 @click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
@@ -132,6 +139,7 @@ def main(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str,
+    method: str, search_with_method: bool, bias_correction: bool,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
 ) -> None:
@@ -153,7 +161,8 @@ def main(
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
-                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity)
+                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
+                              method, search_with_method, bias_correction)
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:

@@ -89,6 +89,19 @@ class Sensitivity(enum.Enum):
     OUTPUT = "output"
 
 
+class Method(enum.Enum):
+    """How a weight is rounded onto its chosen grid (``--method``)."""
+
+    RTN = "rtn"
+    MSE = "mse"
+    GPTQ = "gptq"
+    ADAROUND = "adaround"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self in (Method.GPTQ, Method.ADAROUND)
+
+
 class LayerWeighting(enum.Enum):
     """How the budget search weighs each tensor's normalised error in the total."""
 
@@ -191,6 +204,10 @@ class QuantConfig:
     min_elements: int = 1024
     keep_float: tuple[str, ...] = ()
     force_bits: tuple[ForceBits, ...] = ()
+    method: Method = Method.RTN
+    # Measure every candidate with ``method`` instead of round-to-nearest (costlier; see README).
+    search_with_method: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if not self.layouts:
@@ -204,6 +221,8 @@ class QuantConfig:
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
+        if self.search_with_method and self.method is Method.RTN:
+            raise ConfigError("--search-with-method needs a --method other than rtn (rtn is what the search measures anyway)")
         if isinstance(self.search, Uniform) and len(self.layouts) > 1:
             raise ConfigError(
                 "several --granularity values need a search to choose among them (--qem, --target-bits or --max-size); "
@@ -228,6 +247,9 @@ class QuantConfig:
             "min_elements": self.min_elements,
             "keep_float": list(self.keep_float),
             "force_bits": [f"{r.pattern}={r.bits}" for r in self.force_bits],
+            "method": self.method.value,
+            "search_with_method": self.search_with_method,
+            "bias_correction": self.bias_correction,
         }
 
     def forced_bits(self, names: tuple[str, ...]) -> int | None:

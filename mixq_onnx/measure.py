@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .calibrate import InputStats
+from .layer_stats import InputStats
 from .config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
 from .find import WeightSite
-from .numerics import GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
+from .numerics import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
+from .rounding import round_weight
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,11 @@ def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...], caps: Capabilit
 def measure_tensor(
     site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...], stats: InputStats | None = None
 ) -> ErrorTable:
-    """Quantize one tensor every candidate way and record error and bytes."""
+    """Quantize one tensor every candidate way and record error and bytes.
+
+    Candidates are rounded to nearest unless ``config.search_with_method``
+    asks for the configured rounding method (its cost times the candidates).
+    """
     symmetric = config.scheme is Scheme.SYMMETRIC
     w = site.array
     sdt = scale_dtype_for(w, caps.opset)
@@ -156,8 +161,12 @@ def measure_tensor(
             qtype = caps.container(bits, symmetric)
             if qtype is None or not caps.allows(qtype, layout):
                 continue
-            rng = rng if rng is not None else GroupRange.of(w, layout, axis)
-            diff, _ = fake_quantize(w, bits, symmetric, layout, axis, qtype, sdt, rng)
+            if config.search_with_method:
+                rounded = round_weight(w, Grid(bits, symmetric, layout, axis, qtype, sdt), config.method, stats)
+                diff = rounded.tensor.dequantize().astype(np.float32)
+            else:
+                rng = rng if rng is not None else GroupRange.of(w, layout, axis)
+                diff, _ = fake_quantize(w, bits, symmetric, layout, axis, qtype, sdt, rng)
             diff -= w32
             flat = diff.ravel()
             mse = float(np.dot(flat, flat)) / max(flat.size, 1)

@@ -145,8 +145,8 @@ def dequantize_linear(
     return dx.astype(scale.dtype, copy=False)
 
 
-def _reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> np.ndarray:
-    """min or max of each quantization group, shaped like the ONNX scale input."""
+def group_reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> np.ndarray:
+    """``ufunc`` (min, max, add) over each quantization group, shaped like the ONNX scale input."""
     if layout.granularity is Granularity.TENSOR:
         return ufunc.reduce(w, axis=None)
     if layout.granularity is Granularity.CHANNEL:
@@ -166,8 +166,8 @@ class GroupRange:
     @classmethod
     def of(cls, w: np.ndarray, layout: Layout, axis: int) -> "GroupRange":
         return cls(
-            np.asarray(_reduce(w, layout, axis, np.minimum), dtype=np.float32),
-            np.asarray(_reduce(w, layout, axis, np.maximum), dtype=np.float32),
+            np.asarray(group_reduce(w, layout, axis, np.minimum), dtype=np.float32),
+            np.asarray(group_reduce(w, layout, axis, np.maximum), dtype=np.float32),
         )
 
 
@@ -279,3 +279,24 @@ def storage_bytes(shape: tuple[int, ...], layout: Layout, axis: int, qtype: QTyp
     n = int(np.prod(shape))
     s = scale_count(shape, layout, axis)
     return qtype.nbytes(n) + s * scale_itemsize + (0 if symmetric else qtype.nbytes(s))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a weight's integers live: bit-width, scheme, layout and axis, container and scale dtype."""
+
+    bits: int
+    symmetric: bool
+    layout: Layout
+    axis: int
+    qtype: QType
+    scale_dtype: np.dtype
+
+    def quantize(self, w: np.ndarray, rng: GroupRange | None = None) -> QuantizedTensor:
+        return quantize_weight(w, self.bits, self.symmetric, self.layout, self.axis, self.qtype, self.scale_dtype, rng)
+
+    def fake_quantize(self, w: np.ndarray, rng: GroupRange) -> np.ndarray:
+        return fake_quantize(w, self.bits, self.symmetric, self.layout, self.axis, self.qtype, self.scale_dtype, rng)[0]
+
+    def range_of(self, w: np.ndarray) -> GroupRange:
+        return GroupRange.of(w, self.layout, self.axis)

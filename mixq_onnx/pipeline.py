@@ -9,24 +9,27 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import onnx
 
-import numpy as np
-
 from .calibrate import collect_input_stats, load_calibration
-from .config import Budget, MixQuantRule, QuantConfig, Scheme, Sensitivity, Uniform
+from .config import Budget, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Uniform
 from .errors import ConfigError, ModelError
 from .find import Inventory, find_weights, gather_index_bounds
 from .graph import default_opset
 from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
+from .layer_stats import InputStats
 from .measure import Capabilities, Progress, measure
-from .numerics import container_for, required_opset
+from .numerics import Grid, container_for, required_opset
 from .report import Report, build_report
-from .rewrite import apply_plan, raise_opset
-from .search import Plan, search
+from .rewrite import apply_plan, correct_biases, raise_opset
+from .rounding import Rounded, round_weight
+from .search import Decision, Plan, search
 from .verify import load_inputs, parse_input_shapes, random_inputs, verify
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,11 @@ def quantize(
     :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
+    if not calibration:
+        needs = [f"--method {config.method.value}"] if config.method.needs_calibration else []
+        needs += ["--bias-correction"] if config.bias_correction else []
+        if needs:
+            raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see README, 'Calibration data')")
     path = None
     if not isinstance(model, onnx.ModelProto):
         loaded = load_model(model)
@@ -138,7 +146,14 @@ def quantize(
         tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress, stats)
         plan = search(tables, config)
         uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
-        out = apply_plan(base, plan.decisions, config.scheme is Scheme.SYMMETRIC, uses_int2)
+        rounded = round_decisions(plan.decisions, config, stats)
+        bias = {}
+        if config.bias_correction:
+            shifts = {d.table.site.name: stats[d.table.site.name].output_shift(_error(d, r)) for d, r in zip(plan.decisions, rounded)
+                      if d.table.site.name in stats}
+            corrected = correct_biases(base, inv.weights, shifts)
+            base, bias = corrected.model, corrected.outcome
+        out = apply_plan(base, plan.decisions, [r.tensor for r in rounded], uses_int2)
         problem = _check(out)
         if problem:
             failure = f"{failure}; {problem}" if failure else problem
@@ -154,9 +169,35 @@ def quantize(
                 f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
                 f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
             )
-        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats)
+        rounding = {d.table.site.name: {"method": r.method.value, "note": r.note, "bias_correction": bias.get(d.table.site.name)}
+                    for d, r in zip(plan.decisions, rounded)}
+        fallbacks = sum(bool(r.note) for r in rounded)
+        if fallbacks:
+            all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
+        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats, rounding)
         return QuantizeResult(out, report, plan)
     raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
+
+
+def round_decisions(decisions: tuple[Decision, ...], config: QuantConfig, stats: dict[str, InputStats]) -> list[Rounded]:
+    """Each chosen option rounded with ``config.method``, in decision order; threads, as numpy releases the GIL."""
+    symmetric = config.scheme is Scheme.SYMMETRIC
+
+    def one(d: Decision) -> Rounded:
+        o, w = d.option, d.table.site.array
+        w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
+        grid = Grid(o.bits, symmetric, o.layout, o.axis, o.qtype, d.table.scale_dtype)
+        return round_weight(w, grid, config.method, stats.get(d.table.site.name))
+
+    if config.method is Method.RTN:
+        return [one(d) for d in decisions]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, decisions))
+
+
+def _error(d: Decision, r: Rounded) -> np.ndarray:
+    w = d.table.site.array.astype(np.float32)
+    return r.tensor.dequantize().astype(np.float32) - w
 
 
 def _check(model: onnx.ModelProto) -> str:

@@ -75,6 +75,7 @@ def build_report(
     output_path: str | None,
     notes: list[str],
     no_stats: dict[str, str] | None = None,
+    rounding: dict[str, dict[str, Any]] | None = None,
 ) -> Report:
     tensors = []
     params = float_bytes = qbytes = logical = 0
@@ -120,6 +121,7 @@ def build_report(
                     "output_error": o.output_error,
                 },
                 "reason": d.reason,
+                "rounding": (rounding or {}).get(site.name, {"method": "rtn", "note": "", "bias_correction": None}),
                 "notes": list(site.notes),
             }
         )

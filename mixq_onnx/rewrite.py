@@ -12,14 +12,13 @@ import copy
 import logging
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from .find import Source
-from .graph import all_names, default_opset, iter_scopes
-from .numerics import QuantizedTensor, quantize_weight
+from .find import Source, WeightSite
+from .graph import MAIN, all_names, default_opset, iter_scopes, node_label
+from .numerics import QuantizedTensor
 from .search import Decision
 
 log = logging.getLogger(__name__)
@@ -127,15 +126,6 @@ class _Namer:
         return name
 
 
-def quantize_decision(d: Decision, symmetric: bool) -> QuantizedTensor:
-    """Quantize a weight exactly as measured for its chosen option."""
-    w = d.table.site.array
-    if w.dtype == ml_dtypes.bfloat16:
-        w = w.astype(np.float32)
-    o = d.option
-    return quantize_weight(w, o.bits, symmetric, o.layout, o.axis, o.qtype, d.table.scale_dtype)
-
-
 def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Tensors and nodes that recompute weight ``d`` under its original name."""
     site = d.table.site
@@ -157,16 +147,18 @@ def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[on
     return tensors, nodes
 
 
-def apply_plan(model: onnx.ModelProto, decisions: tuple[Decision, ...], symmetric: bool, uses_int2: bool) -> onnx.ModelProto:
-    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of integers."""
+def apply_plan(
+    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: list[QuantizedTensor], uses_int2: bool
+) -> onnx.ModelProto:
+    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``."""
     out = copy.deepcopy(model)
     if uses_int2:
         out.ir_version = max(out.ir_version, INT2_IR_VERSION)
     namer = _Namer(all_names(out))
     scopes = {s.path: s.graph for s in iter_scopes(out.graph)}
-    by_graph: dict[str, list[Decision]] = {}
-    for d in decisions:
-        by_graph.setdefault(d.table.site.graph, []).append(d)
+    by_graph: dict[str, list[tuple[Decision, QuantizedTensor]]] = {}
+    for d, qt in zip(decisions, tensors, strict=True):
+        by_graph.setdefault(d.table.site.graph, []).append((d, qt))
     # Subgraphs first: rebuilding a parent's node list copies its subgraphs,
     # so edits made through older references would be lost.
     for path in reversed(list(scopes)):
@@ -178,8 +170,7 @@ def apply_plan(model: onnx.ModelProto, decisions: tuple[Decision, ...], symmetri
         inits = {t.name: i for i, t in enumerate(graph.initializer)}
         replaced_inits: dict[int, list[onnx.TensorProto]] = {}
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
-        for d in ds:
-            qt = quantize_decision(d, symmetric)
+        for d, qt in ds:
             tensors, nodes = _nodes_for(d, qt, namer)
             if d.table.site.source is Source.INITIALIZER:
                 replaced_inits[inits[d.table.site.name]] = tensors
@@ -203,3 +194,100 @@ def apply_plan(model: onnx.ModelProto, decisions: tuple[Decision, ...], symmetri
         graph.node.extend(new_nodes)
     log.info("rewrote %d weights", len(decisions))
     return out
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """The model with corrected biases, and per weight what was done (or why not)."""
+
+    model: onnx.ModelProto
+    outcome: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _BiasSlot:
+    """Where a consumer's bias lives: ``reader`` reads ``tensor`` (None: add one at input 2), scaled by ``factor``."""
+
+    reader: onnx.NodeProto
+    tensor: onnx.TensorProto | None
+    factor: float
+
+
+def correct_biases(model: onnx.ModelProto, sites: tuple[WeightSite, ...], shifts: dict[str, np.ndarray]) -> BiasCorrection:
+    """A copy of ``model`` whose biases absorb each quantized weight's mean output shift.
+
+    ``shifts[name]`` is E[(Wq - W) x] per output channel on the calibration
+    data; each consumer's bias becomes ``b - shift`` (times alpha/beta for
+    Gemm). Conv and Gemm without a bias get one; a MatMul's bias is the
+    constant of the ``Add`` that alone reads its output. A bias also read
+    by other nodes is copied under a new name so they are not affected.
+    """
+    out = copy.deepcopy(model)
+    graph = out.graph
+    namer = _Namer(all_names(out))
+    nodes = {node_label(n, i): n for i, n in enumerate(graph.node)}
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for scope in iter_scopes(graph):
+        for n in scope.graph.node:
+            for name in set(n.input):
+                readers.setdefault(name, []).append(n)
+    readers.update({o.name: readers.get(o.name, []) + [onnx.NodeProto()] for o in graph.output})
+    outcome: dict[str, str] = {}
+    for site in sites:
+        shift = shifts.get(site.name)
+        if shift is None:
+            continue
+        done = []
+        for use in site.uses:
+            node = nodes.get(use.node)
+            slot = _bias_slot(node, inits, readers, shift.size) if node is not None and site.graph == MAIN else "not in the main graph"
+            if isinstance(slot, str):
+                done.append(f"{use.node}: {slot}")
+                continue
+            delta = -slot.factor * shift
+            if slot.tensor is None:
+                bias = numpy_helper.from_array(delta.astype(site.array.dtype), namer(f"{use.node}_bias"))
+                graph.initializer.append(bias)
+                del slot.reader.input[2:]
+                slot.reader.input.append(bias.name)
+            else:
+                old = numpy_helper.to_array(slot.tensor)
+                new = (old.astype(np.float64) + delta.reshape(old.shape)).astype(old.dtype)
+                if len(readers.get(slot.tensor.name, [])) > 1:
+                    fresh = numpy_helper.from_array(new, namer(f"{slot.tensor.name}_corrected"))
+                    graph.initializer.append(fresh)
+                    slot.reader.input[list(slot.reader.input).index(slot.tensor.name)] = fresh.name
+                else:
+                    slot.tensor.CopyFrom(numpy_helper.from_array(new, slot.tensor.name))
+        outcome[site.name] = "; ".join(done) if done else "corrected"
+    log.info("bias correction applied to %d weights", sum(v == "corrected" for v in outcome.values()))
+    return BiasCorrection(out, outcome)
+
+
+def _bias_slot(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], readers: dict[str, list[onnx.NodeProto]], channels: int
+) -> _BiasSlot | str:
+    """Where ``node``'s bias is, or why its bias cannot be corrected."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    reader, name, factor = node, node.input[2] if len(node.input) > 2 else "", 1.0
+    if node.op_type == "Gemm":
+        if not attrs.get("beta", 1.0):
+            return "Gemm with beta 0 ignores its bias"
+        factor = float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))
+    elif node.op_type == "MatMul":
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Add":
+            return "no bias: the MatMul output does not go to a single Add"
+        reader = after[0]
+        name = next((i for i in reader.input if i != node.output[0]), "")
+    elif node.op_type != "Conv":
+        return f"no bias input on {node.op_type}"
+    if not name:
+        return "no bias: the MatMul output does not go to a single Add" if node.op_type == "MatMul" else _BiasSlot(reader, None, factor)
+    t = inits.get(name)
+    if t is None or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return f"bias '{name}' is not a float initializer"
+    if int(np.prod(t.dims)) != channels or (t.dims and t.dims[-1] != channels):
+        return f"bias '{name}' has shape {list(t.dims)}, not one value per output channel ({channels})"
+    return _BiasSlot(reader, t, factor)
