@@ -41,66 +41,88 @@ RECURRENT = ("LSTM", "GRU", "RNN")
 Feed = dict[str, np.ndarray]
 
 
-def _arrays_from(path: Path) -> dict[str, np.ndarray]:
-    """Arrays keyed by input name from an .npz file, or from a folder of .npz/.npy files (concatenated)."""
+def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
+    """Arrays keyed by input name: one part per .npz file, one part for all .npy files (named by their stem).
+
+    Parts whose arrays agree in every axis but the first are concatenated;
+    otherwise (sequences of different lengths, say) each part stays its own
+    set of batches, so nothing needs padding.
+    """
     files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy")) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"{path}: no .npz or .npy files in the --calib folder")
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: list[tuple[Path, dict[str, np.ndarray]]] = []
+    npy: dict[str, np.ndarray] = {}
     for f in files:
         try:
             if f.suffix == ".npy":
-                parts.setdefault(f.stem, []).append(np.load(f, allow_pickle=False))
+                npy[f.stem] = np.load(f, allow_pickle=False)
             else:
                 with np.load(f, allow_pickle=False) as data:
-                    for k in data.files:
-                        parts.setdefault(k, []).append(data[k])
+                    parts.append((f, {k: data[k] for k in data.files}))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{f}: cannot read calibration data ({exc}); give .npz or .npy files of arrays") from exc
-    try:
-        return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-    except ValueError as exc:
-        raise ConfigError(f"{path}: calibration files disagree on array shapes ({exc})") from exc
+    if npy:
+        parts.append((path, npy))
+    if len(parts) > 1 and all(
+        p.keys() == parts[0][1].keys() and all(p[k].shape[1:] == parts[0][1][k].shape[1:] for k in p) for _, p in parts
+    ):
+        return [(path, {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]})]
+    return parts
 
 
-def load_calibration(path: str | Path, model: bytes | Path, samples: int | None, batch: int = 8) -> list[Feed]:
-    """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
-
-    The first axis of every array is the sample axis. ``samples`` keeps the first N.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: calibration data not found; pass an .npz file or a folder of .npz/.npy files")
-    arrays = _arrays_from(p)
-    sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
+def _validate(where: Path, arrays: dict[str, np.ndarray], inputs: list) -> int:
+    """Check one part's names, dtypes, shapes and values against the model inputs; return its sample count."""
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
-        raise ConfigError(f"{p}: calibration data lacks model input(s) {missing}; it has {sorted(arrays)}")
+        raise ConfigError(f"{where}: calibration data lacks model input(s) {missing}; it has {sorted(arrays)}")
     count = None
     for i in inputs:
         a = arrays[i.name]
         want = ORT_TYPES.get(i.type)
         if want is None or a.dtype != np.dtype(want):
-            raise ConfigError(f"{p}: input '{i.name}' is {a.dtype}, the model expects {i.type}; convert the array")
+            raise ConfigError(f"{where}: input '{i.name}' is {a.dtype}, the model expects {i.type}; convert the array")
         dims = list(i.shape)
         if a.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], a.shape[1:])):
-            raise ConfigError(f"{p}: input '{i.name}' has shape {list(a.shape)}, the model expects {dims} (first axis = samples)")
+            raise ConfigError(f"{where}: input '{i.name}' has shape {list(a.shape)}, the model expects {dims} (first axis = samples)")
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            raise ConfigError(f"{p}: input '{i.name}' contains NaN or infinite values; clean the calibration data")
+            raise ConfigError(f"{where}: input '{i.name}' contains NaN or infinite values; clean the calibration data")
         if count is not None and a.shape[0] != count:
-            raise ConfigError(f"{p}: inputs have different sample counts ({count} and {a.shape[0]} for '{i.name}')")
+            raise ConfigError(f"{where}: inputs have different sample counts ({count} and {a.shape[0]} for '{i.name}')")
         count = a.shape[0]
-    if not count:
-        raise ConfigError(f"{p}: calibration data has no samples")
-    if samples is not None:
-        if samples < 1:
-            raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
-        count = min(count, samples)
+    return count or 0
+
+
+def load_calibration(path: str | Path, model: bytes | Path, samples: int | None, batch: int = 8) -> list[Feed]:
+    """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
+
+    The first axis of every array is the sample axis. ``samples`` keeps the
+    first N (files of a folder in name order).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: calibration data not found; pass an .npz file or a folder of .npz/.npy files")
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
+    parts = _parts_from(p)
+    sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
     # A fixed batch dimension of 1 in the model forces one sample per run.
     fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
     step = 1 if fixed and fixed[0] == 1 else batch
-    return [{i.name: arrays[i.name][s : s + step] for i in inputs} for s in range(0, count, step)]
+    feeds: list[Feed] = []
+    left = samples if samples is not None else None
+    for where, arrays in parts:
+        count = _validate(where, arrays, inputs)
+        if left is not None:
+            count = min(count, left)
+            left -= count
+        feeds.extend({i.name: arrays[i.name][s : min(s + step, count)] for i in inputs} for s in range(0, count, step))
+        if left == 0:
+            break
+    if not feeds:
+        raise ConfigError(f"{p}: calibration data has no samples")
+    return feeds
 
 
 @dataclass(frozen=True)

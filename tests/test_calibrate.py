@@ -176,3 +176,17 @@ def test_bad_calibration_input_gets_one_line(tmp_path, case, pattern):
     lines = [x for x in r.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), r.output
     assert not out.exists()
+
+
+def test_calibration_folder_with_different_sequence_lengths_needs_no_padding(tmp_path):
+    r = rng(11)
+    w = init("w", r.normal(size=(16, 8)).astype(np.float32))
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", ["n", "s", 16])], [vi("y", ["n", "s", 8])], [w])
+    xs = [r.normal(size=(3, length, 16)).astype(np.float32) for length in (5, 9, 2)]
+    for i, x in enumerate(xs):
+        np.savez(tmp_path / f"part{i}.npz", x=x)
+    feeds = load_calibration(tmp_path, m.SerializeToString(), samples=7)
+    assert [f["x"].shape for f in feeds] == [(3, 5, 16), (3, 9, 16), (1, 2, 16)]
+    _, stats, _ = _stats(m, feeds)
+    rows = np.concatenate([xs[0].reshape(-1, 16), xs[1].reshape(-1, 16), xs[2][:1].reshape(-1, 16)]).astype(np.float64)
+    np.testing.assert_allclose(stats["w"].mean()[0], rows.T @ rows / len(rows), rtol=1e-6)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import markdown_table  # noqa: E402
+from _table import marked_sections, markdown_table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -613,7 +613,10 @@ def main() -> None:
     speed = error_table_speed(args.repeats)
     minutes = (time.time() - t_start) / 60
     header = header.replace("{minutes}", f"{minutes:.1f}")
-    (args.out / "RESULTS.md").write_text(header + "\n".join(sections) + speed + "\n" + discussion(summary, latency, probes))
+    # Sections written by other benchmarks (tools/bench_rounding.py) are kept as they are.
+    kept = marked_sections(args.out / "RESULTS.md")
+    (args.out / "RESULTS.md").write_text(header + "\n".join(sections) + speed + "\n" + discussion(summary, latency, probes)
+                                         + ("\n\n" + kept + "\n" if kept else ""))
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out / 'RESULTS.md'} in {minutes:.1f} minutes")
 
