@@ -20,6 +20,7 @@ says which.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from onnx import helper
 from .errors import ConfigError
 from .find import WeightSite
 from .graph import MAIN, node_label
+from .activation_ranges import RangeHistogram
+from .config import CalibMethod
 from .layer_stats import InputStats
+from .numerics import QType
 from .verify import ORT_TYPES
 
 log = logging.getLogger(__name__)
@@ -208,6 +212,29 @@ def _im2col(x: np.ndarray, attrs: dict, wshape: tuple[int, ...]) -> np.ndarray:
     return cols.transpose(1, 0, 2)
 
 
+def stream_tensors(model: onnx.ModelProto, wanted: list[str], feeds: list[Feed]) -> Iterator[dict[str, np.ndarray]]:
+    """Run the float model batch by batch and yield the ``wanted`` tensors of each batch (graph inputs included).
+
+    Only one batch of activations is alive at a time: memory does not grow
+    with the number of batches.
+    """
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    inputs = {i.name for i in model.graph.input}
+    have = {o.name for o in exposed.graph.output}
+    for name in dict.fromkeys(wanted):
+        if name not in have and name not in inputs:
+            exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    for feed in feeds:
+        values = dict(zip(names, sess.run(None, feed)))
+        values.update({k: v for k, v in feed.items() if k in inputs})
+        yield {k: values[k] for k in wanted}
+
+
 def collect_input_stats(
     model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed]
 ) -> tuple[dict[str, InputStats], dict[str, str]]:
@@ -215,19 +242,8 @@ def collect_input_stats(
     probes, skipped = _probes(model, sites)
     if not probes:
         return {}, skipped
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    for act in dict.fromkeys(p.activation for p in probes):
-        if act not in have:
-            exposed.graph.output.append(helper.make_empty_tensor_value_info(act))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
     stats: dict[str, InputStats] = {}
-    for feed in feeds:
-        values = dict(zip(names, sess.run(None, feed)))
+    for values in stream_tensors(model, [p.activation for p in probes], feeds):
         for p in probes:
             x = np.asarray(values[p.activation], dtype=np.float64)
             rows = _rows(x, p, p.site.shape)
@@ -240,3 +256,16 @@ def collect_input_stats(
     log.info("collected input statistics for %d weights from %d batches", len(stats), len(feeds))
     return stats, skipped
 
+
+def collect_activation_ranges(
+    model: onnx.ModelProto, names: list[str], feeds: list[Feed], method: CalibMethod, qtype: QType, symmetric: bool
+) -> dict[str, tuple[float, float]]:
+    """The calibrated range of each activation tensor: one streaming pass for min/max, a second for histograms."""
+    hists = {n: RangeHistogram() for n in names}
+    passes = (1,) if method is CalibMethod.MINMAX else (1, 2)
+    for p in passes:
+        for values in stream_tensors(model, names, feeds):
+            for n in names:
+                x = np.asarray(values[n], dtype=np.float32)
+                hists[n].observe(x) if p == 1 else hists[n].accumulate(x)
+    return {n: h.choose(method, qtype, symmetric) for n, h in hists.items()}

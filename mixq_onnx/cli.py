@@ -15,6 +15,8 @@ import click
 from .config import (
     Budget,
     ForceBits,
+    Activations,
+    CalibMethod,
     LayerWeighting,
     Layout,
     Method,
@@ -23,6 +25,7 @@ from .config import (
     QuantConfig,
     Scheme,
     Sensitivity,
+    Target,
     Uniform,
 )
 from .errors import ConfigError, MixqError
@@ -43,9 +46,10 @@ def parse_size(text: str) -> int:
 
 def build_config(
     bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None, max_size: str | None,
-    weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
+    weighting: str, scheme: str | None, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
     sensitivity: str = "output", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
+    activations: str = "none", calib_method: str = "minmax", target: str = "generic",
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
@@ -66,7 +70,7 @@ def build_config(
         raise ConfigError(f"--candidate-bits expects a comma-separated list such as 2,4,8, got {candidate_bits!r}") from None
     return QuantConfig(
         search=search,
-        scheme=Scheme(scheme),
+        scheme=Scheme(scheme) if scheme else None,  # type: ignore[arg-type]
         layouts=tuple(Layout.parse(g) for g in (granularity or ("channel",))),
         candidate_bits=cands,
         storage_aware=not literal_bits,
@@ -79,6 +83,9 @@ def build_config(
         method=Method(method),
         search_with_method=search_with_method,
         bias_correction=bias_correction,
+        activations=Activations(activations),
+        calib_method=CalibMethod(calib_method),
+        target=Target(target),
     )
 
 
@@ -111,7 +118,7 @@ class _Progress:
 @click.option("--target-bits", type=float, help="Budget search: average stored bits per weight (scales and zero points included).")
 @click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
 @click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
-@click.option("--scheme", type=click.Choice([s.value for s in Scheme]), default="asymmetric", show_default=True, help="Asymmetric (unsigned + zero point) or symmetric (signed, narrow range, no zero point).")
+@click.option("--scheme", type=click.Choice([s.value for s in Scheme]), help="Weights: asymmetric (unsigned + zero point; the default) or symmetric (signed, narrow range, no zero point; the default for --target tensorrt).")
 @click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. Default channel.")
 @click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use.")
 @click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
@@ -123,6 +130,9 @@ class _Progress:
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq or adaround (both need --calib).")
 @click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see README).")
 @click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
+@click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime).")
+@click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib).")
+@click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data.")
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
 @click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
@@ -139,7 +149,7 @@ def main(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str,
-    method: str, search_with_method: bool, bias_correction: bool,
+    method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
 ) -> None:
@@ -162,7 +172,7 @@ def main(
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
                               candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
-                              method, search_with_method, bias_correction)
+                              method, search_with_method, bias_correction, activations, calib_method, target)
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:

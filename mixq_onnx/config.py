@@ -102,6 +102,33 @@ class Method(enum.Enum):
         return self in (Method.GPTQ, Method.ADAROUND)
 
 
+class Activations(enum.Enum):
+    """Static activation quantization (``--activations``): the integer type of activations, or none."""
+
+    NONE = "none"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16 = "int16"
+
+
+class CalibMethod(enum.Enum):
+    """How an activation's range is chosen from its calibration values (``--calib-method``)."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class Target(enum.Enum):
+    """The runtime the output is made for (``--target``); its rules live in :mod:`mixq_onnx.targets`."""
+
+    GENERIC = "generic"
+    ORT_CPU = "ort-cpu"
+    ORT_CUDA = "ort-cuda"
+    TENSORRT = "tensorrt"
+
+
 class LayerWeighting(enum.Enum):
     """How the budget search weighs each tensor's normalised error in the total."""
 
@@ -193,7 +220,8 @@ class QuantConfig:
 
     # Uniform 8 bits is the default: data-free mixing below 8 bits broke EfficientNet-Lite0 (docs/RESULTS.md).
     search: Search = field(default_factory=lambda: Uniform(8))
-    scheme: Scheme = Scheme.ASYMMETRIC
+    # None: the target's scheme (symmetric for TensorRT, else asymmetric).
+    scheme: Scheme = None  # type: ignore[assignment]
     layouts: tuple[Layout, ...] = (PER_CHANNEL,)
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     storage_aware: bool = True
@@ -208,8 +236,17 @@ class QuantConfig:
     # Measure every candidate with ``method`` instead of round-to-nearest (costlier; see README).
     search_with_method: bool = False
     bias_correction: bool = False
+    activations: Activations = Activations.NONE
+    calib_method: CalibMethod = CalibMethod.MINMAX
+    target: Target = Target.GENERIC
 
     def __post_init__(self) -> None:
+        from .targets import rules_for  # targets builds on these types
+
+        rules = rules_for(self.target)
+        if self.scheme is None:
+            object.__setattr__(self, "scheme", rules.default_scheme())
+        rules.check_config(self.scheme, self.allow_int2, self.activations)
         if not self.layouts:
             raise ConfigError("give at least one --granularity")
         if len(set(self.layouts)) != len(self.layouts):
@@ -250,6 +287,9 @@ class QuantConfig:
             "method": self.method.value,
             "search_with_method": self.search_with_method,
             "bias_correction": self.bias_correction,
+            "activations": self.activations.value,
+            "calib_method": self.calib_method.value,
+            "target": self.target.value,
         }
 
     def forced_bits(self, names: tuple[str, ...]) -> int | None:

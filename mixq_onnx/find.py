@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from .config import QuantConfig
-from .graph import GraphScope, iter_scopes, node_label, resolve
+from .graph import MAIN, GraphScope, iter_scopes, node_label, resolve
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,11 @@ class _Finder:
         pattern = self.config.kept_float((name,) + tuple(u.node for u, _, _ in uses))
         if pattern is not None:
             return skip(f"matches --keep-float {pattern!r}")
-        if params < self.config.min_elements and self.config.forced_bits((name,) + tuple(u.node for u, _, _ in uses)) is None:
+        # With activation quantization an integer kernel needs its weight quantized, however small.
+        integer = self.config.activations.value != "none" and scope.path == MAIN and all(
+            u.op_type in ("Conv", "MatMul", "Gemm") for u, _, _ in uses)
+        if (params < self.config.min_elements and not integer
+                and self.config.forced_bits((name,) + tuple(u.node for u, _, _ in uses)) is None):
             return skip(f"{params} elements is below --min-elements {self.config.min_elements}")
         channels = {c for _, c, _ in uses}
         reductions = {r for _, _, r in uses}

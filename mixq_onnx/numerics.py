@@ -51,6 +51,9 @@ QTYPES: dict[str, QType] = {
         QType("uint4", 4, False, np.dtype(ml_dtypes.uint4), 21),
         QType("int2", 2, True, np.dtype(ml_dtypes.int2), 25),
         QType("uint2", 2, False, np.dtype(ml_dtypes.uint2), 25),
+        # Activations only (--activations int16).
+        QType("int16", 16, True, np.dtype(np.int16), 21),
+        QType("uint16", 16, False, np.dtype(np.uint16), 21),
     )
 }
 QTYPE_BY_DTYPE: dict[np.dtype, QType] = {q.dtype: q for q in QTYPES.values()}
@@ -300,3 +303,23 @@ class Grid:
 
     def range_of(self, w: np.ndarray) -> GroupRange:
         return GroupRange.of(w, self.layout, self.axis)
+
+
+def activation_params(rmin: float, rmax: float, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor scale and zero point for an activation range, over the container's full range.
+
+    The range is widened to include 0 (zero padding and ReLU outputs must be
+    exact). Symmetric: zero point 0 and ``scale = max|r| / qmax``.
+    Asymmetric: ``[rmin, rmax]`` maps onto ``[qmin, qmax]``, so a ReLU output
+    (rmin = 0) gets zero point qmin and its Q saturates exactly like the ReLU.
+    """
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    if symmetric:
+        scale = max(-rmin, rmax) / qtype.qmax
+        zp = 0
+    else:
+        scale = (rmax - rmin) / (qtype.qmax - qtype.qmin)
+        zp = int(np.clip(qtype.qmin - np.rint(rmin / scale), qtype.qmin, qtype.qmax)) if scale > 0 else 0
+    tiny = float(np.finfo(np.float32).smallest_normal)
+    scale = scale if scale > tiny else 1.0
+    return np.array(scale, np.float32), np.array(zp, qtype.dtype)

@@ -17,17 +17,19 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from .calibrate import collect_input_stats, load_calibration
-from .config import Budget, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Uniform
+from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
+from .config import Activations, Budget, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import ConfigError, ModelError
 from .find import Inventory, find_weights, gather_index_bounds
-from .graph import default_opset
+from .graph import MAIN, default_opset
 from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
 from .layer_stats import InputStats
 from .measure import Capabilities, Progress, measure
-from .numerics import Grid, container_for, required_opset
+from .numerics import QTYPES, Grid, activation_params, container_for, required_opset
 from .report import Report, build_report
-from .rewrite import apply_plan, correct_biases, raise_opset
+from .placement import place_activations
+from .rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
+from .targets import TargetRules, restrict, rules_for
 from .rounding import Rounded, round_weight
 from .search import Decision, Plan, search
 from .verify import load_inputs, parse_input_shapes, random_inputs, verify
@@ -73,14 +75,17 @@ class QuantizeResult:
 def _needed_opset(config: QuantConfig) -> int:
     """The opset the most demanding candidate option would need."""
     sym = config.scheme is Scheme.SYMMETRIC
-    return max(
+    weights = max(
         required_opset(container_for(b, sym, config.allow_int2), lay) for b in _bits_to_measure(config) for lay in config.layouts
     )
+    return max(weights, ACTIVATION_QTYPES[config.activations].min_opset) if config.activations is not Activations.NONE else weights
 
 
 def _bits_to_measure(config: QuantConfig) -> tuple[int, ...]:
     """Uniform mode needs one width (plus any forced); searches need every candidate and the reference."""
     forced = tuple(f.bits for f in config.force_bits)
+    # A target may force 8 bits where the asked width is not allowed (see targets.restrict).
+    forced += (8,) if config.target is not Target.GENERIC or config.activations is not Activations.NONE else ()
     if isinstance(config.search, Uniform):
         return (config.search.bits,) + forced
     extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
@@ -112,6 +117,7 @@ def quantize(
     if not calibration:
         needs = [f"--method {config.method.value}"] if config.method.needs_calibration else []
         needs += ["--bias-correction"] if config.bias_correction else []
+        needs += [f"--activations {config.activations.value}"] if config.activations is not Activations.NONE else []
         if needs:
             raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see README, 'Calibration data')")
     path = None
@@ -139,11 +145,16 @@ def quantize(
     if not attempts:
         raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
     failure = ""
+    rules = rules_for(config.target)
+    acts = config.activations is not Activations.NONE
     for base, fallback_notes in attempts:
         inv = inventory if base is model else find_weights(base, config)
         caps = Capabilities(default_opset(base), config.allow_int2)
         stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration else ({}, {})
         tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress, stats)
+        tables, not_allowed = restrict(tables, rules, acts)
+        if not tables:
+            raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
         plan = search(tables, config)
         uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
         rounded = round_decisions(plan.decisions, config, stats)
@@ -154,6 +165,9 @@ def quantize(
             corrected = correct_biases(base, inv.weights, shifts)
             base, bias = corrected.model, corrected.outcome
         out = apply_plan(base, plan.decisions, [r.tensor for r in rounded], uses_int2)
+        activation_info = None
+        if acts:
+            out, activation_info = _quantize_activations(base, out, plan, rules, config, calibration)
         problem = _check(out)
         if problem:
             failure = f"{failure}; {problem}" if failure else problem
@@ -174,9 +188,38 @@ def quantize(
         fallbacks = sum(bool(r.note) for r in rounded)
         if fallbacks:
             all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
-        report = build_report(inv, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats, rounding)
+        inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
+        report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
+                              rounding, activation_info)
         return QuantizeResult(out, report, plan)
     raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
+
+
+ACTIVATION_QTYPES = {Activations.INT8: QTYPES["int8"], Activations.UINT8: QTYPES["uint8"], Activations.INT16: QTYPES["int16"]}
+
+
+def _quantize_activations(
+    base: onnx.ModelProto, out: onnx.ModelProto, plan: Plan, rules: TargetRules, config: QuantConfig,
+    calibration: list[dict[str, np.ndarray]],
+) -> tuple[onnx.ModelProto, dict]:
+    """Place Q/DQ pairs on activations, calibrate their ranges on the float model, and insert them into ``out``."""
+    weight_bits = {d.table.site.name: d.option.qtype.bits for d in plan.decisions if d.table.site.graph == MAIN}
+    placement = place_activations(base, rules, weight_bits)
+    qtype = ACTIVATION_QTYPES[config.activations]
+    sym = rules.symmetric_activations
+    ranges = collect_activation_ranges(base, placement.ranged, calibration, config.calib_method, qtype, sym)
+    pairs = [ActivationQDQ(s.tensor, None, None, s.share) if s.share
+             else ActivationQDQ(s.tensor, *activation_params(*ranges[s.tensor], qtype, sym)) for s in placement.sites]
+    info = {
+        "type": qtype.name, "symmetric": sym, "calib_method": config.calib_method.value,
+        "tensors": [{"name": s.tensor, "reason": s.reason, "shares": s.share or None,
+                     "range": list(ranges[s.share or s.tensor]),
+                     "scale": float(p.scale) if p.scale is not None else None,
+                     "zero_point": int(p.zero_point) if p.zero_point is not None else None}
+                    for s, p in zip(placement.sites, pairs)],
+        "float_nodes": [{"node": n, "reason": r} for n, r in placement.skipped],
+    }
+    return insert_activation_qdq(out, pairs), info
 
 
 def round_decisions(decisions: tuple[Decision, ...], config: QuantConfig, stats: dict[str, InputStats]) -> list[Rounded]:

@@ -46,6 +46,7 @@ class Report:
     totals: Totals
     verification: Verification | None = None
     notes: list[str] = field(default_factory=list)
+    activations: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,6 +77,7 @@ def build_report(
     notes: list[str],
     no_stats: dict[str, str] | None = None,
     rounding: dict[str, dict[str, Any]] | None = None,
+    activations: dict[str, Any] | None = None,
 ) -> Report:
     tensors = []
     params = float_bytes = qbytes = logical = 0
@@ -139,7 +141,7 @@ def build_report(
         logical / params if params else 0.0,
     )
     return Report(input_path, output_path, config, opset, {"mode": plan.summary.mode, **plan.summary.details},
-                  tensors, skipped, inventory.quant_ops, totals, None, notes)
+                  tensors, skipped, inventory.quant_ops, totals, None, notes, activations)
 
 
 def _size(n: float) -> str:

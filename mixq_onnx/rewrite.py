@@ -291,3 +291,72 @@ def _bias_slot(
     if int(np.prod(t.dims)) != channels or (t.dims and t.dims[-1] != channels):
         return f"bias '{name}' has shape {list(t.dims)}, not one value per output channel ({channels})"
     return _BiasSlot(reader, t, factor)
+
+
+@dataclass(frozen=True)
+class ActivationQDQ:
+    """A QuantizeLinear/DequantizeLinear pair for one activation tensor; ``share`` reuses another's parameters."""
+
+    tensor: str
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    share: str = ""
+
+
+def insert_activation_qdq(model: onnx.ModelProto, pairs: list[ActivationQDQ]) -> onnx.ModelProto:
+    """A copy of ``model`` where each tensor's main-graph readers see DequantizeLinear(QuantizeLinear(tensor)).
+
+    The tensor itself, and a graph output of that name, stay as they were;
+    the pair goes right after the tensor's producer (at the top for graph
+    inputs), so the node list stays topologically sorted.
+    """
+    out = copy.deepcopy(model)
+    graph = out.graph
+    namer = _Namer(all_names(out))
+    params: dict[str, tuple[str, str]] = {}
+    for p in sorted(pairs, key=lambda p: bool(p.share)):
+        if p.share:
+            params[p.tensor] = params[p.share]
+            continue
+        s = numpy_helper.from_array(p.scale, namer(f"{p.tensor}_act_scale"))
+        z = numpy_helper.from_array(p.zero_point, namer(f"{p.tensor}_act_zero_point"))
+        graph.initializer.extend([s, z])
+        params[p.tensor] = (s.name, z.name)
+    renamed: dict[str, str] = {}
+    made: dict[str, list[onnx.NodeProto]] = {}
+    graph_outputs = {o.name for o in graph.output}
+    produced_as: dict[str, str] = {}
+    for p in pairs:
+        s, z = params[p.tensor]
+        q, dq = namer(f"{p.tensor}_quantized"), namer(f"{p.tensor}_dequantized")
+        source = p.tensor
+        if p.tensor in graph_outputs:
+            # The producer writes a new name and the DequantizeLinear writes the output's own name.
+            source, dq = namer(f"{p.tensor}_float"), p.tensor
+            produced_as[p.tensor] = source
+        made[source] = [
+            helper.make_node("QuantizeLinear", [source, s, z], [q], name=namer(f"{p.tensor}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q, s, z], [dq], name=namer(f"{p.tensor}_DequantizeLinear")),
+        ]
+        if dq != p.tensor:
+            renamed[p.tensor] = dq
+    inputs = {i.name for i in graph.input}
+    new_nodes = [n for t in made if t in inputs for n in made[t]]
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in renamed:
+                n.input[k] = renamed[name]
+        for k, name in enumerate(n.output):
+            if name in produced_as:
+                n.output[k] = produced_as[name]
+        new_nodes.append(n)
+        for o in n.output:
+            new_nodes.extend(made.get(o, []))
+    # Pairs on initializer-free constants produced by nothing (none expected) would be lost; say so loudly.
+    placed = sum(len(v) for v in made.values())
+    if len(new_nodes) - len(graph.node) != placed:
+        raise RuntimeError("an activation Q/DQ pair had no producer to follow")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    log.info("inserted %d activation Q/DQ pairs", len(pairs))
+    return out

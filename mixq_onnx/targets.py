@@ -1,0 +1,135 @@
+"""What each runtime accepts and runs fast: one table of rules per ``--target``.
+
+The rules decide three things: which weight options the search may choose
+(:meth:`TargetRules.option_problem`), how activations are quantized and where
+their Q/DQ pairs go (the placement fields), and what ``mixq-onnx check``
+verifies in a finished model (:mod:`mixq_onnx.check` reads the same table).
+Sources, re-measured where a CPU can measure them: ``shared/runtime-facts.md``,
+ONNX Runtime's QDQ selectors and FAQ, and TensorRT's QDQ rules; see README,
+"Targets".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .config import Activations, Granularity, Scheme, Target
+from .errors import ConfigError
+from .find import Skipped, WeightSite
+from .measure import ErrorTable
+
+# Ops whose weight input a target may run as an integer (or fused low-bit) kernel.
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+GEMM_OPS = frozenset({"MatMul", "Gemm"})
+# Ops that carry quantization from one integer op to the next (ORT has QLinear* kernels or drops Q/DQ around them).
+JOIN_OPS = frozenset({"Add", "Concat"})
+POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
+# Data movement: the output keeps the input's scale and zero point, so ORT removes the Q/DQ around them.
+MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool"})
+# Activation functions folded into the preceding integer op when the Q range lies inside theirs.
+FOLD_OPS = frozenset({"Relu", "Clip"})
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """One runtime's rules."""
+
+    target: Target
+    scheme: Scheme | None  # the weight scheme the target requires, or None for any
+    allow_int2: bool
+    activation_types: frozenset[Activations]
+    symmetric_activations: bool
+    # True: Q/DQ on the inputs and outputs of integer ops (ORT's QDQ fusions need the output Q).
+    # False: on the inputs only (TensorRT fuses the rest itself).
+    quantize_outputs: bool
+    # Ops whose sub-byte (INT4/INT2) weights run fast: MatMulNBits on ORT, INT4 weight-only GEMM on TensorRT.
+    low_bit_ops: frozenset[str]
+    # Ops that must keep 8-bit per-channel/per-tensor weights to run as integer kernels with activations.
+    integer_ops: frozenset[str]
+    # Sub-byte weights elsewhere still run (weight-only, unfused), unless the op must be an integer kernel.
+    sub_byte_elsewhere: bool = True
+    why_no_activations: str = ""
+
+    def default_scheme(self) -> Scheme:
+        return self.scheme or Scheme.ASYMMETRIC
+
+    def check_config(self, scheme: Scheme, allow_int2: bool, activations: Activations) -> None:
+        """Reject options the target cannot run, with what to use instead."""
+        name = self.target.value
+        if self.scheme is not None and scheme is not self.scheme:
+            raise ConfigError(f"--target {name} needs --scheme {self.scheme.value} (it rejects zero points); drop --scheme")
+        if allow_int2 and not self.allow_int2:
+            raise ConfigError(f"--target {name} cannot run INT2 weights; drop --int2")
+        if activations is not Activations.NONE and activations not in self.activation_types:
+            allowed = ", ".join(sorted(a.value for a in self.activation_types)) or "none"
+            raise ConfigError(
+                f"--target {name} does not run {activations.value} activations ({self.why_no_activations or 'see README, Targets'}); "
+                f"use --activations {allowed}"
+            )
+
+    def option_problem(self, site: WeightSite, bits: int, granularity: Granularity, axis: int, activations: bool) -> str:
+        """Why this weight option breaks the target's rules, or '' if it is allowed."""
+        name = self.target.value
+        sub_byte = bits <= 4
+        for u in site.uses:
+            op = u.op_type
+            integer = activations and op in self.integer_ops
+            if sub_byte and op not in self.low_bit_ops and (integer or not self.sub_byte_elsewhere):
+                return f"{name}: {op} weights need 8 bits (sub-byte weights run fast only on {'/'.join(sorted(self.low_bit_ops))})"
+            if self.target is Target.TENSORRT:
+                if op not in CONV_OPS | GEMM_OPS | {"Gather"}:
+                    return f"tensorrt: its QDQ rules cover Conv, MatMul, Gemm and Gather weights, not {op}"
+                if sub_byte and (granularity is not Granularity.BLOCK or site.shape[-1] % 2):
+                    return "tensorrt: INT4 weights must be block-wise with an even last dimension"
+                if not sub_byte and granularity is Granularity.BLOCK:
+                    return "tensorrt: block-wise scales are for INT4 weights only"
+                if granularity is Granularity.CHANNEL and (op == "Gather" or op == "ConvTranspose" or axis != site.channel_axis):
+                    return f"tensorrt: per-channel scales on {op} weights are not on its output-channel axis"
+            if integer and not sub_byte and granularity is Granularity.BLOCK:
+                return f"{name}: integer {op} kernels need per-channel or per-tensor weight scales"
+        return ""
+
+
+RULES: dict[Target, TargetRules] = {
+    Target.GENERIC: TargetRules(
+        Target.GENERIC, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
+        frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN"}), frozenset(),
+    ),
+    Target.ORT_CPU: TargetRules(
+        Target.ORT_CPU, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
+        # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; other sub-byte DQs run unfused.
+        frozenset({"MatMul", "Gemm", "Gather"}), frozenset({"Conv", "MatMul", "Gemm"}),
+    ),
+    Target.ORT_CUDA: TargetRules(
+        Target.ORT_CUDA, None, False, frozenset(), False, True, frozenset({"MatMul", "Gemm"}), frozenset(),
+        sub_byte_elsewhere=False, why_no_activations="the CUDA EP has no integer Conv or QLinear kernels for QDQ activations; use --target tensorrt",
+    ),
+    Target.TENSORRT: TargetRules(
+        Target.TENSORRT, Scheme.SYMMETRIC, False, frozenset({Activations.INT8}), True, False,
+        frozenset({"MatMul", "Gemm"}), frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
+        sub_byte_elsewhere=False, why_no_activations="TensorRT quantizes activations to symmetric INT8 only",
+    ),
+}
+
+
+def rules_for(target: Target) -> TargetRules:
+    return RULES[target]
+
+
+def restrict(tables: list[ErrorTable], rules: TargetRules, activations: bool) -> tuple[list[ErrorTable], list[Skipped]]:
+    """Each table with only the options the target allows; a weight with none left stays float, with the reason."""
+    kept, dropped = [], []
+    for t in tables:
+        site = t.site
+        problems = {o: rules.option_problem(site, o.qtype.bits, o.layout.granularity, o.axis, activations) for o in t.options}
+        ok = tuple(o for o in t.options if not problems[o])
+        if ok:
+            kept.append(dataclasses.replace(t, options=ok))
+        else:
+            reason = next(iter(problems.values()), "no option measured")
+            dropped.append(Skipped(site.name, site.graph, site.shape, site.dtype, site.params, reason))
+    return kept, dropped
+
+
+__all__ = ["RULES", "TargetRules", "rules_for"]
