@@ -80,7 +80,9 @@ class RangeHistogram:
 
     def _entropy_threshold(self, qtype: QType, symmetric: bool) -> float:
         """Smallest-KL threshold on |x| (Migacz, TensorRT INT8 calibration, 2017)."""
-        hist = self.magnitude
+        hist = self.magnitude.copy()
+        # Exact zeros (ReLU outputs, padding) pile up in the first bin and would dominate the divergence.
+        hist[0] = hist[1]
         nonneg = self.lo >= 0 and not symmetric
         levels = (qtype.qmax - qtype.qmin + 1) // (1 if nonneg else 2)
         levels = min(levels, BINS)

@@ -29,7 +29,8 @@ from .config import (
     Uniform,
 )
 from .errors import ConfigError, MixqError
-from .io import check_output_path, write_text_atomic
+from .check import check_model
+from .io import check_output_path, load_model, write_text_atomic
 from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
 from .report import format_table
 
@@ -109,7 +110,55 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _QuantizeByDefault(click.Group):
+    """``mixq-onnx MODEL ...`` means ``mixq-onnx quantize MODEL ...``; ``mixq-onnx check ...`` is the checker."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["quantize", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_QuantizeByDefault, context_settings=CONTEXT)
+def main() -> None:
+    """mixq-onnx: quantize an ONNX model (the default command), or check one against a runtime's rules."""
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command("check", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice([t.value for t in Target]), required=True, help="The runtime whose rules to check.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; the exit code says it all.")
+def check(model: Path, target: str, quiet: bool) -> None:
+    """Check a QDQ MODEL statically against TARGET's rules: list every violation and exit 1 if there is any.
+
+    \b
+    Example:
+      mixq-onnx check model_q.onnx --target tensorrt
+    """
+    try:
+        violations = check_model(load_model(model).model, Target(target))
+    except MixqError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if not quiet:
+        for v in violations:
+            click.echo(str(v))
+        click.echo(f"{model}: {len(violations)} violation(s) of the {target} rules" if violations else f"{model}: follows the {target} rules")
+    sys.exit(1 if violations else 0)
+
+
+@main.command("quantize", context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the quantized model (required unless --plan).")
 @click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight, no search. This is the default, at 8 bits, when no search option is given.")
@@ -145,7 +194,7 @@ class _Progress:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
-def main(
+def quantize(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str,
@@ -161,12 +210,10 @@ def main(
       mixq-onnx model.onnx -o model_q.onnx --qem 1          # MixQuant rule
       mixq-onnx model.onnx -o model_q.onnx --target-bits 5  # best error at 5 bits/weight
       mixq-onnx model.onnx --plan                           # show the plan only
+      mixq-onnx model.onnx -o q.onnx --target ort-cpu --activations uint8 --calib calib.npz
+      mixq-onnx check q.onnx --target ort-cpu               # check a model against a runtime's rules
     """
-    logging.basicConfig(
-        level=logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(quiet, verbose)
     try:
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")

@@ -245,7 +245,7 @@ class QuantConfig:
 
         rules = rules_for(self.target)
         if self.scheme is None:
-            object.__setattr__(self, "scheme", rules.default_scheme())
+            object.__setattr__(self, "scheme", rules.default_scheme(self.activations))
         rules.check_config(self.scheme, self.allow_int2, self.activations)
         if not self.layouts:
             raise ConfigError("give at least one --granularity")

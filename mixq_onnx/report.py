@@ -184,6 +184,10 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         lines.append(f"opset: {report.opset['note']}")
     for n in report.notes:
         lines.append(f"note: {n}")
+    if report.activations:
+        a = report.activations
+        lines.append(f"activations: {len(a['tensors'])} tensors quantized to {a['type']} ({a['calib_method']} ranges); "
+                     f"{len(a['float_nodes'])} integer-capable nodes left in float (see --report)")
     v = report.verification
     if v is not None:
         lines.append("")
@@ -195,4 +199,7 @@ def format_table(report: Report, max_rows: int = 0) -> str:
                     f"  {run.setting}: {o.name}: max|d| {o.max_abs:.3g}, mean|d| {o.mean_abs:.3g}, "
                     f"cosine {o.cosine:.5f}, SQNR {o.sqnr_db:.1f} dB{top1}"
                 )
+        ran = [p.name for p in v.providers if p.ran]
+        skipped = [f"{p.name} ({p.detail})" for p in v.providers if not p.ran]
+        lines.append(f"  ran on: {', '.join(ran)}" + (f"; not run: {', '.join(skipped)}" if skipped else ""))
     return "\n".join(lines)

@@ -126,13 +126,22 @@ class _Namer:
         return name
 
 
-def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Tensors and nodes that recompute weight ``d`` under its original name."""
+def _nodes_for(
+    d: Decision, qt: QuantizedTensor, namer: _Namer, zero_point_ops: frozenset[str] = frozenset()
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Tensors and nodes that recompute weight ``d`` under its original name.
+
+    A symmetric weight read by an op in ``zero_point_ops`` gets an explicit
+    all-zero zero point: ONNX Runtime fuses DQ->Gemm into QGemm only then.
+    """
     site = d.table.site
     base = site.name
     tensors = [numpy_helper.from_array(qt.values, namer(f"{base}_quantized")), numpy_helper.from_array(qt.scale, namer(f"{base}_scale"))]
-    if qt.zero_point is not None:
-        tensors.append(numpy_helper.from_array(qt.zero_point, namer(f"{base}_zero_point")))
+    zp = qt.zero_point
+    if zp is None and any(u.op_type in zero_point_ops for u in site.uses):
+        zp = np.zeros(qt.scale.shape, qt.qtype.dtype)
+    if zp is not None:
+        tensors.append(numpy_helper.from_array(zp, namer(f"{base}_zero_point")))
     attrs: dict[str, int] = {}
     if qt.layout.granularity.value != "tensor":
         attrs["axis"] = qt.axis
@@ -148,7 +157,8 @@ def _nodes_for(d: Decision, qt: QuantizedTensor, namer: _Namer) -> tuple[list[on
 
 
 def apply_plan(
-    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: list[QuantizedTensor], uses_int2: bool
+    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: list[QuantizedTensor], uses_int2: bool,
+    zero_point_ops: frozenset[str] = frozenset(),
 ) -> onnx.ModelProto:
     """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``."""
     out = copy.deepcopy(model)
@@ -171,7 +181,7 @@ def apply_plan(
         replaced_inits: dict[int, list[onnx.TensorProto]] = {}
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
         for d, qt in ds:
-            tensors, nodes = _nodes_for(d, qt, namer)
+            tensors, nodes = _nodes_for(d, qt, namer, zero_point_ops)
             if d.table.site.source is Source.INITIALIZER:
                 replaced_inits[inits[d.table.site.name]] = tensors
                 front.extend(nodes)

@@ -50,15 +50,22 @@ class TargetRules:
     # Sub-byte weights elsewhere still run (weight-only, unfused), unless the op must be an integer kernel.
     sub_byte_elsewhere: bool = True
     why_no_activations: str = ""
+    # The weight scheme integer kernels need when activations are quantized, if the target has one.
+    integer_scheme: Scheme | None = None
 
-    def default_scheme(self) -> Scheme:
-        return self.scheme or Scheme.ASYMMETRIC
+    def required_scheme(self, activations: Activations) -> Scheme | None:
+        return self.scheme or (self.integer_scheme if activations is not Activations.NONE else None)
+
+    def default_scheme(self, activations: Activations) -> Scheme:
+        return self.required_scheme(activations) or Scheme.ASYMMETRIC
 
     def check_config(self, scheme: Scheme, allow_int2: bool, activations: Activations) -> None:
         """Reject options the target cannot run, with what to use instead."""
         name = self.target.value
-        if self.scheme is not None and scheme is not self.scheme:
-            raise ConfigError(f"--target {name} needs --scheme {self.scheme.value} (it rejects zero points); drop --scheme")
+        need = self.required_scheme(activations)
+        if need is not None and scheme is not need:
+            why = "it rejects zero points" if self.scheme else "its integer kernels take a slow path for weights with zero points"
+            raise ConfigError(f"--target {name} with --activations {activations.value} needs --scheme {need.value} ({why}); drop --scheme")
         if allow_int2 and not self.allow_int2:
             raise ConfigError(f"--target {name} cannot run INT2 weights; drop --int2")
         if activations is not Activations.NONE and activations not in self.activation_types:
@@ -100,6 +107,8 @@ RULES: dict[Target, TargetRules] = {
         Target.ORT_CPU, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
         # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; other sub-byte DQs run unfused.
         frozenset({"MatMul", "Gemm", "Gather"}), frozenset({"Conv", "MatMul", "Gemm"}),
+        # Measured: EfficientNet-Lite0 with uint8 per-channel weights + zero points ran 56x slower than int8 symmetric.
+        integer_scheme=Scheme.SYMMETRIC,
     ),
     Target.ORT_CUDA: TargetRules(
         Target.ORT_CUDA, None, False, frozenset(), False, True, frozenset({"MatMul", "Gemm"}), frozenset(),

@@ -41,11 +41,25 @@ class RunComparison:
 
 
 @dataclass(frozen=True)
+class ProviderStatus:
+    """Whether the quantized model ran on one execution provider of this machine."""
+
+    name: str
+    ran: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Verification:
     inputs: str
     samples: int
     provider: str
     runs: tuple[RunComparison, ...]
+    providers: tuple[ProviderStatus, ...] = ()
+
+
+# Execution providers the quantized model is also run on when this machine's onnxruntime has them.
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 # The settings users get: exact math, and ORT's default full optimisation in
@@ -71,14 +85,17 @@ def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _session(model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None) -> ort.InferenceSession:
+def _session(
+    model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = "CPUExecutionProvider"
+) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 3
     if accuracy is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy)
     src = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(src, so, providers=providers)
 
 
 def random_inputs(
@@ -158,12 +175,24 @@ def verify(
         refs = [ref_sess.run(None, f) for f in feeds]
     except Exception as exc:
         raise ConfigError(f"the float model does not run on the verification inputs ({str(exc).splitlines()[0][:200]}); pass --input-shape or --inputs") from exc
-    for label, level, acc in SETTINGS:
+    available = ort.get_available_providers()
+    settings = list(SETTINGS) + [(f"{p} (ORT_ENABLE_ALL)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None) for p in GPU_PROVIDERS
+                                 if p in available]
+    statuses = [ProviderStatus("CPUExecutionProvider", True)]
+    for label, level, acc in settings:
+        provider = label.split(" ")[0] if label.split(" ")[0] in GPU_PROVIDERS else "CPUExecutionProvider"
         try:
-            sess = _session(quant_model, level, acc)
+            sess = _session(quant_model, level, acc, provider)
+            if provider not in sess.get_providers():
+                raise RuntimeError(f"{provider} did not load")
             outs = [sess.run(None, f) for f in feeds]
         except Exception as exc:
+            if provider != "CPUExecutionProvider":
+                statuses.append(ProviderStatus(provider, False, str(exc).splitlines()[0][:300]))
+                continue
             raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label}: {str(exc).splitlines()[0][:300]}") from exc
+        if provider != "CPUExecutionProvider":
+            statuses.append(ProviderStatus(provider, True))
         comps = []
         for k, name in enumerate(names):
             ref = np.concatenate([np.asarray(r[k]).reshape(1, -1) if np.asarray(r[k]).ndim == 0 else np.asarray(r[k]) for r in refs])
@@ -172,4 +201,5 @@ def verify(
         runs.append(RunComparison(label, tuple(comps)))
     # Samples = rows of the batch axis across all runs (an .npz holds many in one run).
     samples = sum(int(np.asarray(f[wanted[0]]).shape[0]) if np.asarray(f[wanted[0]]).ndim else 1 for f in feeds) if wanted else len(feeds)
-    return Verification(source, samples, "CPUExecutionProvider", tuple(runs))
+    statuses += [ProviderStatus(p, False, "not available in this onnxruntime build") for p in GPU_PROVIDERS if p not in available]
+    return Verification(source, samples, "CPUExecutionProvider", tuple(runs), tuple(statuses))

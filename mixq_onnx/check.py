@@ -1,0 +1,196 @@
+"""``mixq-onnx check``: validate a QDQ model against a target's rules, statically (graph layer).
+
+Every QuantizeLinear and DequantizeLinear in the main graph is read with its
+dtype, zero point, scale, axis and block size, and with the ops that read its
+output; each broken rule becomes a :class:`Violation` naming the node. The
+rules are those of :mod:`mixq_onnx.targets` (see README, "Targets").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .config import Target
+from .graph import default_opset, node_label
+
+# ONNX Runtime 1.32 has no DequantizeLinear kernel for opset 28 or for FLOAT4E2M1 (shared/runtime-facts.md).
+ORT_MAX_DQ_OPSET = 27
+TRT_TYPES = {"INT8", "INT4", "FLOAT8E4M3FN"}
+SUB_BYTE = {"INT4", "UINT4", "INT2", "UINT2"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.message} [{self.rule}]"
+
+
+@dataclass(frozen=True)
+class _QNode:
+    """One Q or DQ node as the rules see it."""
+
+    node: onnx.NodeProto
+    label: str
+    dtype: str  # the integer type's name, e.g. INT8
+    zero_point: np.ndarray | None
+    scale: np.ndarray | None  # None when not a constant
+    axis: int | None  # set when the scale has more than one element
+    block_size: int
+    data_is_const: bool
+    shape: tuple[int, ...]  # of the data input when it is a constant
+    readers: list[tuple[onnx.NodeProto, int]]
+
+
+def _consts(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = n.attribute[0].t
+    return out
+
+
+def _qnodes(model: onnx.ModelProto) -> list[_QNode]:
+    g = model.graph
+    consts = _consts(g)
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            readers.setdefault(i, []).append((n, k))
+    out = []
+    for idx, n in enumerate(g.node):
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        zp_t = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        sc_t = consts.get(n.input[1])
+        if n.op_type == "DequantizeLinear":
+            data = consts.get(n.input[0])
+            dtype_id = data.data_type if data is not None else (zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8)
+        else:
+            dtype_id = zp_t.data_type if zp_t is not None else attrs.get("output_dtype") or onnx.TensorProto.UINT8
+        scale = numpy_helper.to_array(sc_t).astype(np.float64) if sc_t is not None else None
+        out.append(_QNode(
+            n, node_label(n, idx), onnx.TensorProto.DataType.Name(dtype_id),
+            numpy_helper.to_array(zp_t).astype(np.int64) if zp_t is not None else None,
+            scale, int(attrs.get("axis", 1)) if scale is not None and scale.size > 1 else None,
+            int(attrs.get("block_size", 0)), n.input[0] in consts,
+            tuple(consts[n.input[0]].dims) if n.input[0] in consts else (), readers.get(n.output[0], []),
+        ))
+    return out
+
+
+def _weight_axis(reader: onnx.NodeProto, slot: int, rank: int) -> int | None:
+    """The output-channel axis of a weight input, as TensorRT wants per-channel scales on it."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in reader.attribute}
+    if reader.op_type == "Conv" and slot == 1:
+        return 0
+    if reader.op_type == "MatMul" and slot == 1:
+        return rank - 1
+    if reader.op_type == "Gemm" and slot == 1:
+        return 0 if attrs.get("transB", 0) else 1
+    return None
+
+
+def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
+    """Every way ``model`` breaks ``target``'s rules; empty when it follows them."""
+    found: list[Violation] = []
+    opset = default_opset(model)
+    qnodes = _qnodes(model)
+    produced_by_dq = {q.node.output[0] for q in qnodes if q.node.op_type == "DequantizeLinear" and not q.data_is_const}
+    activation_q = [q for q in qnodes if q.node.op_type == "QuantizeLinear"]
+
+    def bad(q: _QNode, rule: str, message: str) -> None:
+        found.append(Violation(q.label, rule, message))
+
+    for q in qnodes:
+        if q.scale is not None and (not np.all(np.isfinite(q.scale)) or np.any(q.scale <= 0)):
+            bad(q, "positive-scale", "scales must be finite and greater than 0")
+        if q.scale is None and target is Target.TENSORRT:
+            bad(q, "constant-scale", "TensorRT needs constant scales")
+        if target is not Target.TENSORRT:
+            if q.node.op_type == "DequantizeLinear" and opset > ORT_MAX_DQ_OPSET:
+                bad(q, "dq-opset", f"ONNX Runtime has no DequantizeLinear kernel at opset {opset}; use opset 27 or lower")
+            if q.dtype.startswith("FLOAT4"):
+                bad(q, "dq-dtype", f"ONNX Runtime has no DequantizeLinear kernel for {q.dtype}")
+        if target is Target.TENSORRT:
+            _tensorrt(q, produced_by_dq, bad)
+        elif target is Target.ORT_CUDA:
+            if q.node.op_type == "QuantizeLinear":
+                bad(q, "cuda-activations", "the CUDA EP runs activation Q/DQ unfused (no integer Conv/MatMul kernels); quantize weights only")
+            elif q.dtype in SUB_BYTE and any(r.op_type not in ("MatMul", "Gemm") for r, _ in q.readers):
+                bad(q, "cuda-sub-byte", f"{q.dtype} weights run fast on the CUDA EP only as MatMulNBits (MatMul/Gemm)")
+            elif q.dtype in ("INT2", "UINT2"):
+                bad(q, "cuda-int2", "INT2 weights have no CUDA kernel")
+        elif target is Target.ORT_CPU:
+            _ort_cpu(q, produced_by_dq, bool(activation_q), bad)
+    if target is Target.ORT_CPU and activation_q:
+        weight_dq = {q.node.output[0] for q in qnodes if q.node.op_type == "DequantizeLinear" and q.data_is_const}
+        _ort_cpu_unfused(model, produced_by_dq, weight_dq, found)
+    return found
+
+
+def _tensorrt(q: _QNode, produced_by_dq: set[str], bad) -> None:
+    if q.dtype not in TRT_TYPES:
+        bad(q, "trt-dtype", f"{q.dtype} Q/DQ is rejected by TensorRT; use INT8 (or INT4 weight-only)")
+    if q.zero_point is not None and np.any(q.zero_point != 0):
+        bad(q, "trt-symmetric", "TensorRT quantization is symmetric: zero points must be 0")
+    if q.axis is not None:
+        if not q.data_is_const:
+            bad(q, "trt-per-channel-activation", "per-channel scales apply to weights only")
+        elif q.block_size == 0:
+            for r, slot in q.readers:
+                want = _weight_axis(r, slot, len(q.shape))
+                if want is None or q.axis % max(len(q.shape), 1) != want:
+                    bad(q, "trt-weight-axis", f"per-channel axis {q.axis} is not the output-channel axis of {r.op_type} {r.name}")
+    if q.dtype == "INT4" or q.block_size:
+        if q.dtype != "INT4" or not q.block_size:
+            bad(q, "trt-int4-blockwise", "INT4 is weight-only block-wise, and block-wise scales are INT4 only")
+        for r, slot in q.readers:
+            if r.op_type not in ("MatMul", "Gemm"):
+                bad(q, "trt-int4-gemm", f"INT4 weights must feed MatMul/Gemm, not {r.op_type}")
+            elif any(i in produced_by_dq for k, i in enumerate(r.input[:2]) if k != slot):
+                bad(q, "trt-int4-weight-only", f"INT4 {r.op_type} must be weight-only (its activation input is quantized)")
+        if q.shape and q.shape[-1] % 2:
+            bad(q, "trt-int4-even", "INT4 weights need an even last dimension")
+
+
+def _ort_cpu(q: _QNode, produced_by_dq: set[str], has_activations: bool, bad) -> None:
+    if q.node.op_type != "DequantizeLinear" or not q.data_is_const:
+        return
+    for r, slot in q.readers:
+        if r.op_type == "MatMul" and q.dtype in SUB_BYTE and q.block_size and q.axis == len(q.shape) - 1:
+            bad(q, "ort-nbits-axis", "blocks along N are not fused into MatMulNBits; block along K (axis 0 of [K,N])")
+        if r.op_type in ("MatMul", "Gemm") and q.block_size and not 16 <= q.block_size <= 256:
+            bad(q, "ort-nbits-block", f"block size {q.block_size} is outside MatMulNBits' 16..256")
+        if has_activations and r.op_type == "Conv" and slot == 1 and any(i in produced_by_dq for i in r.input[:1]):
+            if q.dtype != "INT8":
+                bad(q, "ort-qlinearconv-weight",
+                    f"{q.dtype} Conv weights with quantized activations run slowly or unfused; use INT8 symmetric")
+
+
+def _ort_cpu_unfused(model: onnx.ModelProto, produced_by_dq: set[str], weight_dq: set[str], found: list[Violation]) -> None:
+    """A Conv whose inputs are all dequantized must end in a QuantizeLinear (through Relu/Clip) to fuse."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for idx, n in enumerate(model.graph.node):
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[0] not in produced_by_dq or n.input[1] not in weight_dq:
+            continue
+        out = n.output[0]
+        while len(readers.get(out, [])) == 1 and readers[out][0].op_type in ("Relu", "Clip"):
+            out = readers[out][0].output[0]
+        if not readers.get(out) or any(r.op_type != "QuantizeLinear" for r in readers[out]):
+            found.append(Violation(node_label(n, idx), "ort-qlinearconv-output",
+                                   "quantized Conv without a QuantizeLinear after it does not fuse into QLinearConv"))
+
+
+__all__ = ["Violation", "check_model"]
