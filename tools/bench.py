@@ -205,7 +205,7 @@ def op_counts(path: Path) -> str:
     with_opt.unlink()
     counts: dict[str, int] = {}
     for n in m.graph.node:
-        if any(s in n.op_type.lower() for s in ("quant", "integer", "nbits", "qlinear")):
+        if n.op_type.startswith("Q") or any(s in n.op_type.lower() for s in ("quant", "integer", "nbits")):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
