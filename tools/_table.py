@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,3 +50,12 @@ def marked_sections(path: Path) -> str:
     blocks = re.findall(r"<!-- (\S+):start -->.*?<!-- \1:end -->", path.read_text(), flags=re.S)
     text = path.read_text()
     return "\n\n".join(text[text.index(_markers(k)[0]) : text.index(_markers(k)[1]) + len(_markers(k)[1])] for k in blocks)
+
+
+def bench_arguments(description: str, root: Path) -> argparse.ArgumentParser:
+    """The options every real-model benchmark takes: which cases, the model cache and where docs go."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--cases", default="digits,efficientnet,minilm")
+    ap.add_argument("--cache", type=Path, default=root / ".cache" / "bench")
+    ap.add_argument("--out", type=Path, default=root / "docs")
+    return ap

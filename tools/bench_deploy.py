@@ -14,7 +14,6 @@ replaces the one between the ``deployment`` markers in docs/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import markdown_table, replace_section  # noqa: E402
+from _table import bench_arguments, markdown_table, replace_section  # noqa: E402
 from bench import op_counts, outputs  # noqa: E402
 from bench_rounding import write_calib_folder  # noqa: E402
 
@@ -152,11 +151,8 @@ def run_case(case, work: Path, runs: int, log) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="digits,efficientnet,minilm")
+    ap = bench_arguments(__doc__.splitlines()[0], ROOT)
     ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args()
     import onnxruntime
     from bench_cases import CASES

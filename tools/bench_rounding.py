@@ -15,7 +15,6 @@ docs/RESULTS.md; tools/bench.py keeps it when it rewrites the rest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import markdown_table, replace_section  # noqa: E402
+from _table import bench_arguments, markdown_table, replace_section  # noqa: E402
 from bench import BUDGET_OPTS, outputs, run_measured  # noqa: E402
 
 METHODS = ("rtn", "mse", "gptq", "adaround")
@@ -38,38 +37,30 @@ CALIB = {"digits": 256, "efficientnet": 64, "minilm": 128}
 MEMORY_SAMPLES = 256
 
 
-def write_calib_folder(feeds: list[dict[str, np.ndarray]], folder: Path) -> Path:
-    """One .npz per sample; token inputs are cut to their attention mask, so no sample is padded."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.npz"):
-        old.unlink()
-    k = 0
+def unpadded_samples(feeds: list[dict[str, np.ndarray]]):
+    """Each sample of each batch on its own, token inputs cut to their attention mask."""
     for feed in feeds:
-        n = len(next(iter(feed.values())))
-        for j in range(n):
+        for j in range(len(next(iter(feed.values())))):
             sample = {name: a[j : j + 1] for name, a in feed.items()}
             if "attention_mask" in sample:
                 length = int(sample["attention_mask"].sum())
                 sample = {name: a[:, :length] for name, a in sample.items()}
-            np.savez(folder / f"{k:05d}.npz", **sample)
-            k += 1
+            yield sample
+
+
+def write_calib_folder(feeds: list[dict[str, np.ndarray]], folder: Path) -> Path:
+    """One .npz per sample, so no sample is padded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):
+        old.unlink()
+    for k, sample in enumerate(unpadded_samples(feeds)):
+        np.savez(folder / f"{k:05d}.npz", **sample)
     return folder
 
 
 def write_ort_calib(feeds: list[dict[str, np.ndarray]], path: Path) -> Path:
     """tools/bench.py's format for ONNX Runtime's reader: one batch per sample, keys 'index:input'."""
-    arrays = {}
-    k = 0
-    for feed in feeds:
-        n = len(next(iter(feed.values())))
-        for j in range(n):
-            sample = {name: a[j : j + 1] for name, a in feed.items()}
-            if "attention_mask" in sample:
-                length = int(sample["attention_mask"].sum())
-                sample = {name: a[:, :length] for name, a in sample.items()}
-            arrays.update({f"{k}:{name}": a for name, a in sample.items()})
-            k += 1
-    np.savez(path, **arrays)
+    np.savez(path, **{f"{k}:{name}": a for k, sample in enumerate(unpadded_samples(feeds)) for name, a in sample.items()})
     return path
 
 
@@ -149,10 +140,7 @@ def memory_case(case, work: Path, log) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="digits,efficientnet,minilm")
-    ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap = bench_arguments(__doc__.splitlines()[0], ROOT)
     args = ap.parse_args()
     import onnxruntime
     from bench_cases import CASES, efficientnet, minilm
