@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .config import QuantConfig
+from .config import Activations, QuantConfig
 from .graph import MAIN, GraphScope, iter_scopes, node_label, resolve
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class _Finder:
         if pattern is not None:
             return skip(f"matches --keep-float {pattern!r}")
         # With activation quantization an integer kernel needs its weight quantized, however small.
-        integer = self.config.activations.value != "none" and scope.path == MAIN and all(
+        integer = self.config.activations is not Activations.NONE and scope.path == MAIN and all(
             u.op_type in ("Conv", "MatMul", "Gemm") for u, _, _ in uses)
         if (params < self.config.min_elements and not integer
                 and self.config.forced_bits((name,) + tuple(u.node for u, _, _ in uses)) is None):

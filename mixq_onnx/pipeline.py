@@ -158,18 +158,19 @@ def quantize(
         plan = search(tables, config)
         uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
         rounded = round_decisions(plan.decisions, config, stats)
-        bias = {}
+        bias: dict[str, str] = {}
+        source = base  # the float model the rewrite starts from: with corrected biases if asked
         if config.bias_correction:
             shifts = {d.table.site.name: stats[d.table.site.name].output_shift(_error(d, r)) for d, r in zip(plan.decisions, rounded)
                       if d.table.site.name in stats}
             corrected = correct_biases(base, inv.weights, shifts)
-            base, bias = corrected.model, corrected.outcome
+            source, bias = corrected.model, corrected.outcome
         # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
         zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-        out = apply_plan(base, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops)
+        out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops)
         activation_info = None
         if acts:
-            out, activation_info = _quantize_activations(base, out, plan, rules, config, calibration)
+            out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)
         problem = _check(out)
         if problem:
             failure = f"{failure}; {problem}" if failure else problem

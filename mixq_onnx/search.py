@@ -84,7 +84,11 @@ def search(tables: list[ErrorTable], config: QuantConfig) -> Plan:
     free = [t for t in tables if t.site not in forced]
     s = config.search
     if isinstance(s, Uniform):
-        chosen = [Decision(t, _first_layout_option(t, s.bits), f"uniform --bits {s.bits}") for t in free]
+        chosen = []
+        for t in free:
+            o = _first_layout_option(t, s.bits)
+            why = f"uniform --bits {s.bits}" if o.bits == s.bits else f"--target {config.target.value} does not allow {s.bits} bits here"
+            chosen.append(Decision(t, o, why))
         summary = SearchSummary("uniform", {"bits": s.bits})
     elif isinstance(s, MixQuantRule):
         chosen, summary = _mixquant(free, config, s)

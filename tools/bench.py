@@ -481,8 +481,8 @@ def discussion(summary: dict, latency: dict, probes: dict) -> str:
             "the rule sends exactly the fragile layers to 4 bits first: at qem 0.5 and 1 it keeps most bytes at 8 bits "
             f"and still reaches only {m('efficientnet', 'MixQuant qem 0.5'):.4f} and {m('efficientnet', 'MixQuant qem 1'):.4f} "
             f"top-1 agreement, below uniform 8 ({m('efficientnet', 'uniform 8 (default)'):.4f}). Storage-aware widths make "
-            "the rule a binary 4-or-8 choice, so it cannot take small steps. Data-aware (output) sensitivity is the fix; "
-            "it is separate work.\n")
+            "the rule a binary 4-or-8 choice, so it cannot take small steps. Data-aware (output) sensitivity is the fix: "
+            "see the output-sensitivity rows and the rounding section.\n")
     if {"efficientnet", "minilm", "digits"} <= set(summary):
         e, n, d = "efficientnet", "minilm", "digits"
         parts.append(
@@ -537,7 +537,7 @@ def discussion(summary: dict, latency: dict, probes: dict) -> str:
             f"{latency[n]['uniform 4'][0]:.2f}x for 4-bit MiniLM (the whole 4-bit embedding table is dequantized per "
             "call). Setting the session option `session.disable_quant_qdq=1` makes ONNX Runtime fold the weight DQ back "
             f"to float at load time: {latency[e]['uniform 8 (default)'][1]:.2f}x and {latency[n]['uniform 4'][1]:.2f}x fp32 "
-            "latency, with the small file on disk. Real speed-ups need activation quantization (separate work).\n")
+            "latency, with the small file on disk. Real speed-ups need activation quantization: see the deployment section (tools/bench_deploy.py).\n")
     return "\n".join(parts) if len(parts) > 1 else ""
 
 

@@ -124,6 +124,10 @@ def run(folder: Path, out: Path) -> None:
         feeds, refs = _feeds(dict(np.load(folder / f"{entry['case']}_io.npz")))
         for provider in PROVIDERS:
             row = {**entry, "provider": provider}
+            if provider not in results["available"]:
+                row["error"] = "not available in this onnxruntime build"
+                results["rows"].append(row)
+                continue
             try:
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
