@@ -508,8 +508,8 @@ def discussion(summary: dict, latency: dict, probes: dict) -> str:
             f"{m(n, 'MixQuant qem 0.5'):.4f} mean cosine) and equal for the budget search at 6 and 5 bits "
             f"({m(n, 'budget 6 bits' + c):.4f} vs {m(n, 'budget 6 bits'):.4f}): the 32 calibration sentences are padded "
             "to one length, padded positions enter the statistics, and the rule's median reference shifts with the "
-            "measure. Statistics collection dominates the time of these runs (see the tables). End-to-end sensitivity "
-            "and data-aware rounding (GPTQ, AdaRound) are the next steps.\n")
+            "measure. Statistics collection dominates the time of these runs (see the tables). Data-aware rounding "
+            "(GPTQ, AdaRound) is compared in the rounding section (tools/bench_rounding.py).\n")
         parts.append(
             "**Layer weighting.** Weighting each tensor's normalised error by its parameter count destroys "
             f"EfficientNet-Lite0 at 4 bits (top-1 agreement {m(e, 'budget 4 bits, params weighting'):.4f}, against "
