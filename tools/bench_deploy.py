@@ -126,21 +126,21 @@ def run_case(case, work: Path, runs: int, log) -> str:
         paths[label] = out
         log(f"  quantized {label} in {rows_meta[label][0]:.1f} s")
     lat = latencies(paths, case.eval_feeds[0], runs)
-    rows = []
+    rows, mms = [], []
     for label, path in paths.items():
         scores = case.score(ref, outputs(path, case.eval_feeds))
         ops = op_time(path, case.eval_feeds[0])
         mm = sum(v for k, v in ops.items() if k in MATMUL_OPS)
         model = onnx.load(str(path))
         checks = {t.value: len(check_model(model, t)) for t in Target}
+        mms.append(mm)
         rows.append([label, f"{path.stat().st_size / 1e6:.2f}", *(f"{v:.4f}" for v in scores.values()), f"{lat[label]:.3f}",
-                     f"{lat['fp32'] / lat[label]:.2f}x", f"{mm:.3f}", "" if label == "fp32" else op_counts(path),
+                     f"{lat['fp32'] / lat[label]:.2f}x", "", "" if label == "fp32" else op_counts(path),
                      " ".join(f"{k}:{v}" for k, v in checks.items()) if label != "fp32" else ""])
-        if label == "fp32":
-            fp32_mm = mm
         log(f"  {label}: {case.metric_name} {scores[case.metric_name]:.4f}, {lat[label]:.2f} ms ({lat['fp32'] / lat[label]:.2f}x)")
-    for r in rows:
-        r[6] = f"{r[6]} ({fp32_mm / float(r[6]):.2f}x)" if float(r[6]) > 0 else r[6]
+    col = len(rows[0]) - 3  # the MatMul/Gemm column
+    for r, mm in zip(rows, mms):
+        r[col] = f"{mm:.3f} ({mms[0] / mm:.2f}x)" if mm > 0 else f"{mm:.3f}"
     head = ["model", "MB", *case.score(ref, ref), "latency ms", "speed-up vs fp32", "MatMul/Gemm ms (speed-up)",
             "quantized ops after ORT optimisation", "check violations per target"]
     cmds = "\n".join(f"- {label}: `mixq-onnx MODEL -o OUT {' '.join(a if a != str(calib) else 'CALIB_DIR' for a in args)}`"
