@@ -108,6 +108,10 @@ def _fold_weights(src: Path, dst: Path) -> None:
             keep.append(n)
     del m.graph.node[:]
     m.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input} | {o.name for o in m.graph.output}
+    live = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(live)
     onnx.save(m, str(dst))
 
 
