@@ -141,7 +141,7 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
                 changed |= any([add(x, f"input of {op} {label}") for x in data])
                 changed |= add(out, f"output of {op} {label}")
     # Data movement keeps values, so its output reuses the input's parameters and ORT drops the pair around it.
-    for i, n in enumerate(g.node):
+    for n in g.node:
         if n.op_type in MOVE_OPS and n.input and n.output and n.input[0] in chosen and n.output[0] in chosen:
             site = chosen[n.output[0]]
             if not site.share and n.output[0] not in outputs:
