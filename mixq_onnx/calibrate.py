@@ -267,5 +267,8 @@ def collect_activation_ranges(
         for values in stream_tensors(model, names, feeds):
             for n in names:
                 x = np.asarray(values[n], dtype=np.float32)
-                hists[n].observe(x) if p == 1 else hists[n].accumulate(x)
+                if p == 1:
+                    hists[n].observe(x)
+                else:
+                    hists[n].accumulate(x)
     return {n: h.choose(method, qtype, symmetric) for n, h in hists.items()}

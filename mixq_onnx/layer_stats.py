@@ -22,13 +22,14 @@ class InputStats:
     op: str
     trans_b: bool
     rows: int = 0
-    total: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [groups, K] sum of x
+    total: np.ndarray = field(init=False)  # [groups, K] sum of x
+
+    def __post_init__(self) -> None:
+        self.total = np.zeros(self.hessian.shape[:2])
 
     def add(self, rows: np.ndarray) -> None:
         """Accumulate a batch of input rows shaped [groups, rows, K]."""
         self.hessian += np.matmul(rows.transpose(0, 2, 1), rows)
-        if self.total.shape != rows.shape[::2]:
-            self.total = np.zeros((rows.shape[0], rows.shape[2]))
         self.total += rows.sum(axis=1)
         self.rows += rows.shape[1]
 

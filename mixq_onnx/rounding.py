@@ -92,8 +92,8 @@ def _element_weights(w: np.ndarray, stats: InputStats | None) -> np.ndarray | No
     if stats is None:
         return None
     diag = np.einsum("gkk->gk", stats.mean())
-    m = stats.matrices(np.zeros(w.shape, np.float64))
-    return stats.from_matrices(np.broadcast_to(diag[:, None, :], m.shape), w.shape).astype(np.float32)
+    # matrices(w) is a view; only its shape is needed.
+    return stats.from_matrices(np.broadcast_to(diag[:, None, :], stats.matrices(w).shape), w.shape).astype(np.float32)
 
 
 def clip_range(w: np.ndarray, grid: Grid, weights: np.ndarray | None = None) -> GroupRange:

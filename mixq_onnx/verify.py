@@ -64,9 +64,10 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 # The settings users get: exact math, and ORT's default full optimisation in
 # which DQ->MatMul becomes MatMulNBits with int8 activations (accuracy level 4).
+CPU = "CPUExecutionProvider"
 SETTINGS = (
-    ("exact (ORT_DISABLE_ALL)", ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None),
-    ("optimized (ORT_ENABLE_ALL, MatMulNBits accuracy_level 4)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "4"),
+    ("exact (ORT_DISABLE_ALL)", ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None, CPU),
+    ("optimized (ORT_ENABLE_ALL, MatMulNBits accuracy_level 4)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "4", CPU),
 )
 
 
@@ -86,7 +87,7 @@ def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 
 def _session(
-    model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = "CPUExecutionProvider"
+    model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = CPU
 ) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = level
@@ -94,7 +95,7 @@ def _session(
     if accuracy is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy)
     src = str(model) if isinstance(model, Path) else model
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    providers = [provider] + ([CPU] if provider != CPU else [])
     return ort.InferenceSession(src, so, providers=providers)
 
 
@@ -176,22 +177,21 @@ def verify(
     except Exception as exc:
         raise ConfigError(f"the float model does not run on the verification inputs ({str(exc).splitlines()[0][:200]}); pass --input-shape or --inputs") from exc
     available = ort.get_available_providers()
-    settings = list(SETTINGS) + [(f"{p} (ORT_ENABLE_ALL)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None) for p in GPU_PROVIDERS
-                                 if p in available]
-    statuses = [ProviderStatus("CPUExecutionProvider", True)]
-    for label, level, acc in settings:
-        provider = label.split(" ")[0] if label.split(" ")[0] in GPU_PROVIDERS else "CPUExecutionProvider"
+    settings = list(SETTINGS) + [(f"{p} (ORT_ENABLE_ALL)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None, p)
+                                 for p in GPU_PROVIDERS if p in available]
+    statuses = [ProviderStatus(CPU, True)]
+    for label, level, acc, provider in settings:
         try:
             sess = _session(quant_model, level, acc, provider)
             if provider not in sess.get_providers():
                 raise RuntimeError(f"{provider} did not load")
             outs = [sess.run(None, f) for f in feeds]
         except Exception as exc:
-            if provider != "CPUExecutionProvider":
+            if provider != CPU:
                 statuses.append(ProviderStatus(provider, False, str(exc).splitlines()[0][:300]))
                 continue
             raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label}: {str(exc).splitlines()[0][:300]}") from exc
-        if provider != "CPUExecutionProvider":
+        if provider != CPU:
             statuses.append(ProviderStatus(provider, True))
         comps = []
         for k, name in enumerate(names):
@@ -202,4 +202,4 @@ def verify(
     # Samples = rows of the batch axis across all runs (an .npz holds many in one run).
     samples = sum(int(np.asarray(f[wanted[0]]).shape[0]) if np.asarray(f[wanted[0]]).ndim else 1 for f in feeds) if wanted else len(feeds)
     statuses += [ProviderStatus(p, False, "not available in this onnxruntime build") for p in GPU_PROVIDERS if p not in available]
-    return Verification(source, samples, "CPUExecutionProvider", tuple(runs), tuple(statuses))
+    return Verification(source, samples, CPU, tuple(runs), tuple(statuses))
