@@ -36,7 +36,7 @@ from .activation_ranges import RangeHistogram
 from .config import CalibMethod
 from .layer_stats import InputStats
 from .numerics import QType
-from .verify import ORT_TYPES
+from .inputs import ORT_TYPES
 
 log = logging.getLogger(__name__)
 

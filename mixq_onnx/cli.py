@@ -19,6 +19,7 @@ from .config import (
     CalibMethod,
     LayerWeighting,
     Layout,
+    MaxLoss,
     Method,
     Metric,
     MixQuantRule,
@@ -51,13 +52,18 @@ def build_config(
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
     sensitivity: str = "output", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
+    max_loss: float | None = None, e2e_samples: int = 32,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
-    modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits), ("--target-bits", target_bits), ("--max-size", max_size)) if v is not None]
+    modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
+                            ("--target-bits", target_bits), ("--max-size", max_size), ("--max-loss", max_loss)) if v is not None]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} choose different searches; give only one")
+    search: Uniform | Budget | MixQuantRule | MaxLoss
     if bits is not None:
         search = Uniform(bits)
+    elif max_loss is not None:
+        search = MaxLoss(max_loss)
     elif target_bits is not None or max_size is not None:
         search = Budget(target_bits, parse_size(max_size) if max_size is not None else None, LayerWeighting(weighting))
     elif qem is not None or qem_ref_bits is not None:
@@ -72,12 +78,13 @@ def build_config(
     return QuantConfig(
         search=search,
         scheme=Scheme(scheme) if scheme else None,  # type: ignore[arg-type]
-        layouts=tuple(Layout.parse(g) for g in (granularity or ("channel",))),
+        layouts=tuple(Layout.parse(g) for g in granularity) if granularity else None,  # type: ignore[arg-type]
         candidate_bits=cands,
         storage_aware=not literal_bits,
         allow_int2=int2,
         metric=Metric(metric),
         sensitivity=Sensitivity(sensitivity),
+        e2e_samples=e2e_samples,
         min_elements=min_elements,
         keep_float=keep_float,
         force_bits=tuple(ForceBits.parse(f) for f in force_bits),
@@ -166,16 +173,23 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--qem-ref-bits", type=int, help="MixQuant reference bit-width: the reference is the median error of all tensors at this width. [default: 4]")
 @click.option("--target-bits", type=float, help="Budget search: average stored bits per weight (scales and zero points included).")
 @click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
+@click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
+              "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this.")
 @click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
 @click.option("--scheme", type=click.Choice([s.value for s in Scheme]), help="Weights: asymmetric (unsigned + zero point; the default) or symmetric (signed, narrow range, no zero point; the default for --target tensorrt).")
-@click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. Default channel.")
+@click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. "
+              "Default: channel for --bits; channel and block32/64/128 for the searches.")
 @click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use.")
 @click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
 @click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it).")
 @click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares.")
 @click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. Enables output sensitivity.")
 @click.option("--calib-samples", type=int, help="Use only the first N calibration samples.")
-@click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="output", show_default=True, help="What the searches compare: output error on calibration data (where available) or weight error.")
+@click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="e2e", show_default=True,
+              help="What the searches compare: e2e (the model's output distance with each weight quantized alone, on "
+              "--calib samples or generated inputs), output (the layer's output error on --calib data) or weight (roundoff).")
+@click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
+              "calibration samples, else generated inputs).")
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq or adaround (both need --calib).")
 @click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see README).")
 @click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
@@ -196,8 +210,8 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
 def quantize(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
-    max_size: str | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
-    literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str,
+    max_size: str | None, max_loss: float | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
+    literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
     method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
@@ -208,7 +222,8 @@ def quantize(
     Examples:
       mixq-onnx model.onnx -o model_q.onnx                  # uniform 8 bits per channel (the safe default)
       mixq-onnx model.onnx -o model_q.onnx --qem 1          # MixQuant rule
-      mixq-onnx model.onnx -o model_q.onnx --target-bits 5  # best error at 5 bits/weight
+      mixq-onnx model.onnx -o model_q.onnx --target-bits 4  # best plan in the bytes of uniform 4-bit
+      mixq-onnx model.onnx -o model_q.onnx --max-loss 0.01  # smallest plan within an output distance
       mixq-onnx model.onnx --plan                           # show the plan only
       mixq-onnx model.onnx -o q.onnx --target ort-cpu --activations uint8 --calib calib.npz
       mixq-onnx check q.onnx --target ort-cpu               # check a model against a runtime's rules
@@ -219,7 +234,7 @@ def quantize(
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
                               candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
-                              method, search_with_method, bias_correction, activations, calib_method, target)
+                              method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples)
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,8 @@ class Layout:
 
 PER_TENSOR = Layout(Granularity.TENSOR)
 PER_CHANNEL = Layout(Granularity.CHANNEL)
+# What the searches choose among by default: finer scales often buy more accuracy per byte than more bits.
+SEARCH_LAYOUTS = (PER_CHANNEL,) + tuple(Layout(Granularity.BLOCK, b) for b in BLOCK_SIZES)
 
 
 class Scheme(enum.Enum):
@@ -83,8 +86,15 @@ class Metric(enum.Enum):
 
 
 class Sensitivity(enum.Enum):
-    """What the searches compare: the weight's own error, or the error of its output on calibration data."""
+    """What the searches compare.
 
+    ``e2e``: how far the model's outputs move when that one weight alone is
+    quantized (calibration samples, or generated inputs without data);
+    ``output``: the error of the weight's own layer output on calibration
+    data; ``weight``: the weight's own roundoff error.
+    """
+
+    E2E = "e2e"
     WEIGHT = "weight"
     OUTPUT = "output"
 
@@ -188,7 +198,22 @@ class Budget:
             raise ConfigError(f"--max-size must be positive, got {self.max_bytes}")
 
 
-Search = Uniform | MixQuantRule | Budget
+@dataclass(frozen=True)
+class MaxLoss:
+    """Accuracy target: the smallest plan whose measured end-to-end output distance stays within ``max_loss``.
+
+    The distance is the one the report prints (KL for probability outputs,
+    normalised MSE otherwise, averaged over outputs).
+    """
+
+    max_loss: float
+
+    def __post_init__(self) -> None:
+        if not (self.max_loss > 0 and math.isfinite(self.max_loss)):
+            raise ConfigError(f"--max-loss must be a positive number, got {self.max_loss}")
+
+
+Search = Uniform | MixQuantRule | Budget | MaxLoss
 
 
 @dataclass(frozen=True)
@@ -222,13 +247,16 @@ class QuantConfig:
     search: Search = field(default_factory=lambda: Uniform(8))
     # None: the target's scheme (symmetric for TensorRT, else asymmetric).
     scheme: Scheme = None  # type: ignore[assignment]
-    layouts: tuple[Layout, ...] = (PER_CHANNEL,)
+    # None: per-channel for uniform --bits; for the searches per-channel and every block size (SEARCH_LAYOUTS).
+    layouts: tuple[Layout, ...] = None  # type: ignore[assignment]
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     storage_aware: bool = True
     allow_int2: bool = False
     metric: Metric = Metric.NMSE
-    # Output sensitivity applies where calibration data gives a weight's input statistics.
-    sensitivity: Sensitivity = Sensitivity.OUTPUT
+    # End-to-end where the model runs on the evaluation samples; output/weight error otherwise (with a note).
+    sensitivity: Sensitivity = Sensitivity.E2E
+    # Samples the end-to-end measurements use (calibration samples first, else generated inputs).
+    e2e_samples: int = 32
     min_elements: int = 1024
     keep_float: tuple[str, ...] = ()
     force_bits: tuple[ForceBits, ...] = ()
@@ -247,6 +275,8 @@ class QuantConfig:
         if self.scheme is None:
             object.__setattr__(self, "scheme", rules.default_scheme(self.activations))
         rules.check_config(self.scheme, self.allow_int2, self.activations)
+        if self.layouts is None:
+            object.__setattr__(self, "layouts", (PER_CHANNEL,) if isinstance(self.search, Uniform) else SEARCH_LAYOUTS)
         if not self.layouts:
             raise ConfigError("give at least one --granularity")
         if len(set(self.layouts)) != len(self.layouts):
@@ -258,6 +288,15 @@ class QuantConfig:
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
+        if self.e2e_samples < 1:
+            raise ConfigError(f"--e2e-samples must be at least 1, got {self.e2e_samples}")
+        if isinstance(self.search, MaxLoss) and self.sensitivity is not Sensitivity.E2E:
+            raise ConfigError("--max-loss measures the model end to end; it cannot be combined with --sensitivity "
+                              f"{self.sensitivity.value}")
+        if isinstance(self.search, Budget) and self.search.target_bits is not None \
+                and self.search.target_bits < min(self.candidate_bits):
+            raise ConfigError(f"--target-bits {self.search.target_bits:g} is below the smallest candidate width "
+                              f"({min(self.candidate_bits)}); raise it or add smaller --candidate-bits")
         if self.search_with_method and self.method is Method.RTN:
             raise ConfigError("--search-with-method needs a --method other than rtn (rtn is what the search measures anyway)")
         if isinstance(self.search, Uniform) and len(self.layouts) > 1:
@@ -281,6 +320,7 @@ class QuantConfig:
             "allow_int2": self.allow_int2,
             "metric": self.metric.value,
             "sensitivity": self.sensitivity.value,
+            "e2e_samples": self.e2e_samples,
             "min_elements": self.min_elements,
             "keep_float": list(self.keep_float),
             "force_bits": [f"{r.pattern}={r.bits}" for r in self.force_bits],

@@ -62,6 +62,8 @@ class Option:
     max_abs: float
     # tr(dW H dW^T) / tr(W H W^T) on calibration data, where the weight's input statistics exist.
     output_error: float | None = None
+    # How far the model's outputs move with this weight alone quantized this way (see sensitivity.py).
+    e2e: float | None = None
 
     def error(self, metric: Metric) -> float:
         return {Metric.NMSE: self.nmse, Metric.MSE: self.mse, Metric.MAX_ABS: self.max_abs}[metric]
@@ -70,8 +72,17 @@ class Option:
         return sensitivity is Sensitivity.OUTPUT and self.output_error is not None
 
     def sensitivity(self, metric: Metric, sensitivity: Sensitivity) -> float:
-        """The error the searches compare: output error when asked for and available, else ``metric``."""
+        """The error the searches compare: the end-to-end distance or the output error when asked for and
+        measured, else ``metric``."""
+        if sensitivity is Sensitivity.E2E and self.e2e is not None:
+            return self.e2e
         return self.output_error if self.uses_output_error(sensitivity) else self.error(metric)  # type: ignore[return-value]
+
+    def label(self, sensitivity: Sensitivity, metric: Metric) -> str:
+        """The name of the value :meth:`sensitivity` returns, for reasons in the report."""
+        if sensitivity is Sensitivity.E2E and self.e2e is not None:
+            return "end-to-end distance"
+        return "output error" if self.uses_output_error(sensitivity) else metric.value
 
     @property
     def key(self) -> tuple[int, str]:
@@ -139,6 +150,48 @@ def valid_layouts(site: WeightSite, layouts: tuple[Layout, ...], caps: Capabilit
     return out
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One way to store a tensor, before measuring it: width, layout, axis, container and exact bytes."""
+
+    bits: int
+    layout: Layout
+    axis: int
+    qtype: QType
+    nbytes: int
+
+
+def option_specs(site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...]) -> list[Spec]:
+    """Every (width, layout) this weight and opset can store, with its bytes; nothing is quantized.
+
+    Cheap enough to run before any calibration, so budgets are checked first.
+    """
+    symmetric = config.scheme is Scheme.SYMMETRIC
+    sdt = scale_dtype_for(site.array, caps.opset)
+    out = []
+    for layout, axis in valid_layouts(site, config.layouts, caps, symmetric):
+        for bits in bits_list:
+            qtype = caps.container(bits, symmetric)
+            if qtype is None or not caps.allows(qtype, layout):
+                continue
+            out.append(Spec(bits, layout, axis, qtype, storage_bytes(site.shape, layout, axis, qtype, symmetric, sdt.itemsize)))
+    return out
+
+
+def uniform_bytes(site: WeightSite, bits: int, config: QuantConfig, caps: Capabilities) -> int:
+    """Bytes of this weight at uniform ``bits`` per channel (per tensor where it has no channel axis).
+
+    The yardstick of ``--target-bits``: a budget of B bits means the bytes
+    of uniform B-bit per-channel quantization of the same tensors.
+    """
+    symmetric = config.scheme is Scheme.SYMMETRIC
+    sdt = scale_dtype_for(site.array, caps.opset)
+    layout, axis = valid_layouts(site, (Layout(Granularity.CHANNEL),), caps, symmetric)[0]
+    qtype = caps.container(bits, symmetric)
+    assert qtype is not None, "callers only ask for widths the opset can store"
+    return storage_bytes(site.shape, layout, axis, qtype, symmetric, sdt.itemsize)
+
+
 def measure_tensor(
     site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...], stats: InputStats | None = None
 ) -> ErrorTable:
@@ -155,34 +208,30 @@ def measure_tensor(
     w32 = w.astype(np.float32, copy=False)
     mean_sq = float(np.dot(w32.ravel(), w32.ravel())) / w32.size if w32.size else 0.0
     options: list[Option] = []
-    for layout, axis in valid_layouts(site, config.layouts, caps, symmetric):
-        rng: GroupRange | None = None
-        for bits in bits_list:
-            qtype = caps.container(bits, symmetric)
-            if qtype is None or not caps.allows(qtype, layout):
-                continue
-            if config.search_with_method:
-                rounded = round_weight(w, Grid(bits, symmetric, layout, axis, qtype, sdt), config.method, stats)
-                diff = rounded.tensor.dequantize().astype(np.float32)
-            else:
-                rng = rng if rng is not None else GroupRange.of(w, layout, axis)
-                diff, _ = fake_quantize(w, bits, symmetric, layout, axis, qtype, sdt, rng)
-            diff -= w32
-            flat = diff.ravel()
-            mse = float(np.dot(flat, flat)) / max(flat.size, 1)
-            options.append(
-                Option(
-                    bits,
-                    layout,
-                    axis,
-                    qtype,
-                    storage_bytes(site.shape, layout, axis, qtype, symmetric, sdt.itemsize),
-                    mse,
-                    mse / mean_sq if mean_sq > 0 else 0.0,
-                    max(float(flat.max()), -float(flat.min())) if flat.size else 0.0,
-                    stats.output_error(diff, w32) if stats is not None else None,
-                )
+    ranges: dict[Layout, GroupRange] = {}
+    for spec in option_specs(site, config, caps, bits_list):
+        grid = Grid(spec.bits, symmetric, spec.layout, spec.axis, spec.qtype, sdt)
+        if config.search_with_method:
+            diff = round_weight(w, grid, config.method, stats).tensor.dequantize().astype(np.float32)
+        else:
+            rng = ranges.setdefault(spec.layout, GroupRange.of(w, spec.layout, spec.axis))
+            diff, _ = fake_quantize(w, spec.bits, symmetric, spec.layout, spec.axis, spec.qtype, sdt, rng)
+        diff -= w32
+        flat = diff.ravel()
+        mse = float(np.dot(flat, flat)) / max(flat.size, 1)
+        options.append(
+            Option(
+                spec.bits,
+                spec.layout,
+                spec.axis,
+                spec.qtype,
+                spec.nbytes,
+                mse,
+                mse / mean_sq if mean_sq > 0 else 0.0,
+                max(float(flat.max()), -float(flat.min())) if flat.size else 0.0,
+                stats.output_error(diff, w32) if stats is not None else None,
             )
+        )
     return ErrorTable(site, tuple(options), sdt)
 
 
@@ -210,4 +259,4 @@ def measure(
     return tables
 
 
-__all__ = ["Capabilities", "ErrorTable", "Option", "measure", "measure_tensor", "valid_layouts"]
+__all__ = ["Capabilities", "ErrorTable", "Option", "Spec", "measure", "measure_tensor", "option_specs", "uniform_bytes", "valid_layouts"]

@@ -9,30 +9,30 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
-from .config import Activations, Budget, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
-from .errors import ConfigError, ModelError
-from .find import Inventory, find_weights, gather_index_bounds
+from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
+from .errors import BudgetError, ConfigError, ModelError
+from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
 from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
-from .layer_stats import InputStats
-from .measure import Capabilities, Progress, measure
-from .numerics import QTYPES, Grid, activation_params, container_for, required_opset
+from .inputs import Feed, generate_inputs
+from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, uniform_bytes
+from .numerics import QTYPES, activation_params, container_for, required_opset
+from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
 from .report import Report, build_report
 from .placement import place_activations
 from .rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, restrict, rules_for
-from .rounding import Rounded, round_weight
-from .search import Decision, Plan, search
-from .verify import load_inputs, parse_input_shapes, random_inputs, verify
+from .rounding import Rounded
+from .search import Decision, Plan, effective_bits, search
+from .sensitivity import EndToEnd, attach_e2e, limit_feeds
+from .verify import load_inputs, parse_input_shapes, verify
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,28 @@ def _needed_opset(config: QuantConfig) -> int:
     return max(weights, ACTIVATION_QTYPES[config.activations].min_opset) if config.activations is not Activations.NONE else weights
 
 
-def _bits_to_measure(config: QuantConfig) -> tuple[int, ...]:
-    """Uniform mode needs one width (plus any forced); searches need every candidate and the reference."""
+def _bits_to_measure(config: QuantConfig, caps: Capabilities | None = None) -> tuple[int, ...]:
+    """Uniform mode needs one width (plus any forced); searches need their candidates and the reference.
+
+    With the storage-aware rule only the widest candidate of each container
+    is measured: the others cost the same bytes and lose more.
+    """
     forced = tuple(f.bits for f in config.force_bits)
     # A target may force 8 bits where the asked width is not allowed (see targets.restrict).
     forced += (8,) if config.target is not Target.GENERIC or config.activations is not Activations.NONE else ()
     if isinstance(config.search, Uniform):
-        return (config.search.bits,) + forced
+        return tuple(sorted({config.search.bits, *forced}))
     extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
-    return config.candidate_bits + extra + forced
+    cands = config.candidate_bits
+    if config.storage_aware:
+        sym = config.scheme is Scheme.SYMMETRIC
+        widest: dict[str, int] = {}
+        for b in cands:
+            q = caps.container(b, sym) if caps is not None else container_for(b, sym, config.allow_int2)
+            name = q.name if q is not None else ""
+            widest[name] = max(widest.get(name, 0), b)
+        cands = tuple(widest.values())
+    return tuple(sorted({*cands, *extra, *forced}))
 
 
 def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
@@ -101,17 +114,75 @@ def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
     return ModelError(f"{where}: nothing to quantize ({top}); lower --min-elements or check --keep-float if weights were expected")
 
 
+def _uses_e2e(config: QuantConfig) -> bool:
+    """Whether the search needs the end-to-end evaluator (uniform widths need no sensitivity at all)."""
+    return not isinstance(config.search, Uniform) and (config.sensitivity is Sensitivity.E2E or isinstance(config.search, Budget))
+
+
+def _allowed_specs(sites: tuple[WeightSite, ...], config: QuantConfig, caps: Capabilities, rules: TargetRules, acts: bool,
+                   bits: tuple[int, ...]) -> dict[str, list[Spec]]:
+    out = {}
+    for site in sites:
+        specs = [sp for sp in option_specs(site, config, caps, bits)
+                 if not rules.option_problem(site, sp.qtype.bits, sp.layout.granularity, sp.axis, acts)]
+        out[site.name] = specs
+    return out
+
+
+def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tuple[WeightSite, ...],
+                  specs: dict[str, list[Spec]]) -> int | None:
+    """The budget in bytes, checked against the smallest plan that fits before any expensive work."""
+    budget = config.search
+    if not isinstance(budget, Budget):
+        return None
+    used = [s for s in sites if specs.get(s.name)]
+    widths = sorted({MIN_BITS, MAX_BITS, *range(max(MIN_BITS, int(budget.target_bits or 8)), min(MAX_BITS, int(budget.target_bits or 8) + 1) + 1)})
+    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in widths}
+    limit = budget_limit(budget, totals)
+    smallest = 0
+    for s in used:
+        forced = config.forced_bits(s.names)
+        opts = [sp for sp in specs[s.name] if sp.bits in set(effective_bits(config, specs[s.name]))]
+        pool = [sp for sp in opts if sp.bits == forced][:1] if forced is not None else opts
+        smallest += min((sp.nbytes for sp in pool or specs[s.name]), default=0)
+    if smallest > limit:
+        bits = f" (--target-bits {budget.target_bits:g}: uniform {budget.target_bits:g}-bit per-channel bytes)" if budget.target_bits else ""
+        raise BudgetError(f"{where}: budget of {limit} bytes{bits} cannot be met: the smallest plan that fits takes {smallest} bytes "
+                          f"(ask for --max-size {smallest} or more, allow --int2, or force fewer tensors)", smallest)
+    return limit
+
+
+def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed] | None, source: str,
+               config: QuantConfig) -> tuple[EndToEnd | None, str]:
+    """The end-to-end evaluator on up to ``config.e2e_samples`` samples, or None and why it cannot run."""
+    if not feeds:
+        return None, source or "no samples to run the model on"
+    try:
+        ev = EndToEnd(model, sites, limit_feeds(feeds, config.e2e_samples), source)
+    except ConfigError as exc:
+        return None, str(exc)
+    except Exception as exc:  # ONNX Runtime raises its own types for models it cannot run
+        return None, f"ONNX Runtime cannot run the model with its weights as inputs ({str(exc).splitlines()[0][:200]})"
+    if not ev.eligibility.names:
+        return None, "no weight can be fed to ONNX Runtime: " + "; ".join(sorted(set(ev.eligibility.reasons.values())))
+    return ev, ""
+
+
 def quantize(
     model: onnx.ModelProto | str | os.PathLike[str],
     config: QuantConfig | None = None,
     progress: Progress | None = None,
     calibration: list[dict[str, np.ndarray]] | None = None,
+    evaluation: list[dict[str, np.ndarray]] | None = None,
+    evaluation_source: str = "",
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
 
     ``calibration`` (feeds for the float model, see :func:`load_calibration`)
-    enables output-aware sensitivity. Never modifies the input. Raises a
-    :class:`MixqError` subclass on bad input.
+    enables output-aware sensitivity and the data-aware methods.
+    ``evaluation`` are the samples the end-to-end measurements run on
+    (default: the calibration samples, else generated inputs). Never
+    modifies the input. Raises a :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
     if not calibration:
@@ -133,69 +204,117 @@ def quantize(
         ops = ", ".join(f"{k} x{v}" for k, v in inventory.quant_ops.items())
         notes.append(f"model already contains quantization ops ({ops}); those parts were left as they are")
     original = default_opset(model)
-    change = raise_opset(model, _needed_opset(config))
-    attempts: list[tuple[onnx.ModelProto, list[str]]] = []
+    needed = _needed_opset(config)
+    change = raise_opset(model, needed)
     if change.model is not None:
-        attempts.append((change.model, []))
+        base = change.model
+    elif not isinstance(config.search, Uniform):
+        # A search judged against an INT8-only fallback would report budgets and errors for something the user did
+        # not ask for: refuse, with the converter's reason.
+        raise ModelError(f"{where}: {change.note}; the search's widths and layouts need opset {needed}. Convert the model "
+                         "to a newer opset first (onnx.version_converter), or use uniform --bits")
+    elif original >= 10:
+        base = model
+        limit = "INT8 containers only" + (", per-tensor only" if original < 13 else "")
+        msg = f"{change.note}; fell back to what opset {original} supports ({limit})"
+        log.warning(msg)
+        notes.append(msg)
     else:
-        notes.append(change.note)
-    if original >= 10:
-        limit = "INT8 only" + (", per-tensor only" if original < 13 else "")
-        attempts.append((model, [f"fell back to what opset {original} supports ({limit})"]))
-    if not attempts:
         raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
-    failure = ""
+    if evaluation is None and calibration:
+        evaluation, evaluation_source = calibration, "calibration samples"
+    elif evaluation is None and _uses_e2e(config):
+        evaluation, evaluation_source = _generated(model, {}, config.e2e_samples, 0)
+        evaluation = evaluation or []
+    return _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
+                        notes, original, change.note if base is not model else "", where, path)
+
+
+def _quantize_at(
+    base: onnx.ModelProto, model: onnx.ModelProto, inventory: Inventory, config: QuantConfig, progress: Progress | None,
+    calibration: list[Feed] | None, evaluation: list[Feed] | None, evaluation_source: str, notes: list[str],
+    original: int, opset_note: str, where: str, path: Path | None,
+) -> QuantizeResult:
+    """The pipeline at the opset the output will have: budget check, statistics, errors, search, rounding, rewrite."""
     rules = rules_for(config.target)
     acts = config.activations is not Activations.NONE
-    for base, fallback_notes in attempts:
-        inv = inventory if base is model else find_weights(base, config)
-        caps = Capabilities(default_opset(base), config.allow_int2)
-        stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration else ({}, {})
-        tables = measure(inv.weights, config, caps, _bits_to_measure(config), progress, stats)
-        tables, not_allowed = restrict(tables, rules, acts)
-        if not tables:
-            raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
-        plan = search(tables, config)
-        uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
-        rounded = round_decisions(plan.decisions, config, stats)
-        bias: dict[str, str] = {}
-        source = base  # the float model the rewrite starts from: with corrected biases if asked
-        if config.bias_correction:
-            shifts = {d.table.site.name: stats[d.table.site.name].output_shift(_error(d, r)) for d, r in zip(plan.decisions, rounded)
-                      if d.table.site.name in stats}
-            corrected = correct_biases(base, inv.weights, shifts)
-            source, bias = corrected.model, corrected.outcome
-        # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
-        zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-        out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops)
-        activation_info = None
-        if acts:
-            out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)
-        problem = _check(out)
-        if problem:
-            failure = f"{failure}; {problem}" if failure else problem
-            log.warning("output at opset %d failed onnx.checker: %s", caps.opset, problem)
-            continue
-        all_notes = notes + ([failure] if failure else []) + fallback_notes
-        if uses_int2:
-            all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
-        opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version,
-                      "note": change.note if base is not model else ""}
-        if calibration and config.sensitivity is Sensitivity.OUTPUT:
-            all_notes.append(
-                f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
-                f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
-            )
-        rounding = {d.table.site.name: {"method": r.method.value, "note": r.note, "bias_correction": bias.get(d.table.site.name)}
-                    for d, r in zip(plan.decisions, rounded)}
-        fallbacks = sum(bool(r.note) for r in rounded)
-        if fallbacks:
-            all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
-        inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
-        report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
-                              rounding, activation_info)
-        return QuantizeResult(out, report, plan)
-    raise ModelError(f"{where}: could not produce a valid quantized model ({failure}); please report this with the model")
+    inv = inventory if base is model else find_weights(base, config)
+    caps = Capabilities(default_opset(base), config.allow_int2)
+    bits = _bits_to_measure(config, caps)
+    limit = _budget_limit(where, config, caps, inv.weights, _allowed_specs(inv.weights, config, caps, rules, acts, bits))
+    stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration else ({}, {})
+    tables = measure(inv.weights, config, caps, bits, progress, stats)
+    tables, not_allowed = restrict(tables, rules, acts)
+    if not tables:
+        raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
+    rounder = Rounder(config, stats)
+    evaluator, why_not = _evaluator(base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
+        if _uses_e2e(config) else (None, "")
+    e2e_info: dict[str, object] | None = None
+    if _uses_e2e(config) and evaluator is None:
+        if isinstance(config.search, MaxLoss):
+            raise ModelError(f"{where}: --max-loss needs the model to run end to end, and it cannot: {why_not}")
+        fallback = "output error where calibration statistics exist, else weight error" if calibration else "weight error"
+        msg = f"end-to-end measurements are not possible ({why_not}); the search uses {fallback}"
+        if config.sensitivity is Sensitivity.E2E:
+            log.warning(msg)
+            notes.append(msg)
+    elif evaluator is not None and config.sensitivity is Sensitivity.E2E:
+        forced = {t.site.name for t in tables if config.forced_bits(t.site.names) is not None}
+
+        def choose(ts: list[ErrorTable]) -> dict[str, Option]:
+            loss = None
+            return {d.table.site.name: d.option for d in search(ts, config, limit, loss).decisions}
+
+        tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced)
+        e2e_info = {**evaluator.describe(), "screen_feeds": summary.screen_feeds, "feeds": summary.feeds,
+                    "options_screened": summary.screened, "options_refined": summary.refined,
+                    "estimated_from_weight_error": summary.estimated}
+    plan = search(tables, config, limit)
+    if evaluator is not None and isinstance(config.search, Budget):
+        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder)  # type: ignore[arg-type]
+    elif evaluator is not None and isinstance(config.search, MaxLoss):
+        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder)
+    if evaluator is not None:
+        e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
+    uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
+    rounder.prefetch((d.table, d.option) for d in plan.decisions)
+    rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
+    bias: dict[str, str] = {}
+    source = base  # the float model the rewrite starts from: with corrected biases if asked
+    if config.bias_correction:
+        shifts = {d.table.site.name: stats[d.table.site.name].output_shift(_error(d, r)) for d, r in zip(plan.decisions, rounded)
+                  if d.table.site.name in stats}
+        corrected = correct_biases(base, inv.weights, shifts)
+        source, bias = corrected.model, corrected.outcome
+    # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
+    zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
+    out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops)
+    activation_info = None
+    if acts:
+        out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]
+    problem = _check(out)
+    if problem:
+        raise ModelError(f"{where}: the quantized model at opset {caps.opset} fails onnx.checker ({problem}); please report this "
+                         "with the model")
+    all_notes = list(notes)
+    if uses_int2:
+        all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
+    opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version, "note": opset_note}
+    if calibration and config.sensitivity is Sensitivity.OUTPUT:
+        all_notes.append(
+            f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
+            f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
+        )
+    rounding = {d.table.site.name: {"method": r.method.value, "note": r.note, "bias_correction": bias.get(d.table.site.name)}
+                for d, r in zip(plan.decisions, rounded)}
+    fallbacks = sum(bool(r.note) for r in rounded)
+    if fallbacks:
+        all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
+    inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
+    report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
+                          rounding, activation_info, e2e_info)
+    return QuantizeResult(out, report, plan)
 
 
 ACTIVATION_QTYPES = {Activations.INT8: QTYPES["int8"], Activations.UINT8: QTYPES["uint8"], Activations.INT16: QTYPES["int16"]}
@@ -225,22 +344,6 @@ def _quantize_activations(
     return insert_activation_qdq(out, pairs), info
 
 
-def round_decisions(decisions: tuple[Decision, ...], config: QuantConfig, stats: dict[str, InputStats]) -> list[Rounded]:
-    """Each chosen option rounded with ``config.method``, in decision order; threads, as numpy releases the GIL."""
-    symmetric = config.scheme is Scheme.SYMMETRIC
-
-    def one(d: Decision) -> Rounded:
-        o, w = d.option, d.table.site.array
-        w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
-        grid = Grid(o.bits, symmetric, o.layout, o.axis, o.qtype, d.table.scale_dtype)
-        return round_weight(w, grid, config.method, stats.get(d.table.site.name))
-
-    if config.method is Method.RTN:
-        return [one(d) for d in decisions]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, decisions))
-
-
 def _error(d: Decision, r: Rounded) -> np.ndarray:
     w = d.table.site.array.astype(np.float32)
     return r.tensor.dequantize().astype(np.float32) - w
@@ -255,6 +358,18 @@ def _check(model: onnx.ModelProto) -> str:
     except Exception as exc:  # ValidationError, InferenceError and friends
         return str(exc).splitlines()[0][:300]
     return ""
+
+
+def _generated(model: onnx.ModelProto | Path, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
+               ) -> tuple[list[Feed] | None, str]:
+    """Generated feeds and how they were made, or (None, why not) when the model does not run on them."""
+    src = model if isinstance(model, Path) else model.SerializeToString()
+    bounds = gather_index_bounds(onnx.load(str(model), load_external_data=False) if isinstance(model, Path) else model)
+    try:
+        gen = generate_inputs(src, shapes, bounds, samples, seed)
+    except ConfigError as exc:
+        return None, str(exc)
+    return gen.feeds, f"generated inputs ({gen.describe()}, seed {seed})"
 
 
 def quantize_file(
@@ -274,7 +389,22 @@ def quantize_file(
     shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
     feeds = load_calibration(calibration.path, Path(input_path), calibration.samples) if calibration else None
-    result = quantize(loaded.model, config, progress, feeds)
+    config = config or QuantConfig()
+    # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
+    verify_feeds, verify_source = None, ""
+    if out is not None and verify_options.enabled:
+        if verify_options.inputs is not None:
+            verify_feeds, verify_source = load_inputs(verify_options.inputs), f"from {verify_options.inputs}"
+        else:
+            bounds = gather_index_bounds(loaded.model)
+            gen = generate_inputs(Path(input_path), shapes, bounds, verify_options.samples, verify_options.seed)
+            verify_feeds, verify_source = gen.feeds, f"seeded random (seed {verify_options.seed}, {gen.describe()})"
+            shapes = gen.shapes
+    evaluation, evaluation_source = None, ""
+    if not feeds and _uses_e2e(config):
+        evaluation, evaluation_source = _generated(Path(input_path), shapes, config.e2e_samples, verify_options.seed)
+        evaluation = evaluation or []
+    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source)
     result.report.input = str(input_path)
     if out is None:
         return result
@@ -283,14 +413,8 @@ def quantize_file(
     in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
     out_bytes = out.stat().st_size + _data_size(out)
     result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=out_bytes)
-    if verify_options.enabled:
-        if verify_options.inputs is not None:
-            feeds, source = load_inputs(verify_options.inputs), f"from {verify_options.inputs}"
-        else:
-            bounds = gather_index_bounds(loaded.model)
-            feeds = random_inputs(Path(input_path), shapes, bounds, verify_options.samples, verify_options.seed)
-            source = f"seeded random (seed {verify_options.seed})"
-        result.report.verification = verify(Path(input_path), out, feeds, source)
+    if verify_feeds is not None:
+        result.report.verification = verify(Path(input_path), out, verify_feeds, verify_source)
     return result
 
 

@@ -47,6 +47,8 @@ class Report:
     verification: Verification | None = None
     notes: list[str] = field(default_factory=list)
     activations: dict[str, Any] | None = None
+    # The end-to-end evaluator: samples, output distances, weights measured, evaluations run.
+    end_to_end: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -78,6 +80,7 @@ def build_report(
     no_stats: dict[str, str] | None = None,
     rounding: dict[str, dict[str, Any]] | None = None,
     activations: dict[str, Any] | None = None,
+    end_to_end: dict[str, Any] | None = None,
 ) -> Report:
     tensors = []
     params = float_bytes = qbytes = logical = 0
@@ -103,7 +106,7 @@ def build_report(
                 "reduction_axis": site.reduction_axis,
                 "errors": [
                     {"bits": x.bits, "granularity": x.layout.name, "container": x.qtype.name, "bytes": x.nbytes,
-                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs, "output_error": x.output_error}
+                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs, "output_error": x.output_error, "e2e": x.e2e}
                     for x in d.table.options
                 ],
                 "output_statistics": (
@@ -121,6 +124,7 @@ def build_report(
                     "nmse": o.nmse,
                     "max_abs": o.max_abs,
                     "output_error": o.output_error,
+                    "e2e": o.e2e,
                 },
                 "reason": d.reason,
                 "rounding": (rounding or {}).get(site.name, {"method": "rtn", "note": "", "bias_correction": None}),
@@ -141,7 +145,7 @@ def build_report(
         logical / params if params else 0.0,
     )
     return Report(input_path, output_path, config, opset, {"mode": plan.summary.mode, **plan.summary.details},
-                  tensors, skipped, inventory.quant_ops, totals, None, notes, activations)
+                  tensors, skipped, inventory.quant_ops, totals, None, notes, activations, end_to_end)
 
 
 def _size(n: float) -> str:
@@ -150,6 +154,21 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _search_lines(search: dict[str, Any], t: Totals) -> list[str]:
+    """The budget against what was used, and the plans measured end to end with the one returned."""
+    out = []
+    if search.get("limit_bytes") is not None:
+        asked = f"--target-bits {search['target_bits']:g}" if search.get("target_bits") is not None else "--max-size"
+        out.append(f"budget: {asked} = {search['limit_bytes']} bytes; used {search.get('used_bytes')} bytes "
+                   f"({t.avg_bits:.3f} stored bits/weight)")
+    if search.get("max_loss") is not None:
+        out.append(f"accuracy target: --max-loss {search['max_loss']:g}; returned plan measures {search.get('distance', float('nan')):.4g}")
+    for m in search.get("measured", []):
+        mark = "  <- returned" if m["plan"] == search.get("returned") else ""
+        out.append(f"  measured end to end: {m['plan']}: {m['bytes']} bytes, distance {m['distance']:.4g}{mark}")
+    return out
 
 
 def format_table(report: Report, max_rows: int = 0) -> str:
@@ -178,6 +197,12 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         f"{_size(t.quantized_bytes)} quantized ({t.compression:.2f}x), {t.avg_bits:.3f} stored bits/weight incl. scales, "
         f"{t.avg_logical_bits:.3f} logical bits"
     )
+    lines.extend(_search_lines(report.search, t))
+    e = report.end_to_end
+    if e:
+        lines.append(f"end-to-end: {e['samples']} sample(s), {e['source']}; distance per output: "
+                     + ", ".join(f"{n} {k}" for n, k in e["outputs"].items()) + f"; {e.get('evaluations', 0)} model runs"
+                     + (f"; {len(e['not_measured'])} weights not measurable (see --report)" if e.get("not_measured") else ""))
     if t.input_file_bytes and t.output_file_bytes:
         lines.append(f"file: {_size(t.input_file_bytes)} -> {_size(t.output_file_bytes)} ({t.input_file_bytes / t.output_file_bytes:.2f}x)")
     if report.opset.get("note"):

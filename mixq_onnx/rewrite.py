@@ -56,7 +56,7 @@ def raise_opset(model: onnx.ModelProto, target: int) -> OpsetChange:
     converted.domain, converted.model_version, converted.doc_string = model.domain, model.model_version, model.doc_string
     del converted.metadata_props[:]
     converted.metadata_props.extend(model.metadata_props)
-    _restore_value_info(model, converted)
+    _infer_value_info(converted)
     return OpsetChange(converted, original, target, f"opset raised from {original} to {target}")
 
 
@@ -99,16 +99,26 @@ def _restore_payloads(model: onnx.ModelProto, payloads: dict[tuple[str, str], on
         raise RuntimeError(f"the converter changed {len(payloads) - restored} initializers it should have kept")
 
 
-def _restore_value_info(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
-    """Put back the value_info entries the converter dropped, for names that still exist."""
-    old = {s.path: s for s in iter_scopes(original.graph)}
-    for scope in iter_scopes(converted.graph):
-        src = old.get(scope.path)
-        if src is None:
-            continue
-        have = {v.name for v in scope.graph.value_info}
-        known = scope.defined | {n for node in scope.graph.node for n in node.input}
-        scope.graph.value_info.extend(v for v in src.graph.value_info if v.name not in have and v.name in known)
+def _infer_value_info(model: onnx.ModelProto) -> None:
+    """Replace every graph's value_info with shapes inferred afresh at the new opset.
+
+    Entries carried over from the old opset can contradict what the new
+    opset infers (a Reshape output's rank, say), which the full checker
+    rejects; value_info is only a hint, so inference is the authority and
+    an inference failure just leaves it empty.
+    """
+    stripped, _ = _strip_payloads(model)
+    for scope in iter_scopes(stripped.graph):
+        del scope.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stripped, check_type=False, strict_mode=False)
+    except Exception as exc:  # inference raises several types; the model is still valid without hints
+        log.info("shape inference after the opset change failed (%s); value_info left empty", str(exc).splitlines()[0][:160])
+        inferred = stripped
+    fresh = {s.path: list(s.graph.value_info) for s in iter_scopes(inferred.graph)}
+    for scope in iter_scopes(model.graph):
+        del scope.graph.value_info[:]
+        scope.graph.value_info.extend(fresh.get(scope.path, []))
 
 
 class _Namer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .config import Budget, LayerWeighting, MixQuantRule, QuantConfig, Uniform
 from .errors import BudgetError
-from .measure import ErrorTable, Option
+from .measure import ErrorTable, Option, Spec
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,24 @@ class Plan:
     summary: SearchSummary
 
 
-def effective_bits(config: QuantConfig, table: ErrorTable) -> list[int]:
+def effective_bits(config: QuantConfig, options: Sequence[Option | Spec]) -> list[int]:
     """Candidate bit-widths after the storage-aware rule.
 
     By default only the widest candidate per container is kept: 3 bits in an
     INT4 container costs the same bytes as 4 and is strictly lossier.
     """
-    bits = sorted({o.bits for o in table.options if o.bits in config.candidate_bits})
+    bits = sorted({o.bits for o in options if o.bits in config.candidate_bits})
     if not config.storage_aware:
         return bits
     widest: dict[str, int] = {}
-    for o in table.options:
+    for o in options:
         if o.bits in bits:
             widest[o.qtype.name] = max(widest.get(o.qtype.name, 0), o.bits)
     return sorted(set(widest.values()))
 
 
 def candidates(config: QuantConfig, table: ErrorTable) -> list[Option]:
-    keep = set(effective_bits(config, table))
+    keep = set(effective_bits(config, table.options))
     return [o for o in table.options if o.bits in keep]
 
 
@@ -78,8 +79,14 @@ def _forced(config: QuantConfig, table: ErrorTable) -> Decision | None:
     return Decision(table, _first_layout_option(table, bits), f"--force-bits {bits}")
 
 
-def search(tables: list[ErrorTable], config: QuantConfig) -> Plan:
-    """Pick one option per weight according to ``config.search``."""
+def search(tables: list[ErrorTable], config: QuantConfig, limit: int | None = None, loss: float | None = None) -> Plan:
+    """Pick one option per weight according to ``config.search``.
+
+    ``limit``: the budget in bytes for a :class:`Budget` search (see
+    :func:`budget_limit`). ``loss``: for :class:`MaxLoss`, the summed
+    per-weight distance to stay within (default the asked loss; the pipeline
+    corrects it with plan-level measurements).
+    """
     forced = {t.site: d for t in tables if (d := _forced(config, t)) is not None}
     free = [t for t in tables if t.site not in forced]
     s = config.search
@@ -92,8 +99,12 @@ def search(tables: list[ErrorTable], config: QuantConfig) -> Plan:
         summary = SearchSummary("uniform", {"bits": s.bits})
     elif isinstance(s, MixQuantRule):
         chosen, summary = _mixquant(free, config, s)
+    elif isinstance(s, Budget):
+        if limit is None:
+            raise ValueError("a budget search needs its byte limit")
+        chosen, summary = _budget(free, list(forced.values()), config, s, limit)
     else:
-        chosen, summary = _budget(free, list(forced.values()), config, s)
+        chosen, summary = _smallest_within(free, list(forced.values()), config, s.max_loss if loss is None else loss)
     by_site = {d.table.site: d for d in chosen} | forced
     decisions = tuple(by_site[t.site] for t in tables)
     return Plan(decisions, summary)
@@ -114,7 +125,7 @@ def _mixquant(tables: list[ErrorTable], config: QuantConfig, rule: MixQuantRule)
         ok = [o for o in opts if _err(config, o) <= threshold]
         if ok:
             best = min(ok, key=lambda o: (o.nbytes, o.bits, _err(config, o)))
-            label = "output error" if best.uses_output_error(config.sensitivity) else metric.value
+            label = best.label(config.sensitivity, metric)
             reason = f"{label} {_err(config, best):.3g} <= qem*ref {threshold:.3g}"
         else:
             best = min(opts, key=lambda o: (_err(config, o), o.nbytes))
@@ -139,25 +150,17 @@ def layer_weight(weighting: LayerWeighting, params: int) -> float:
 
 
 def _budget(
-    tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, budget: Budget
+    tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, budget: Budget, limit: int
 ) -> tuple[list[Decision], SearchSummary]:
     metric = config.metric
     opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, _err(config, o))) for t in tables]
     fixed = sum(d.option.nbytes for d in forced)
-    params = sum(t.site.params for t in tables) + sum(d.table.site.params for d in forced)
-    if budget.max_bytes is not None:
-        limit = budget.max_bytes
-        unit, scale = "bytes", 1.0
-    else:
-        limit = int(math.floor(budget.target_bits * params / 8))
-        unit, scale = "bits per weight", 8.0 / max(params, 1)
     smallest = fixed + sum(o[0].nbytes for o in opts)
     if smallest > limit:
         raise BudgetError(
-            f"budget of {_fmt(limit * scale, unit)} cannot be met: the smallest reachable is "
-            f"{_fmt(smallest * scale, unit)} with these options (allow --int2, add coarser --granularity "
-            f"or keep fewer tensors forced)",
-            smallest * scale,
+            f"budget of {limit} bytes{_as_bits(budget)} cannot be met: the smallest plan that fits takes {smallest} bytes "
+            f"with these options (ask for --max-size {smallest} or more, allow --int2, or force fewer tensors)",
+            smallest,
         )
     costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
     errs = [np.array([_err(config, o) for o in ol]) * layer_weight(budget.weighting, t.site.params) for t, ol in zip(tables, opts)]
@@ -174,13 +177,55 @@ def _budget(
             "max_bytes": budget.max_bytes,
             "weighting": budget.weighting.value,
             "metric": metric.value,
+            "sensitivity": _label(config, tables),
             "objective": total,
             "lower_bound": lower,
-            "gap": total - lower,
             "solver": "dynamic programming (exact)" if exact else "Lagrangian greedy with LP bound",
         },
     )
     return out, summary
+
+
+def _as_bits(budget: Budget) -> str:
+    return f" (--target-bits {budget.target_bits:g}: uniform {budget.target_bits:g}-bit per-channel bytes)" if budget.target_bits else ""
+
+
+def _label(config: QuantConfig, tables: list[ErrorTable]) -> str:
+    labels = {o.label(config.sensitivity, config.metric) for t in tables for o in t.options}
+    return " + ".join(sorted(labels))
+
+
+def _smallest_within(
+    tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, loss: float
+) -> tuple[list[Decision], SearchSummary]:
+    """The fewest bytes whose summed per-weight distance is at most ``loss``: a bisection over knapsack budgets."""
+    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, _err(config, o))) for t in tables]
+    costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
+    errs = [np.array([_err(config, o) for o in ol]) for ol in opts]
+    fixed = sum(d.option.nbytes for d in forced)
+    lo = sum(int(c.min()) for c in costs)
+    hi = sum(int(c[int(np.argmin(e))]) for c, e in zip(costs, errs))
+    best = [int(np.argmin(e)) for e in errs]
+
+    def within(budget: int) -> list[int] | None:
+        choice, _, _ = solve_mckp(costs, errs, budget)
+        return choice if sum(e[c] for e, c in zip(errs, choice)) <= loss else None
+
+    cheapest = within(lo) if costs else []
+    if cheapest is not None:
+        best, hi = cheapest, lo
+    while hi - lo > max(1, hi // 1000):  # to 0.1% of the size: the measured plan decides the rest
+        mid = (lo + hi) // 2
+        choice = within(mid)
+        if choice is None:
+            lo = mid
+        else:
+            best, hi = choice, mid
+    predicted = float(sum(e[c] for e, c in zip(errs, best)))
+    out = [Decision(t, ol[c], f"smallest plan within --max-loss (predicted {predicted:.3g})") for t, ol, c in zip(tables, opts, best)]
+    used = fixed + int(sum(c[i] for c, i in zip(costs, best)))
+    return out, SearchSummary("max-loss", {"max_loss": loss, "predicted": predicted, "used_bytes": used,
+                                           "sensitivity": _label(config, tables)})
 
 
 def _fmt(v: float, unit: str) -> str:

@@ -10,15 +10,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigError, VerificationError
+from .inputs import session
 
 log = logging.getLogger(__name__)
-
-ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -86,47 +80,9 @@ def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _session(
-    model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = CPU
-) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3
-    if accuracy is not None:
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy)
-    src = str(model) if isinstance(model, Path) else model
-    providers = [provider] + ([CPU] if provider != CPU else [])
-    return ort.InferenceSession(src, so, providers=providers)
-
-
-def random_inputs(
-    model: bytes | Path, shapes: dict[str, tuple[int, ...]], index_bounds: dict[str, int], samples: int, seed: int
-) -> list[dict[str, np.ndarray]]:
-    """Seeded random feeds shaped from the model; dynamic dimensions come from ``shapes`` or default to 1."""
-    sess = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)
-    unknown = set(shapes) - {i.name for i in sess.get_inputs()}
-    if unknown:
-        raise ConfigError(f"--input-shape names {sorted(unknown)}, which are not model inputs; inputs are {[i.name for i in sess.get_inputs()]}")
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for inp in sess.get_inputs():
-            if inp.name in shapes:
-                shape = shapes[inp.name]
-            else:
-                shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
-            dtype = ORT_TYPES.get(inp.type)
-            if dtype is None:
-                raise ConfigError(f"input '{inp.name}' has type {inp.type}, which random inputs cannot fill; pass --inputs FILE.npz")
-            if np.issubdtype(dtype, np.floating):
-                feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype is np.bool_:
-                feed[inp.name] = rng.integers(0, 2, shape).astype(bool)
-            else:
-                feed[inp.name] = rng.integers(0, index_bounds.get(inp.name, 2), shape).astype(dtype)
-        feeds.append(feed)
-    return feeds
+def _session(model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = CPU) -> ort.InferenceSession:
+    config = {"session.qdq_matmulnbits_accuracy_level": accuracy} if accuracy is not None else None
+    return session(model, level, config, provider)
 
 
 def load_inputs(path: Path) -> list[dict[str, np.ndarray]]:

@@ -117,7 +117,7 @@ def test_output_sensitivity_protects_the_layer_whose_inputs_amplify_error():
 
 def test_digits_with_calibration_end_to_end(tmp_path):
     out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
-    r = CliRunner().invoke(main, [str(DIGITS), "-o", str(out), "--qem", "1", "--calib", str(CALIB), "--calib-samples", "64",
+    r = CliRunner().invoke(main, [str(DIGITS), "-o", str(out), "--qem", "1", "--calib", str(CALIB), "--calib-samples", "64", "--sensitivity", "output",
                                   "--report", str(rep), "--min-elements", "0"])
     assert r.exit_code == 0, r.output
     import json

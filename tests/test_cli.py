@@ -55,7 +55,10 @@ def test_report_json_schema(tmp_path):
     assert names == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
     t = data["tensors"][0]
     assert {"name", "op_types", "shape", "params", "errors", "chosen", "reason"} <= set(t)
-    assert {e["bits"] for e in t["errors"]} == set(range(2, 9))
+    # Storage-aware: only the widest width of each container is measured (2 and 3 bits cost INT4's bytes).
+    assert {e["bits"] for e in t["errors"]} == {4, 8}
+    assert all(e["e2e"] is not None for e in t["errors"])
+    assert data["end_to_end"]["samples"] == 32 and data["end_to_end"]["outputs"]
     assert {"bits", "container", "bytes", "granularity"} <= set(t["chosen"])
     assert all(s["reason"] for s in data["skipped"])
     assert data["totals"]["quantized_bytes"] < data["totals"]["float_bytes"]
@@ -129,8 +132,9 @@ def _bias_only_model(path: Path) -> None:
         ("ok", ["--bits", "1"], "bit-width must be an integer from 2 to 8", 2),
         ("ok", ["--qem", "0"], "--qem must be greater than 0", 2),
         ("ok", ["--qem", "-1"], "--qem must be greater than 0", 2),
-        ("ok", ["--target-bits", "2"], "cannot be met: the smallest reachable is", 2),
-        ("ok", ["--max-size", "1KB"], "cannot be met: the smallest reachable is", 2),
+        ("ok", ["--target-bits", "1.5"], "below the smallest candidate width", 2),
+        ("ok", ["--target-bits", "4", "--force-bits", "*=8"], "cannot be met: the smallest plan that fits takes", 2),
+        ("ok", ["--max-size", "1KB"], "cannot be met: the smallest plan that fits takes", 2),
         ("ok", ["--bits", "4", "--qem", "2"], "give only one", 2),
         ("ok", ["--target-bits", "4", "--qem-ref-bits", "8"], "give only one", 2),
         ("ok", ["--granularity", "rows"], "unknown granularity", 2),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mixq_onnx import Budget, BudgetError, ForceBits, Layout, MixQuantRule, QuantConfig, Uniform, quantize
+from mixq_onnx.config import PER_CHANNEL, Sensitivity
 from mixq_onnx.numerics import QTYPES, GroupRange, fake_quantize, quantize_weight
 from mixq_onnx.search import _lagrangian, solve_mckp
 from onnx import helper
@@ -33,13 +34,17 @@ def two_layer_model(seed: int = 0, n_gauss: int = 3):
     return m, {"x": r.normal(size=(8, 256)).astype(np.float32)}
 
 
+# The weight-error rule as the paper states it: per-channel scales, the weight's own roundoff error.
+WEIGHT_RULE = dict(sensitivity=Sensitivity.WEIGHT, layouts=(PER_CHANNEL,), min_elements=0)
+
+
 def _bits(result):
     return {t["name"]: t["chosen"]["bits"] for t in result.report.tensors}
 
 
 def test_mixquant_gives_the_sensitive_layer_more_bits():
     m, feeds = two_layer_model()
-    result, s = quantize_and_compare(m, feeds, QuantConfig(search=MixQuantRule(qem=2.0), min_elements=0))
+    result, s = quantize_and_compare(m, feeds, QuantConfig(search=MixQuantRule(qem=2.0), **WEIGHT_RULE))
     bits = _bits(result)
     assert bits == {"gauss0": 4, "gauss1": 4, "gauss2": 4, "heavy": 8}
     # The heavy layer's normalised error at 4 bits is far above the Gaussian one's.
@@ -52,7 +57,7 @@ def test_mixquant_gives_the_sensitive_layer_more_bits():
 
 def test_mixquant_literal_bits_picks_the_lowest_width_within_threshold():
     m, feeds = two_layer_model()
-    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.0), storage_aware=False, min_elements=0))
+    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.0), storage_aware=False, **WEIGHT_RULE))
     t = {x["name"]: x for x in result.report.tensors}
     thr = result.report.search["threshold"]
     for name, rep in t.items():
@@ -65,33 +70,43 @@ def test_mixquant_literal_bits_picks_the_lowest_width_within_threshold():
 def test_storage_aware_never_picks_a_lossier_width_for_the_same_bytes():
     m, feeds = two_layer_model()
     for qem in (0.3, 1.0, 3.0, 30.0):
-        result = quantize(m, QuantConfig(search=MixQuantRule(qem=qem), min_elements=0))
+        result = quantize(m, QuantConfig(search=MixQuantRule(qem=qem), **WEIGHT_RULE))
         assert set(_bits(result).values()) <= {4, 8}
 
 
 def test_per_tensor_reference_trap_is_avoided():
     """With a per-tensor 8-bit reference every layer would get the same bits; ours differ."""
     m, _ = two_layer_model()
-    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.5), storage_aware=False, min_elements=0))
+    result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.5), storage_aware=False, **WEIGHT_RULE))
     assert len(set(_bits(result).values())) == 2
 
 
-@pytest.mark.parametrize("target", [4.5, 5.0, 6.0, 8.0])
-def test_budget_target_bits_is_met_and_spent(target):
+def _uniform_bytes(m, bits: int) -> int:
+    return quantize(m, QuantConfig(search=Uniform(bits), min_elements=0)).report.totals.quantized_bytes
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 4.5, 6.0, 8.0])
+def test_target_bits_means_the_bytes_of_uniform_per_channel(target):
+    """--target-bits B is the bytes of uniform B-bit per-channel quantization, interpolated between whole widths."""
     m, feeds = two_layer_model()
+    lo, hi = int(np.floor(target)), int(np.ceil(target))
+    limit = int(np.floor(_uniform_bytes(m, lo) + (target - lo) * (_uniform_bytes(m, hi) - _uniform_bytes(m, lo))))
     result = quantize(m, QuantConfig(search=Budget(target_bits=target), min_elements=0))
-    t = result.report.totals
-    assert t.avg_bits <= target + 1e-9
-    # Both widths are 4 or 8; the budget search upgrades as much as fits.
-    assert result.report.search["gap"] == pytest.approx(0, abs=1e-12)
+    assert result.report.search["limit_bytes"] == limit
+    assert result.report.totals.quantized_bytes <= limit
+    # Every plan the search measured is listed; what it returns is the best of those that fit.
+    measured = result.report.search["measured"]
+    returned = [x for x in measured if x["plan"] == result.report.search["returned"]][0]
+    assert all(returned["distance"] <= x["distance"] + 1e-15 for x in measured if x["bytes"] <= limit)
+    assert any(x["plan"].startswith("uniform") for x in measured)
 
 
 def test_budget_max_size_and_unreachable_budget():
     m, feeds = two_layer_model()
-    q4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).report.totals.quantized_bytes
+    q4 = _uniform_bytes(m, 4)
     ok = quantize(m, QuantConfig(search=Budget(max_bytes=q4), min_elements=0))
     assert ok.report.totals.quantized_bytes <= q4
-    with pytest.raises(BudgetError, match=f"smallest reachable is {q4} bytes") as exc:
+    with pytest.raises(BudgetError, match=f"the smallest plan that fits takes {q4} bytes") as exc:
         quantize(m, QuantConfig(search=Budget(max_bytes=q4 - 1), min_elements=0))
     assert exc.value.smallest_reachable == q4
 

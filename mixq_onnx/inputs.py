@@ -1,0 +1,160 @@
+"""Generated model inputs for verification and data-free end-to-end sensitivity.
+
+Shapes come from the model; ``--input-shape`` fixes dynamic dimensions. A
+dynamic dimension that is not given is probed: the batch axis is 1, and the
+others take increasing sizes (spatial ones from 32 to 640, sequence ones 16
+then 128) until the float model runs and gives finite outputs. The sizes
+chosen are returned so the caller can say what it used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+# Sizes tried for dynamic dimensions, smallest first: image sides, then sequence lengths.
+SPATIAL_SIZES = (32, 64, 128, 224, 320, 640)
+SEQUENCE_SIZES = (16, 128)
+# One generated sample may not exceed this (all inputs together); --input-shape gives smaller shapes.
+MAX_SAMPLE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class GeneratedInputs:
+    """Seeded feeds and the shape each input got (``probed`` lists the inputs whose dynamic sizes were chosen here)."""
+
+    feeds: list[Feed]
+    shapes: dict[str, tuple[int, ...]]
+    probed: tuple[str, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in self.shapes.items())
+
+
+def session(model: bytes | Path, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            config: dict[str, str] | None = None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """A quiet ONNX Runtime session from a path or serialized bytes."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=providers)
+
+
+def _role(inp: ort.NodeArg, axis: int) -> str:
+    """'batch', 'spatial' or 'sequence' for a dynamic dimension: images are float inputs of rank 4 or more."""
+    if axis == 0:
+        return "batch"
+    dtype = ORT_TYPES.get(inp.type)
+    return "spatial" if dtype is not None and np.issubdtype(dtype, np.floating) and len(inp.shape) >= 4 else "sequence"
+
+
+def _shapes_at(inputs: list[ort.NodeArg], given: dict[str, tuple[int, ...]], step: int) -> dict[str, tuple[int, ...]]:
+    sizes = {"batch": 1, "spatial": SPATIAL_SIZES[min(step, len(SPATIAL_SIZES) - 1)],
+             "sequence": SEQUENCE_SIZES[min(step, len(SEQUENCE_SIZES) - 1)]}
+    named: dict[str, int] = {}  # a named dimension shared by several inputs gets one size
+    out = {}
+    for inp in inputs:
+        if inp.name in given:
+            out[inp.name] = given[inp.name]
+            continue
+        dims = []
+        for axis, d in enumerate(inp.shape):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+                continue
+            size = sizes[_role(inp, axis)]
+            if isinstance(d, str) and d:
+                size = named.setdefault(d, size)
+            dims.append(size)
+        out[inp.name] = tuple(dims)
+    return out
+
+
+def _fill(inputs: list[ort.NodeArg], shapes: dict[str, tuple[int, ...]], bounds: dict[str, int],
+          rng: np.random.Generator) -> Feed:
+    feed = {}
+    for inp in inputs:
+        dtype = ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise ConfigError(f"input '{inp.name}' has type {inp.type}, which generated inputs cannot fill; pass --inputs FILE.npz")
+        shape = shapes[inp.name]
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif inp.name in bounds:  # token ids: inside the embedding table
+            feed[inp.name] = rng.integers(0, max(bounds[inp.name], 1), shape).astype(dtype)
+        else:  # masks, flags and counts: ones are the valid common case
+            feed[inp.name] = np.ones(shape, dtype=dtype)
+    return feed
+
+
+def _runs(sess: ort.InferenceSession, feed: Feed) -> str:
+    """'' if the model runs on ``feed`` with finite float outputs, else why not."""
+    try:
+        outs = sess.run(None, feed)
+    except Exception as exc:  # ORT raises several unrelated types for shape problems
+        return str(exc).splitlines()[0][:200]
+    for o, arg in zip(outs, sess.get_outputs()):
+        a = np.asarray(o)
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            return f"output '{arg.name}' is not finite"
+    return ""
+
+
+def generate_inputs(
+    model: bytes | Path, given: dict[str, tuple[int, ...]], bounds: dict[str, int], samples: int, seed: int
+) -> GeneratedInputs:
+    """``samples`` seeded feeds of one sample each that the float model runs on.
+
+    Raises ConfigError, naming what to pass, when no probed size works or a
+    sample would be too large.
+    """
+    sess = session(model)
+    inputs = sess.get_inputs()
+    unknown = set(given) - {i.name for i in inputs}
+    if unknown:
+        raise ConfigError(f"--input-shape names {sorted(unknown)}, which are not model inputs; inputs are {[i.name for i in inputs]}")
+    dynamic = [i.name for i in inputs if i.name not in given and any(not (isinstance(d, int) and d > 0) for d in i.shape[1:])]
+    steps = range(len(SPATIAL_SIZES)) if dynamic else range(1)
+    failure = ""
+    for step in steps:
+        shapes = _shapes_at(inputs, given, step)
+        nbytes = sum(int(np.prod(s)) * np.dtype(ORT_TYPES.get(i.type, np.float32)).itemsize for i, s in zip(inputs, shapes.values()))
+        if nbytes > MAX_SAMPLE_BYTES:
+            big = ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in shapes.items())
+            raise ConfigError(f"generated inputs of {big} would take {nbytes / 2**20:.0f} MiB per sample (limit "
+                              f"{MAX_SAMPLE_BYTES // 2**20} MiB); pass a smaller --input-shape or real samples with --inputs")
+        rng = np.random.default_rng(seed)
+        first = _fill(inputs, shapes, bounds, rng)
+        failure = _runs(sess, first)
+        if not failure:
+            feeds = [first] + [_fill(inputs, shapes, bounds, rng) for _ in range(samples - 1)]
+            if dynamic:
+                log.info("generated inputs: dynamic sizes chosen by probing: %s", shapes)
+            return GeneratedInputs(feeds, shapes, tuple(dynamic))
+        if not dynamic:
+            break
+    tried = "the model's own shapes" if not dynamic else f"sizes {SPATIAL_SIZES} (spatial) and {SEQUENCE_SIZES} (sequence)"
+    raise ConfigError(f"the float model does not run on generated inputs with {tried} ({failure}); "
+                      f"pass --input-shape NAME:DxD.. for {', '.join(dynamic) or 'its inputs'}, or real samples with --inputs/--calib")
+
+
+__all__ = ["GeneratedInputs", "generate_inputs", "session", "ORT_TYPES"]

@@ -1,0 +1,201 @@
+"""Whole plans measured end to end: never worse than uniform at the same bytes, and the accuracy target.
+
+The per-weight distances a search adds up are a model of the real loss; a
+plan's real loss is what the end-to-end evaluator measures with every weight
+of the plan quantized at once. This module measures the searched plan and
+its rivals (every uniform plan that fits the same budget) and returns the
+best, and finds the smallest plan whose measured distance meets
+``--max-loss``. Weights are rounded with the final method, once each (a
+cache), so what is compared is what is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import ml_dtypes
+import numpy as np
+
+from .config import PER_CHANNEL, Budget, Method, QuantConfig, Scheme
+from .errors import BudgetError
+from .layer_stats import InputStats
+from .measure import ErrorTable, Option
+from .numerics import Grid
+from .rounding import Rounded, round_weight
+from .search import Decision, Plan, SearchSummary, candidates, search
+from .sensitivity import EndToEnd
+
+log = logging.getLogger(__name__)
+
+
+class Rounder:
+    """Rounds (weight, option) pairs with a method and remembers the result, so each is rounded once."""
+
+    def __init__(self, config: QuantConfig, stats: dict[str, InputStats]) -> None:
+        self.config = config
+        self.stats = stats
+        self._cache: dict[tuple[str, str, int, str, int], Rounded] = {}
+
+    def get(self, table: ErrorTable, option: Option, method: Method | None = None) -> Rounded:
+        method = method or self.config.method
+        key = (table.site.graph, table.site.name, option.bits, option.layout.name, method is Method.RTN)
+        hit = self._cache.get(key)
+        if hit is None:
+            w = table.site.array
+            w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
+            grid = Grid(option.bits, self.config.scheme is Scheme.SYMMETRIC, option.layout, option.axis, option.qtype, table.scale_dtype)
+            hit = round_weight(w, grid, method, self.stats.get(table.site.name))
+            # Round-to-nearest is cheap to redo; only the costly methods are worth the memory.
+            if method is not Method.RTN:
+                self._cache[key] = hit
+        return hit
+
+    def prefetch(self, pairs: Iterable[tuple[ErrorTable, Option]]) -> None:
+        """Round many pairs in threads (numpy releases the GIL); later ``get`` calls hit the cache."""
+        todo = list({(t.site.graph, t.site.name, o.key): (t, o) for t, o in pairs}.values())
+        if self.config.method is Method.RTN or len(todo) < 2:
+            return
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda p: self.get(*p), todo))
+
+    def dequantized(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray:
+        """The option's weight as the DequantizeLinear output, in the weight's own dtype."""
+        return self.get(table, option, method).tensor.dequantize().astype(table.site.array.dtype)
+
+    def search_value(self, table: ErrorTable, option: Option) -> np.ndarray:
+        """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""
+        return self.dequantized(table, option, self.config.method if self.config.search_with_method else Method.RTN)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One plan measured end to end."""
+
+    label: str
+    nbytes: int
+    distance: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {"plan": self.label, "bytes": self.nbytes, "distance": self.distance}
+
+
+def plan_bytes(decisions: Iterable[Decision]) -> int:
+    return sum(d.option.nbytes for d in decisions)
+
+
+def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> float:
+    """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap)."""
+    ds = [d for d in decisions if d.table.site.name in evaluator.weights]
+    rounder.prefetch((d.table, d.option) for d in ds)
+    return evaluator.distance({d.table.site.name: rounder.dequantized(d.table, d.option) for d in ds})
+
+
+def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Decision, ...]]]:
+    """Every uniform plan (one width and layout for all searched weights; forced ones kept) the options allow.
+
+    A weight without the layout (a block longer than its axis) uses per-channel, then its cheapest layout, at the same width.
+    """
+    forced = {d.table.site.name for d in plan.decisions if d.reason.startswith("--force-bits")}
+    out = []
+    seen = set()
+    widths = sorted({o.bits for d in plan.decisions for o in candidates(config, d.table)})
+    for bits in widths:
+        for layout in config.layouts:
+            ds = []
+            for d in plan.decisions:
+                if d.table.site.name in forced:
+                    ds.append(d)
+                    continue
+                opts = [o for o in candidates(config, d.table) if o.bits == bits]
+                pick = next((o for o in opts if o.layout == layout), None) or next((o for o in opts if o.layout == PER_CHANNEL), None) \
+                    or min(opts, key=lambda o: o.nbytes, default=None)
+                if pick is None:
+                    break
+                ds.append(Decision(d.table, pick, f"uniform {bits} bits {layout.name}: measured best end to end among plans that fit"))
+            else:
+                signature = tuple(d.option.key for d in ds)
+                if signature not in seen:  # a layout no weight can use repeats another plan
+                    seen.add(signature)
+                    out.append((f"uniform {bits} bits {layout.name}", tuple(ds)))
+    return out
+
+
+def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evaluator: EndToEnd, rounder: Rounder) -> Plan:
+    """The searched plan, or the uniform plan that fits ``limit`` and measures better end to end."""
+    measured = [(Measured("searched", plan_bytes(plan.decisions), measure_plan(plan.decisions, evaluator, rounder)), plan.decisions)]
+    for label, ds in uniform_rivals(plan, config):
+        if plan_bytes(ds) <= limit:
+            measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder)), ds))
+    best, decisions = min(measured, key=lambda m: (m[0].distance, m[0].nbytes))
+    if best.label != "searched":
+        log.info("%s measured better end to end than the searched plan; returning it", best.label)
+    details = {**plan.summary.details, "measured": [m.as_dict() for m, _ in measured], "returned": best.label,
+               "distance": best.distance, "used_bytes": best.nbytes}
+    return Plan(decisions, SearchSummary(plan.summary.mode, details))
+
+
+def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss: float, evaluator: EndToEnd,
+                         rounder: Rounder, rounds: int = 6) -> Plan:
+    """The smallest plan whose measured end-to-end distance is at most ``max_loss``.
+
+    The knapsack's summed per-weight distances predict a plan's loss; each
+    round measures the predicted plan and rescales the target by
+    measured/predicted, keeping the smallest plan that measured within the
+    loss. Uniform plans are candidates too. Raises BudgetError if even the
+    most accurate plan is over the loss.
+    """
+    accurate = search(tables, config, loss=0.0)  # nothing meets 0: the bisection ends at the most accurate plan
+    best_d = measure_plan(accurate.decisions, evaluator, rounder)
+    measured = [Measured("most accurate", plan_bytes(accurate.decisions), best_d)]
+    if best_d > max_loss:
+        raise BudgetError(f"--max-loss {max_loss:g} cannot be met: even the most accurate plan ({plan_bytes(accurate.decisions)} "
+                          f"bytes, 8 bits where allowed) measures {best_d:.4g}; raise --max-loss", best_d)
+    fits: list[tuple[Measured, tuple[Decision, ...]]] = [(measured[0], accurate.decisions)]
+    target = max_loss
+    for _ in range(rounds):
+        plan = search(tables, config, loss=target)
+        d = measure_plan(plan.decisions, evaluator, rounder)
+        m = Measured(f"searched (predicted {float(plan.summary.details['predicted']):.3g})", plan_bytes(plan.decisions), d)
+        measured.append(m)
+        if d <= max_loss:
+            fits.append((m, plan.decisions))
+        predicted = float(plan.summary.details["predicted"])
+        if predicted <= 0 or d <= 0:
+            break
+        nxt = target * max_loss / d
+        if abs(nxt - target) <= 0.02 * target:
+            break
+        target = nxt
+    for label, ds in uniform_rivals(accurate, config):
+        d = measure_plan(ds, evaluator, rounder)
+        m = Measured(label, plan_bytes(ds), d)
+        measured.append(m)
+        if d <= max_loss:
+            fits.append((m, ds))
+    best, decisions = min(fits, key=lambda f: (f[0].nbytes, f[0].distance))
+    reason = f"smallest plan measured within --max-loss {max_loss:g} ({best.label})"
+    decisions = tuple(d if d.reason.startswith("--force-bits") else replace(d, reason=reason) for d in decisions)
+    return Plan(decisions, SearchSummary("max-loss", {"max_loss": max_loss, "measured": [x.as_dict() for x in measured],
+                                                      "returned": best.label, "distance": best.distance, "used_bytes": best.nbytes}))
+
+
+def budget_limit(budget: Budget, uniform_total: dict[int, int]) -> int:
+    """Bytes of a budget: ``--max-size`` as given; ``--target-bits B`` as the bytes of uniform B-bit per-channel
+    quantization of the same tensors, interpolated linearly between whole widths (``uniform_total[b]``)."""
+    if budget.max_bytes is not None:
+        return budget.max_bytes
+    b = float(budget.target_bits)  # type: ignore[arg-type]
+    if b >= 8:
+        return int(uniform_total[8] * b / 8)
+    lo = int(np.floor(b))
+    hi = lo + 1
+    if lo not in uniform_total:
+        lo = hi
+    return int(np.floor(uniform_total[lo] + (b - lo) * (uniform_total[hi] - uniform_total[lo])))
+
+
+__all__ = ["Measured", "Rounder", "budget_limit", "measure_plan", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]

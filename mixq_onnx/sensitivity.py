@@ -1,0 +1,339 @@
+"""End-to-end sensitivity: how far the model's outputs move when one weight is quantized.
+
+One ONNX Runtime session serves every measurement: the searched weights
+become graph inputs, so quantizing a weight (or a whole plan) is a matter of
+feeding different arrays, never of rebuilding a session. Distances are
+computed against the float model's outputs on the same samples:
+
+- outputs whose float values are probabilities (non-negative, summing to 1
+  along the last axis) or log-probabilities use KL(float || quantized);
+- every other float output uses normalised MSE, ``sum (q - f)^2 / sum f^2``;
+
+and the model's distance is their mean over outputs. Both are close to
+additive over independent small perturbations, which is what lets the
+knapsack add per-weight distances.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import ConfigError
+from .find import WeightSite
+from .graph import iter_scopes
+from .inputs import Feed, session
+from .io import EXTERNAL_THRESHOLD
+from .measure import ErrorTable, Option
+
+log = logging.getLogger(__name__)
+
+
+class OutputKind(enum.Enum):
+    """How an output's distance is measured."""
+
+    PROBABILITIES = "kl"
+    LOG_PROBABILITIES = "kl (log-probabilities)"
+    VALUES = "nmse"
+
+
+def output_kind(values: list[np.ndarray]) -> OutputKind | None:
+    """KL for probability-like outputs, NMSE for other float outputs, None for integer ones."""
+    if not values or not np.issubdtype(values[0].dtype, np.floating) or values[0].ndim == 0:
+        return None
+    if any(v.shape[-1] < 2 for v in values):
+        return OutputKind.VALUES
+    arrays = [v.astype(np.float64) for v in values]
+    if all(np.all(a >= 0) and np.all(a <= 1 + 1e-6) and np.allclose(a.sum(-1), 1.0, atol=1e-3) for a in arrays):
+        return OutputKind.PROBABILITIES
+    if all(np.all(a <= 1e-6) and np.allclose(np.exp(a).sum(-1), 1.0, atol=1e-3) for a in arrays):
+        return OutputKind.LOG_PROBABILITIES
+    return OutputKind.VALUES
+
+
+def _kl_sum(p: np.ndarray, q: np.ndarray, log_space: bool) -> tuple[float, int]:
+    """Sum over positions of KL(p || q) along the last axis, and the number of positions."""
+    if log_space:
+        lp, lq = p.astype(np.float64), q.astype(np.float64)
+        lq = lq - np.logaddexp.reduce(lq, axis=-1, keepdims=True)
+        kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    else:
+        pp = p.astype(np.float64)
+        qq = np.clip(q.astype(np.float64), 1e-12, None)
+        qq = qq / qq.sum(-1, keepdims=True)
+        kl = np.sum(np.where(pp > 0, pp * (np.log(np.clip(pp, 1e-300, None)) - np.log(qq)), 0.0), axis=-1)
+    return float(np.sum(np.maximum(kl, 0.0))), int(kl.size)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which weights the evaluator can swap, and why the others cannot."""
+
+    names: tuple[str, ...]
+    reasons: dict[str, str]
+
+
+def eligibility(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> Eligibility:
+    """A weight can be swapped if it can become a main-graph input: fp32/fp16, one definition, no name clash."""
+    counts: dict[str, int] = {}
+    for s in sites:
+        counts[s.name] = counts.get(s.name, 0) + 1
+    main_inputs = {i.name for i in model.graph.input}
+    ok, reasons = [], {}
+    for s in sites:
+        if s.array.dtype not in (np.float32, np.float16):
+            reasons[s.name] = f"{s.array.dtype} weights cannot be fed to ONNX Runtime"
+        elif counts[s.name] > 1:
+            reasons[s.name] = "the name is defined in several subgraphs"
+        elif s.name in main_inputs:
+            reasons[s.name] = "the name is already a graph input"
+        else:
+            ok.append(s.name)
+    return Eligibility(tuple(ok), reasons)
+
+
+def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> onnx.ModelProto:
+    """A copy of ``model`` in which each site is a main-graph input of the same name, type and shape.
+
+    Subgraphs keep reading it by name from the outer scope, which ONNX allows.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    wanted = {(s.graph, s.name): s for s in sites}
+    for scope in iter_scopes(out.graph):
+        g = scope.graph
+        inits = [t for t in g.initializer if (scope.path, t.name) not in wanted]
+        if len(inits) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(inits)
+        nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output and (scope.path, n.output[0]) in wanted)]
+        if len(nodes) != len(g.node):
+            del g.node[:]
+            g.node.extend(nodes)
+    for s in sites:
+        elem = helper.np_dtype_to_tensor_dtype(s.array.dtype)
+        out.graph.input.append(helper.make_tensor_value_info(s.name, elem, list(s.shape)))
+    return out
+
+
+class EndToEnd:
+    """The float model with its searched weights as inputs, its reference outputs and a distance function."""
+
+    def __init__(self, model: onnx.ModelProto, sites: Sequence[WeightSite], feeds: list[Feed], source: str) -> None:
+        if not feeds:
+            raise ConfigError("end-to-end sensitivity needs at least one sample")
+        self.eligibility = eligibility(model, sites)
+        names = set(self.eligibility.names)
+        chosen = [s for s in sites if s.name in names]
+        self.weights = {s.name: s.array for s in chosen}
+        evaluated = weights_as_inputs(model, chosen)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.session = self._session(evaluated)
+        model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
+        self.feeds = [{k: f[k] for k in model_inputs} for f in feeds]
+        self.source = source
+        self.samples = sum(_rows(f) for f in self.feeds)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.references = [self._run(f, {}) for f in self.feeds]
+        kinds = {n: output_kind([r[k] for r in self.references]) for k, n in enumerate(self.output_names)}
+        self.kinds = {n: k for n, k in kinds.items() if k is not None}
+        if not self.kinds:
+            raise ConfigError("the model has no float outputs to compare")
+        self.evaluations = 0
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if model.ByteSize() < EXTERNAL_THRESHOLD:
+            return session(model.SerializeToString(), level)
+        # Protobuf cannot serialize 2 GB; ORT reads the weights from a file beside the model.
+        self._tmp = tempfile.TemporaryDirectory(prefix="mixq-e2e-")
+        path = Path(self._tmp.name) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+        return session(path, level)
+
+    def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {**feed, **self.weights, **replace_weights})
+
+    def distance(self, replace_weights: dict[str, np.ndarray], feeds: int | None = None) -> float:
+        """Mean over float outputs of the distance between the float outputs and those with ``replace_weights``.
+
+        ``feeds`` limits the measurement to the first N feeds (a subsample).
+        """
+        n = len(self.feeds) if feeds is None else max(1, min(feeds, len(self.feeds)))
+        noise = {name: 0.0 for name in self.kinds}
+        signal = {name: 0.0 for name in self.kinds}
+        for feed, ref in zip(self.feeds[:n], self.references[:n]):
+            outs = self._run(feed, replace_weights)
+            for k, name in enumerate(self.output_names):
+                kind = self.kinds.get(name)
+                if kind is None:
+                    continue
+                f, q = ref[k], np.asarray(outs[k])
+                if kind is OutputKind.VALUES:
+                    d = q.astype(np.float64) - f.astype(np.float64)
+                    noise[name] += float(np.sum(d * d))
+                    signal[name] += float(np.sum(np.square(f, dtype=np.float64)))
+                else:
+                    total, count = _kl_sum(f, q, kind is OutputKind.LOG_PROBABILITIES)
+                    noise[name] += total
+                    signal[name] += count
+        self.evaluations += 1
+        values = []
+        for name, kind in self.kinds.items():
+            if kind is OutputKind.VALUES:
+                values.append(noise[name] / signal[name] if signal[name] > 0 else noise[name])
+            else:
+                values.append(noise[name] / max(signal[name], 1.0))
+        return float(np.mean(values))
+
+    def describe(self) -> dict[str, object]:
+        return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
+                "weights_measured": len(self.eligibility.names),
+                "not_measured": dict(sorted(self.eligibility.reasons.items()))}
+
+
+def _rows(feed: Feed) -> int:
+    first = np.asarray(next(iter(feed.values()))) if feed else np.zeros(())
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def limit_feeds(feeds: list[Feed], samples: int) -> list[Feed]:
+    """The first ``samples`` samples of batched feeds (the last batch cut short if needed)."""
+    out, left = [], samples
+    for f in feeds:
+        if left <= 0:
+            break
+        rows = _rows(f)
+        if rows > left and all(np.asarray(v).ndim for v in f.values()):
+            f = {k: np.asarray(v)[:left] for k, v in f.items()}
+            rows = left
+        out.append(f)
+        left -= rows
+    return out
+
+
+Dequantize = Callable[[ErrorTable, Option], np.ndarray]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class E2ESummary:
+    """What the end-to-end measurement cost and covered, for the report."""
+
+    screen_feeds: int
+    feeds: int
+    screened: int
+    refined: int
+    estimated: dict[str, str]
+
+
+def _hull_neighbours(options: Sequence[Option], values: dict[tuple[int, str], float], chosen: Option) -> list[Option]:
+    """The chosen option and its neighbours on the (bytes, distance) lower hull: the ones a budget shift would pick."""
+    ordered = sorted(options, key=lambda o: (o.nbytes, values[o.key]))
+    hull: list[Option] = []
+    for o in ordered:
+        if hull and values[o.key] >= values[hull[-1].key]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (values[b.key] - values[a.key]) * (o.nbytes - a.nbytes) >= (values[o.key] - values[a.key]) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    keep = {chosen.key}
+    if chosen in hull:
+        i = hull.index(chosen)
+        keep |= {h.key for h in hull[max(0, i - 1): i + 2]}
+    else:  # off the hull (exact knapsack fill): its hull bracket
+        below = [h for h in hull if h.nbytes <= chosen.nbytes]
+        above = [h for h in hull if h.nbytes > chosen.nbytes]
+        keep |= {h.key for h in below[-1:] + above[:1]}
+    return [o for o in options if o.key in keep]
+
+
+def attach_e2e(
+    tables: list[ErrorTable],
+    evaluator: EndToEnd,
+    dequantize: Dequantize,
+    choose: Callable[[list[ErrorTable]], dict[str, Option]],
+    progress: Progress | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[ErrorTable], E2ESummary]:
+    """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
+
+    Stage 1 measures every option on the first eighth of the samples.
+    ``choose`` (the search, on those values) picks an option per weight;
+    stage 2 re-measures, on all samples, the picked option and its
+    neighbours on the weight's (bytes, distance) hull. The other options
+    keep their screening value times the weight's full/screen ratio.
+    Weights the evaluator cannot swap get their weight-error value times
+    the median distance/error ratio of the others, and are listed. Weights
+    in ``skip`` (forced widths) are not measured.
+    """
+    n_feeds = len(evaluator.feeds)
+    screen_feeds = max(1, math.ceil(n_feeds / 8))
+    swappable = set(evaluator.eligibility.names)
+    work = [t for t in tables if t.site.name in swappable and t.site.name not in skip]
+    total = sum(len(t.options) for t in work)
+    screen: dict[str, dict[tuple[int, str], float]] = {}
+    done = 0
+    for t in work:
+        values = screen[t.site.name] = {}
+        for o in t.options:
+            values[o.key] = evaluator.distance({t.site.name: dequantize(t, o)}, screen_feeds)
+            done += 1
+            if progress is not None:
+                progress(done, total, "end-to-end sensitivity")
+    full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
+    refined = 0
+    if screen_feeds < n_feeds:
+        picked = choose([_with_e2e(t, screen.get(t.site.name)) for t in tables])
+        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screen[t.site.name], picked[t.site.name])]
+        for i, (t, o) in enumerate(todo):
+            full[t.site.name][o.key] = evaluator.distance({t.site.name: dequantize(t, o)})
+            if progress is not None:
+                progress(i + 1, len(todo), "end-to-end refinement")
+        refined = len(todo)
+    else:
+        full = screen
+    final: dict[str, dict[tuple[int, str], float]] = {}
+    for t in work:
+        s, f = screen[t.site.name], full[t.site.name]
+        ratios = [f[k] / s[k] for k in f if s[k] > 0]
+        ratio = float(np.median(ratios)) if ratios else 1.0
+        final[t.site.name] = {o.key: f.get(o.key, s[o.key] * ratio) for o in t.options}
+    # Weights that cannot be swapped: their own error on the same scale as the others' distances.
+    pairs = [(final[t.site.name][o.key], o.nmse) for t in work for o in t.options if o.nmse > 0]
+    scale = float(np.median([d / e for d, e in pairs])) if pairs else 1.0
+    estimated = {}
+    out = []
+    for t in tables:
+        if t.site.name in final:
+            out.append(_with_e2e(t, final[t.site.name]))
+        elif t.site.name in skip:
+            out.append(t)
+        else:
+            estimated[t.site.name] = evaluator.eligibility.reasons.get(t.site.name, "not measured")
+            out.append(_with_e2e(t, {o.key: o.nmse * scale for o in t.options}))
+    log.info("end-to-end sensitivity: %d options screened on %d feed(s), %d refined on %d", total, screen_feeds, refined, n_feeds)
+    return out, E2ESummary(screen_feeds, n_feeds, total, refined, estimated)
+
+
+def _with_e2e(t: ErrorTable, values: dict[tuple[int, str], float] | None) -> ErrorTable:
+    if values is None:
+        return t
+    return replace(t, options=tuple(replace(o, e2e=values[o.key]) for o in t.options))
+
+
+__all__ = ["E2ESummary", "EndToEnd", "OutputKind", "attach_e2e", "eligibility", "limit_feeds", "output_kind", "weights_as_inputs"]
