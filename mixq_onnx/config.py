@@ -66,8 +66,9 @@ class Layout:
 
 PER_TENSOR = Layout(Granularity.TENSOR)
 PER_CHANNEL = Layout(Granularity.CHANNEL)
-# What the searches choose among by default: finer scales often buy more accuracy per byte than more bits.
-SEARCH_LAYOUTS = (PER_CHANNEL,) + tuple(Layout(Granularity.BLOCK, b) for b in BLOCK_SIZES)
+# What the searches choose among by default: finer scales often buy more accuracy per byte than more bits, and
+# per-tensor scales free the bytes of per-channel ones where a weight does not need them.
+SEARCH_LAYOUTS = (PER_CHANNEL, PER_TENSOR) + tuple(Layout(Granularity.BLOCK, b) for b in BLOCK_SIZES)
 
 
 class Scheme(enum.Enum):

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
-from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
+from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
@@ -266,7 +266,8 @@ def _quantize_at(
             loss = None
             return {d.table.site.name: d.option for d in search(ts, config, limit, loss).decisions}
 
-        tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced)
+        tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
+                                     refine_with=rounder.dequantized if config.method is not Method.RTN else None)
         e2e_info = {**evaluator.describe(), "screen_feeds": summary.screen_feeds, "feeds": summary.feeds,
                     "options_screened": summary.screened, "options_refined": summary.refined,
                     "estimated_from_weight_error": summary.estimated}

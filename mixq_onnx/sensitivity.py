@@ -269,6 +269,7 @@ def attach_e2e(
     choose: Callable[[list[ErrorTable]], dict[str, Option]],
     progress: Progress | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
+    refine_with: Dequantize | None = None,
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
@@ -277,6 +278,9 @@ def attach_e2e(
     stage 2 re-measures, on all samples, the picked option and its
     neighbours on the weight's (bytes, distance) hull. The other options
     keep their screening value times the weight's full/screen ratio.
+    ``refine_with`` (default ``dequantize``) rounds the refined options: the
+    pipeline passes the final rounding method, so the values that decide
+    are those of the weights that will be written.
     Weights the evaluator cannot swap get their weight-error value times
     the median distance/error ratio of the others, and are listed. Weights
     in ``skip`` (forced widths) are not measured.
@@ -297,11 +301,11 @@ def attach_e2e(
                 progress(done, total, "end-to-end sensitivity")
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
-    if screen_feeds < n_feeds:
+    if screen_feeds < n_feeds or refine_with is not None:
         picked = choose([_with_e2e(t, screen.get(t.site.name)) for t in tables])
         todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screen[t.site.name], picked[t.site.name])]
         for i, (t, o) in enumerate(todo):
-            full[t.site.name][o.key] = evaluator.distance({t.site.name: dequantize(t, o)})
+            full[t.site.name][o.key] = evaluator.distance({t.site.name: (refine_with or dequantize)(t, o)})
             if progress is not None:
                 progress(i + 1, len(todo), "end-to-end refinement")
         refined = len(todo)

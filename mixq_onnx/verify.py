@@ -115,6 +115,21 @@ def compare(reference: np.ndarray, actual: np.ndarray, name: str) -> OutputCompa
     )
 
 
+def _split_for_fixed_batch(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
+    """Many samples in one array become one feed each when the model's batch dimension is fixed at 1."""
+    fixed_one = [i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1]
+    if not fixed_one:
+        return feeds
+    out = []
+    for f in feeds:
+        rows = {np.asarray(f[n]).shape[0] for n in fixed_one if np.asarray(f[n]).ndim}
+        if len(rows) == 1 and (n := rows.pop()) > 1 and all(np.asarray(v).ndim and np.asarray(v).shape[0] == n for v in f.values()):
+            out.extend({k: np.asarray(v)[i : i + 1] for k, v in f.items()} for i in range(n))
+        else:
+            out.append(f)
+    return out
+
+
 def verify(
     float_model: bytes | Path, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], source: str
 ) -> Verification:
@@ -127,6 +142,7 @@ def verify(
         raise ConfigError(f"verification inputs lack {missing}; the model's inputs are {wanted}")
     # Extra arrays (labels, say) may sit in the same .npz; they are not fed.
     feeds = [{n: f[n] for n in wanted} for f in feeds]
+    feeds = _split_for_fixed_batch(feeds, ref_sess)
     names = [o.name for o in ref_sess.get_outputs()]
     try:
         refs = [ref_sess.run(None, f) for f in feeds]
