@@ -180,6 +180,7 @@ def _budget(
             "sensitivity": _label(config, tables),
             "objective": total,
             "lower_bound": lower,
+            "gap": total - lower,
             "solver": "dynamic programming (exact)" if exact else "Lagrangian greedy with LP bound",
         },
     )

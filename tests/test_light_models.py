@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from mixq_onnx import QuantConfig, Uniform, quantize
+from mixq_onnx import Budget, QuantConfig, Uniform, quantize
+from mixq_onnx.config import Sensitivity
 from tests.helpers import LEVELS, run, sqnr_db
 from tests.light_models import available, build
 
@@ -32,3 +33,37 @@ def test_light_model_8bit(name):
 
 def test_all_light_models_present():
     assert len(available()) >= 8
+
+
+def _check_budget_run(name: str, sensitivity: Sensitivity) -> None:
+    model = build(name)
+    q4 = quantize(model, QuantConfig(search=Uniform(4))).report.totals.quantized_bytes
+    result = quantize(model, QuantConfig(search=Budget(target_bits=4), sensitivity=sensitivity, e2e_samples=2))
+    onnx.checker.check_model(result.model, full_check=True)
+    s = result.report.search
+    assert s["limit_bytes"] == q4 and result.report.totals.quantized_bytes <= q4
+    assert s["distance"] <= min(m["distance"] for m in s["measured"] if m["bytes"] <= q4)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {model.graph.input[0].name: np.random.default_rng(1).normal(size=shape).astype(np.float32)}
+    got = run(result.model, feeds)[0]
+    assert np.all(np.isfinite(got)) and got.shape == run(model, feeds)[0].shape
+
+
+@pytest.mark.parametrize("name", [n for n in ("squeezenet", "shufflenet") if n in available()])
+def test_light_model_target_bits_4(name):
+    """--target-bits 4 is reachable; the plan check runs end to end (weight-error search: fast)."""
+    _check_budget_run(name, Sensitivity.WEIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", available())
+def test_light_model_target_bits_4_weight_error(name):
+    """--target-bits 4 on every topology with the weight-error search and the end-to-end plan check."""
+    _check_budget_run(name, Sensitivity.WEIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", available())
+def test_light_model_target_bits_4_end_to_end(name):
+    """The default end-to-end search on every topology (minutes: marked slow)."""
+    _check_budget_run(name, Sensitivity.E2E)
