@@ -136,8 +136,7 @@ def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tu
     if not isinstance(budget, Budget):
         return None
     used = [s for s in sites if specs.get(s.name)]
-    widths = sorted({MIN_BITS, MAX_BITS, *range(max(MIN_BITS, int(budget.target_bits or 8)), min(MAX_BITS, int(budget.target_bits or 8) + 1) + 1)})
-    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in widths}
+    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in range(MIN_BITS, MAX_BITS + 1)}
     limit = budget_limit(budget, totals)
     smallest = 0
     for s in used:
@@ -263,8 +262,7 @@ def _quantize_at(
         forced = {t.site.name for t in tables if config.forced_bits(t.site.names) is not None}
 
         def choose(ts: list[ErrorTable]) -> dict[str, Option]:
-            loss = None
-            return {d.table.site.name: d.option for d in search(ts, config, limit, loss).decisions}
+            return {d.table.site.name: d.option for d in search(ts, config, limit).decisions}
 
         tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
                                      refine_with=rounder.dequantized if config.method is not Method.RTN else None)
@@ -278,6 +276,13 @@ def _quantize_at(
         plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder)
     if evaluator is not None:
         e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
+    if isinstance(config.search, Uniform):
+        other = [d for d in plan.decisions if d.option.bits != config.search.bits]
+        if other:
+            msg = (f"{len(other)} of {len(plan.decisions)} tensors cannot take {config.search.bits} bits under --target "
+                   f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
+            log.warning(msg)
+            notes.append(msg)
     uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
     rounder.prefetch((d.table, d.option) for d in plan.decisions)
     rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
