@@ -20,8 +20,8 @@ from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, Mi
 from .errors import BudgetError, ConfigError, ModelError
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
-from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
-from .inputs import Feed, generate_inputs
+from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, stage_model
+from .inputs import Feed, generate_inputs, session
 from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, uniform_bytes
 from .numerics import QTYPES, activation_params, container_for, required_opset
 from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
@@ -50,6 +50,8 @@ class VerifyOptions:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"--verify-samples must be at least 1, got {self.samples}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
         parse_input_shapes(self.input_shapes)
 
 
@@ -386,9 +388,12 @@ def quantize_file(
     With ``output_path`` None nothing is written (a plan only).
     """
     verify_options = verify_options or VerifyOptions()
-    out = check_output_path(output_path, input_path) if output_path is not None else None
+    reads = tuple(p for p in (calibration.path if calibration else None, verify_options.inputs) if p is not None)
+    reads = tuple(f for p in reads for f in (sorted(Path(p).iterdir()) if Path(p).is_dir() else [Path(p)]))
+    out = check_output_path(output_path, input_path, reads) if output_path is not None else None
     shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
+    check_runs_in_ort(Path(input_path))
     feeds = load_calibration(calibration.path, Path(input_path), calibration.samples) if calibration else None
     config = config or QuantConfig()
     # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
@@ -409,14 +414,30 @@ def quantize_file(
     result.report.input = str(input_path)
     if out is None:
         return result
-    save_model(result.model, out, loaded.had_external_data)
+    # The model is written in full beside OUT, verified there, and only then moved into place: OUT either holds
+    # the complete, verified model or is untouched.
+    staged = stage_model(result.model, out, loaded.had_external_data)
+    try:
+        if verify_feeds is not None:
+            result.report.verification = verify(Path(input_path), staged.path, verify_feeds, verify_source)
+        staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
     result.report.output = str(out)
     in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
-    out_bytes = out.stat().st_size + _data_size(out)
-    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=out_bytes)
-    if verify_feeds is not None:
-        result.report.verification = verify(Path(input_path), out, verify_feeds, verify_source)
+    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=staged_bytes)
     return result
+
+
+def check_runs_in_ort(path: Path) -> None:
+    """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...)."""
+    try:
+        session(path)
+    except Exception as exc:  # ORT raises its own exception types
+        raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
+                         "fix or re-export the model first") from exc
 
 
 def _data_size(model_path: Path) -> int:

@@ -106,8 +106,9 @@ def test_budget_max_size_and_unreachable_budget():
     q4 = _uniform_bytes(m, 4)
     ok = quantize(m, QuantConfig(search=Budget(max_bytes=q4), min_elements=0))
     assert ok.report.totals.quantized_bytes <= q4
+    # Per-channel only: uniform INT4 is then the smallest plan there is.
     with pytest.raises(BudgetError, match=f"the smallest plan that fits takes {q4} bytes") as exc:
-        quantize(m, QuantConfig(search=Budget(max_bytes=q4 - 1), min_elements=0))
+        quantize(m, QuantConfig(search=Budget(max_bytes=q4 - 1), layouts=(PER_CHANNEL,), min_elements=0))
     assert exc.value.smallest_reachable == q4
 
 
