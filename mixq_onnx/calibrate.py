@@ -55,6 +55,10 @@ def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
     files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy")) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"{path}: no .npz or .npy files in the --calib folder")
+    for f in files:
+        # A FIFO or device would block or never end; only regular files are read.
+        if not f.is_file():
+            raise ConfigError(f"{f}: not a regular file; give .npz or .npy files for --calib")
     parts: list[tuple[Path, dict[str, np.ndarray]]] = []
     npy: dict[str, np.ndarray] = {}
     for f in files:
@@ -64,7 +68,7 @@ def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
             else:
                 with np.load(f, allow_pickle=False) as data:
                     parts.append((f, {k: data[k] for k in data.files}))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ConfigError(f"{f}: cannot read calibration data ({exc}); give .npz or .npy files of arrays") from exc
     if npy:
         parts.append((path, npy))

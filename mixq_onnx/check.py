@@ -57,7 +57,20 @@ def _consts(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return out
 
 
-def _qnodes(model: onnx.ModelProto) -> list[_QNode]:
+def _malformed(n: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> str:
+    """Why a QuantizeLinear/DequantizeLinear node cannot be read, or ''."""
+    if len(n.input) < 2 or not n.input[0] or not n.input[1]:
+        return f"{n.op_type} needs an input and a scale; it has inputs {list(n.input)}"
+    if len(n.output) < 1 or not n.output[0]:
+        return f"{n.op_type} has no output"
+    for role, name in (("scale", n.input[1]), ("zero point", n.input[2] if len(n.input) > 2 else "")):
+        t = consts.get(name) if name else None
+        if t is not None and t.data_type not in helper.get_all_tensor_dtypes():
+            return f"its {role} '{name}' has unknown data type {t.data_type}"
+    return ""
+
+
+def _qnodes(model: onnx.ModelProto, malformed: list[Violation] | None = None) -> list[_QNode]:
     g = model.graph
     consts = _consts(g)
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -67,6 +80,11 @@ def _qnodes(model: onnx.ModelProto) -> list[_QNode]:
     out = []
     for idx, n in enumerate(g.node):
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        problem = _malformed(n, consts)
+        if problem:
+            if malformed is not None:
+                malformed.append(Violation(node_label(n, idx), "malformed", problem))
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         zp_t = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -103,7 +121,7 @@ def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
     """Every way ``model`` breaks ``target``'s rules; empty when it follows them."""
     found: list[Violation] = []
     opset = default_opset(model)
-    qnodes = _qnodes(model)
+    qnodes = _qnodes(model, found)
     produced_by_dq = {q.node.output[0] for q in qnodes if q.node.op_type == "DequantizeLinear" and not q.data_is_const}
     activation_q = [q for q in qnodes if q.node.op_type == "QuantizeLinear"]
 

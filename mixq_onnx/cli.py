@@ -5,12 +5,21 @@ Only this module prints, draws progress bars and turns errors into exit codes.
 
 from __future__ import annotations
 
-import logging
-import re
+import os
+import signal
 import sys
-from pathlib import Path
 
-import click
+# Until a command sets up its own handling, a signal ends the process at once and quietly: nothing has been
+# written yet, and the imports below take a moment.
+for _sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_sig, lambda signum, frame: os._exit(128 + signum))
+
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
 
 from .config import (
     Budget,
@@ -31,7 +40,7 @@ from .config import (
 )
 from .errors import ConfigError, MixqError
 from .check import check_model
-from .io import check_output_path, load_model, write_text_atomic
+from .io import check_output_path, load_model, stale_temp_dirs, write_text_atomic
 from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
 from .report import format_table
 
@@ -143,7 +152,7 @@ def _setup_logging(quiet: bool, verbose: int) -> None:
 
 
 @main.command("check", context_settings=CONTEXT)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice([t.value for t in Target]), required=True, help="The runtime whose rules to check.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; the exit code says it all.")
 def check(model: Path, target: str, quiet: bool) -> None:
@@ -158,6 +167,9 @@ def check(model: Path, target: str, quiet: bool) -> None:
     except MixqError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug of ours: never exit 1, which means "violations found"
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (please report it)", err=True)
+        sys.exit(70)
     if not quiet:
         for v in violations:
             click.echo(str(v))
@@ -206,6 +218,7 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Verify on real samples: an .npz of arrays keyed by input name.")
 @click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--clean-temp", is_flag=True, help="First remove temporary .mixq-* files that killed runs left in the output's folder.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
 def quantize(
@@ -214,7 +227,7 @@ def quantize(
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
     method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
-    input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, quiet: bool, verbose: int,
+    input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
 ) -> None:
     """Quantize the weights of MODEL (.onnx) with a per-tensor bit-width search and write a QDQ model.
 
@@ -229,6 +242,9 @@ def quantize(
       mixq-onnx check q.onnx --target ort-cpu               # check a model against a runtime's rules
     """
     _setup_logging(quiet, verbose)
+    # From here SIGINT and SIGTERM unwind the stack, so temporary files are removed on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
@@ -239,10 +255,22 @@ def quantize(
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:
             raise ConfigError("--calib-samples needs --calib")
+        if clean_temp:
+            folder = (output.parent if output is not None and str(output.parent) else Path("."))
+            for stale in stale_temp_dirs(folder):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                if not quiet:
+                    click.echo(f"removed stale temporary {stale}", err=True)
         if report_path is not None:
-            check_output_path(report_path, model)
+            reads = tuple(p for p in (calib_path, inputs_path) if p is not None)
+            if output is not None:
+                reads += (output, output.parent / (output.name + ".data"))
+            check_output_path(report_path, model, reads, what="report path")
         result = quantize_file(model, None if plan_only else output, config, verify_options,
                                _Progress(not quiet and sys.stderr.isatty()), calibration)
+        # The model is in place: an interrupt now would only hide that it succeeded.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         if report_path is not None:
             write_text_atomic(report_path, result.report.to_json())
         if not quiet:
@@ -254,6 +282,9 @@ def quantize(
     except MixqError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
     except Exception as exc:  # a bug of ours: still one line unless asked for details
         if verbose:
             raise

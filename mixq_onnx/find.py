@@ -15,6 +15,7 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -297,6 +298,11 @@ class _Finder:
             for name, source, tensor in candidates:
                 site = self._classify(scope, name, source, tensor, name in graph_inputs)
                 (weights if isinstance(site, WeightSite) else skipped).append(site)
+            for sp in scope.graph.sparse_initializer:
+                dims = tuple(int(d) for d in sp.dims)
+                dtype = onnx.helper.tensor_dtype_to_string(sp.values.data_type).replace("TensorProto.", "").lower()
+                skipped.append(Skipped(sp.values.name, scope.path, dims, dtype, int(np.prod(dims)) if dims else 1,
+                                       "sparse initializer: kept as it is (its zeros already cost nothing)"))
         log.info("found %d weight tensors, left %d constants alone", len(weights), len(skipped))
         return Inventory(tuple(weights), tuple(skipped), dict(sorted(self.quant_ops.items())))
 
@@ -319,6 +325,10 @@ class _Finder:
             return skip(f"unsupported dtype {dtype_name} for a weight; only float32, float16 and bfloat16 are quantized")
         if is_input:
             return skip("initializer is also a graph input, so it can be overridden at run time")
+        if not shape:
+            return skip("scalar: nothing to gain from quantizing one value")
+        if params == 0:
+            return skip("zero-size tensor: nothing to quantize")
         pattern = self.config.kept_float((name,) + tuple(u.node for u, _, _ in uses))
         if pattern is not None:
             return skip(f"matches --keep-float {pattern!r}")
@@ -338,6 +348,11 @@ class _Finder:
         if any(c is None for _, c, _ in uses) and via and "Reshape" in via:
             notes.append("a Reshape hides the channel axis; only per-tensor scales are possible")
         array = numpy_helper.to_array(tensor)
+        finite = np.isfinite(array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array)
+        if not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
+            log.warning("weight '%s' has %d NaN or infinite values; it stays float", name, bad)
+            return skip(f"{bad} NaN or infinite values: a quantization range cannot hold them, so it stays float")
         return WeightSite(
             name, scope.path, source, array, tuple(u for u, _, _ in uses), tuple(dict.fromkeys(via)), ch, red, tuple(notes)
         )

@@ -35,7 +35,7 @@ def iter_scopes(graph: onnx.GraphProto, path: str = MAIN, parent: GraphScope | N
     scope = GraphScope(path, graph, parent)
     scope.defined.update(i.name for i in graph.input)
     scope.defined.update(i.name for i in graph.initializer)
-    scope.defined.update(i.name for i in graph.sparse_initializer if i.values.name)
+    scope.defined.update(i.values.name for i in graph.sparse_initializer if i.values.name)
     for n in graph.node:
         scope.defined.update(o for o in n.output if o)
     yield scope

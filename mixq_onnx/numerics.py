@@ -192,10 +192,34 @@ def params_from_range(
         scale = (rmax - rmin) / np.float32(hi - lo)
     tiny = np.float32(ml_dtypes.finfo(scale_dtype).smallest_normal)
     scale = np.where(scale > 0, np.maximum(scale, tiny), np.float32(1)).astype(scale_dtype)
-    if symmetric:
-        return scale, None
-    zp = np.clip(np.float32(lo) - np.rint(rmin / scale.astype(np.float32)), lo, hi)
-    return scale, zp.astype(qtype.dtype)
+    zp = None if symmetric else np.clip(np.float32(lo) - np.rint(rmin / scale.astype(np.float32)), lo, hi)
+    if np.dtype(scale_dtype).itemsize < 4:
+        scale, zp = _fit_grid(scale, zp, lo, hi, scale_dtype)
+    return scale, (None if zp is None else zp.astype(qtype.dtype))
+
+
+def _fit_grid(scale: np.ndarray, zp: np.ndarray | None, lo: int, hi: int, scale_dtype: np.dtype
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Shrink narrow (float16) scales until every grid point is finite in the scale's dtype.
+
+    Rounding the scale up to float16 and the zero point to an integer can
+    push the grid's ends past float16's largest value (weights of +-65504,
+    say), which DequantizeLinear would turn into infinities. The ends are
+    computed in float32 and the scale stepped down to the next float16
+    below until they fit; only values at the very end of the range move.
+    """
+    top = np.float32(ml_dtypes.finfo(scale_dtype).max)
+    z = zp.astype(np.float32) if zp is not None else np.float32(0)
+    for _ in range(8):
+        s32 = scale.astype(np.float32)
+        ends = np.maximum(np.abs((np.float32(lo) - z) * s32), np.abs((np.float32(hi) - z) * s32))
+        over = ends > top
+        if not np.any(over):
+            break
+        fitted = (s32 * (top / np.maximum(ends, top))).astype(scale_dtype)
+        fitted = np.nextafter(fitted, np.zeros_like(fitted))
+        scale = np.where(over, fitted, scale).astype(scale_dtype)
+    return scale, zp
 
 
 @dataclass(frozen=True)

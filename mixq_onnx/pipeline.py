@@ -20,8 +20,8 @@ from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, Mi
 from .errors import BudgetError, ConfigError, ModelError
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
-from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, save_model
-from .inputs import Feed, generate_inputs
+from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, stage_model
+from .inputs import Feed, generate_inputs, session
 from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, uniform_bytes
 from .numerics import QTYPES, activation_params, container_for, required_opset
 from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
@@ -50,6 +50,8 @@ class VerifyOptions:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"--verify-samples must be at least 1, got {self.samples}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
         parse_input_shapes(self.input_shapes)
 
 
@@ -300,6 +302,10 @@ def _quantize_at(
     if acts:
         out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]
     problem = _check(out)
+    if problem and _check(model):
+        # The input already fails the full check (onnx's inference cannot follow it everywhere, e.g. sparse
+        # initializers), so only the structural check can judge what we changed.
+        problem = _check(out, full=False)
     if problem:
         raise ModelError(f"{where}: the quantized model at opset {caps.opset} fails onnx.checker ({problem}); please report this "
                          "with the model")
@@ -355,12 +361,12 @@ def _error(d: Decision, r: Rounded) -> np.ndarray:
     return r.tensor.dequantize().astype(np.float32) - w
 
 
-def _check(model: onnx.ModelProto) -> str:
-    """onnx.checker's full check, or '' when it passes; models over 2 GB are checked when saved."""
+def _check(model: onnx.ModelProto, full: bool = True) -> str:
+    """onnx.checker's (full) check, or '' when it passes; models over 2 GB are checked when saved."""
     if model.ByteSize() > EXTERNAL_THRESHOLD:
         return ""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model, full_check=full)
     except Exception as exc:  # ValidationError, InferenceError and friends
         return str(exc).splitlines()[0][:300]
     return ""
@@ -391,9 +397,12 @@ def quantize_file(
     With ``output_path`` None nothing is written (a plan only).
     """
     verify_options = verify_options or VerifyOptions()
-    out = check_output_path(output_path, input_path) if output_path is not None else None
+    reads = tuple(p for p in (calibration.path if calibration else None, verify_options.inputs) if p is not None)
+    reads = tuple(f for p in reads for f in (sorted(Path(p).iterdir()) if Path(p).is_dir() else [Path(p)]))
+    out = check_output_path(output_path, input_path, reads) if output_path is not None else None
     shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
+    check_runs_in_ort(Path(input_path))
     feeds = load_calibration(calibration.path, Path(input_path), calibration.samples) if calibration else None
     config = config or QuantConfig()
     # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
@@ -414,14 +423,30 @@ def quantize_file(
     result.report.input = str(input_path)
     if out is None:
         return result
-    save_model(result.model, out, loaded.had_external_data)
+    # The model is written in full beside OUT, verified there, and only then moved into place: OUT either holds
+    # the complete, verified model or is untouched.
+    staged = stage_model(result.model, out, loaded.had_external_data)
+    try:
+        if verify_feeds is not None:
+            result.report.verification = verify(Path(input_path), staged.path, verify_feeds, verify_source)
+        staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
     result.report.output = str(out)
     in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
-    out_bytes = out.stat().st_size + _data_size(out)
-    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=out_bytes)
-    if verify_feeds is not None:
-        result.report.verification = verify(Path(input_path), out, verify_feeds, verify_source)
+    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=staged_bytes)
     return result
+
+
+def check_runs_in_ort(path: Path) -> None:
+    """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...)."""
+    try:
+        session(path)
+    except Exception as exc:  # ORT raises its own exception types
+        raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
+                         "fix or re-export the model first") from exc
 
 
 def _data_size(model_path: Path) -> int:

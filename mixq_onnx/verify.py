@@ -87,11 +87,18 @@ def _session(model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: s
 
 def load_inputs(path: Path) -> list[dict[str, np.ndarray]]:
     """One feed from an .npz file of arrays keyed by input name."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: not a regular file; give an .npz file of arrays keyed by input name for --inputs")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return [{k: data[k] for k in data.files}]
-    except (OSError, ValueError) as exc:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            feed = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
         raise ConfigError(f"{path}: cannot read --inputs as an .npz file ({exc})") from exc
+    if not feed:
+        raise ConfigError(f"{path}: --inputs holds no arrays; give arrays keyed by input name")
+    return [feed]
 
 
 def compare(reference: np.ndarray, actual: np.ndarray, name: str) -> OutputComparison:
@@ -143,6 +150,8 @@ def verify(
     # Extra arrays (labels, say) may sit in the same .npz; they are not fed.
     feeds = [{n: f[n] for n in wanted} for f in feeds]
     feeds = _split_for_fixed_batch(feeds, ref_sess)
+    if not feeds or any(np.asarray(v).ndim and np.asarray(v).shape[0] == 0 for f in feeds for v in f.values()):
+        raise ConfigError("verification inputs have no samples; give at least one sample per input")
     names = [o.name for o in ref_sess.get_outputs()]
     try:
         refs = [ref_sess.run(None, f) for f in feeds]

@@ -125,7 +125,7 @@ def _bias_only_model(path: Path) -> None:
         ("empty", [], "not an ONNX model", 3),
         ("nothing", [], "nothing to quantize", 3),
         ("float64", [], "nothing to quantize.*unsupported dtype double", 3),
-        ("same-path", [], "output path is the input", 4),
+        ("same-path", [], "would overwrite the input model", 4),
         ("no-folder", [], "does not exist", 4),
         ("parent-is-file", [], "does not exist|cannot write|not writable", 4),
         ("ok", ["--bits", "9"], "bit-width must be an integer from 2 to 8", 2),
