@@ -121,6 +121,11 @@ def _uses_e2e(config: QuantConfig) -> bool:
     return not isinstance(config.search, Uniform) and (config.sensitivity is Sensitivity.E2E or isinstance(config.search, Budget))
 
 
+def _needs_stats(config: QuantConfig) -> bool:
+    """Whether anything in this run reads the layers' input statistics (they cost a pass with im2col over the data)."""
+    return config.method is not Method.RTN or config.bias_correction or config.sensitivity is Sensitivity.OUTPUT
+
+
 def _allowed_specs(sites: tuple[WeightSite, ...], config: QuantConfig, caps: Capabilities, rules: TargetRules, acts: bool,
                    bits: tuple[int, ...]) -> dict[str, list[Spec]]:
     out = {}
@@ -243,7 +248,9 @@ def _quantize_at(
     caps = Capabilities(default_opset(base), config.allow_int2)
     bits = _bits_to_measure(config, caps)
     limit = _budget_limit(where, config, caps, inv.weights, _allowed_specs(inv.weights, config, caps, rules, acts, bits))
-    stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration else ({}, {})
+    stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration and _needs_stats(config) else ({}, {})
+    if calibration and not _needs_stats(config):
+        no_stats = {s.name: "not collected: nothing in this run uses layer statistics" for s in inv.weights}
     tables = measure(inv.weights, config, caps, bits, progress, stats)
     tables, not_allowed = restrict(tables, rules, acts)
     if not tables:
