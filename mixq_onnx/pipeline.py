@@ -149,7 +149,7 @@ def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tu
     for s in used:
         forced = config.forced_bits(s.names)
         opts = [sp for sp in specs[s.name] if sp.bits in set(effective_bits(config, specs[s.name]))]
-        pool = [sp for sp in opts if sp.bits == forced][:1] if forced is not None else opts
+        pool = [sp for sp in specs[s.name] if sp.bits == forced][:1] if forced is not None else opts
         smallest += min((sp.nbytes for sp in pool or specs[s.name]), default=0)
     if smallest > limit:
         bits = f" (--target-bits {budget.target_bits:g}: uniform {budget.target_bits:g}-bit per-channel bytes)" if budget.target_bits else ""
@@ -382,6 +382,8 @@ def _check(model: onnx.ModelProto, full: bool = True) -> str:
 def _generated(model: onnx.ModelProto | Path, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
                ) -> tuple[list[Feed] | None, str]:
     """Generated feeds and how they were made, or (None, why not) when the model does not run on them."""
+    if not isinstance(model, Path) and model.ByteSize() > EXTERNAL_THRESHOLD:
+        return None, "the model is over 2 GB in memory; quantize it from its file (quantize_file) to generate inputs"
     src = model if isinstance(model, Path) else model.SerializeToString()
     bounds = gather_index_bounds(onnx.load(str(model), load_external_data=False) if isinstance(model, Path) else model)
     try:

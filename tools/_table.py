@@ -61,6 +61,26 @@ def bench_arguments(description: str, root: Path) -> argparse.ArgumentParser:
     return ap
 
 
+def bench_setup(doc: str, root: Path) -> tuple[argparse.Namespace, Path, float]:
+    """Parse the common options, make the runs folder and start the clock: (args, work folder, start time)."""
+    import time
+
+    args = bench_arguments(doc.splitlines()[0], root).parse_args()
+    work = args.cache / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work, time.time()
+
+
+def publish_section(out: Path, key: str, section: str, summary: dict, minutes: float) -> None:
+    """Put a benchmark's section into docs/RESULTS.md, its data into docs/results-KEY.json, and print both."""
+    import json
+
+    replace_section(out / "RESULTS.md", key, section)
+    (out / f"results-{key}.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(section)
+    print(f"updated {out / 'RESULTS.md'} in {minutes:.1f} minutes")
+
+
 def generated_by(script: str, cases: str, minutes: float) -> str:
     """The opening of a benchmark section: the command that reproduces it, how long it took, and on what."""
     import os

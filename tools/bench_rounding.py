@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import bench_arguments, generated_by, markdown_table, replace_section  # noqa: E402
+from _table import bench_setup, generated_by, markdown_table, publish_section  # noqa: E402
 from bench import BUDGET_OPTS, outputs, run_measured  # noqa: E402
 
 METHODS = ("rtn", "mse", "gptq", "adaround")
@@ -138,13 +138,9 @@ def memory_case(case, work: Path, log) -> list[str]:
 
 
 def main() -> None:
-    ap = bench_arguments(__doc__.splitlines()[0], ROOT)
-    args = ap.parse_args()
     from bench_cases import CASES, efficientnet, minilm
 
-    t0 = time.time()
-    work = args.cache / "runs"
-    work.mkdir(parents=True, exist_ok=True)
+    args, work, t0 = bench_setup(__doc__, ROOT)
     parts, memory, summary = [], [], {}
     for name in args.cases.split(","):
         print(f"case {name}", flush=True)
@@ -176,10 +172,7 @@ def main() -> None:
             "included). ONNX Runtime's static quantizer runs its default MinMax calibration over the same samples, "
             "one per batch.\n\n" + markdown_table(["model", "samples", "tool", "seconds", "peak RSS MB"], memory) + "\n"
         )
-    replace_section(args.out / "RESULTS.md", "rounding", section)
-    (args.out / "results-rounding.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    print(section)
-    print(f"updated {args.out / 'RESULTS.md'} in {minutes:.1f} minutes")
+    publish_section(args.out, "rounding", section, summary, minutes)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import bench_arguments, generated_by, markdown_table, replace_section  # noqa: E402
+from _table import bench_setup, generated_by, markdown_table, publish_section  # noqa: E402
 from bench import outputs, run_measured  # noqa: E402
 from bench_rounding import write_calib_folder  # noqa: E402
 
@@ -81,13 +81,9 @@ def run_case(case, work: Path, log) -> tuple[str, list[dict]]:
 
 
 def main() -> None:
-    ap = bench_arguments(__doc__.splitlines()[0], ROOT)
-    args = ap.parse_args()
     from bench_cases import CASES
 
-    t0 = time.time()
-    work = args.cache / "runs"
-    work.mkdir(parents=True, exist_ok=True)
+    args, work, t0 = bench_setup(__doc__, ROOT)
     parts, summary = [], {}
     for name in args.cases.split(","):
         print(f"case {name}", flush=True)
@@ -102,10 +98,7 @@ def main() -> None:
         "(`searched`, or the uniform rival that won). *bytes / INT4*: quantized weight bytes over those of uniform "
         "4-bit per-channel.\n\n" + "\n".join(parts)
     )
-    replace_section(args.out / "RESULTS.md", "search", section)
-    (args.out / "results-search.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    print(section)
-    print(f"updated {args.out / 'RESULTS.md'} in {minutes:.1f} minutes")
+    publish_section(args.out, "search", section, summary, minutes)
 
 
 if __name__ == "__main__":
