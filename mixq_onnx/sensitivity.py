@@ -164,15 +164,22 @@ class EndToEnd:
     def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {**feed, **self.weights, **replace_weights})
 
-    def distance(self, replace_weights: dict[str, np.ndarray], feeds: int | None = None) -> float:
+    def subsample(self, count: int) -> tuple[int, ...]:
+        """``count`` feeds spread evenly over all of them (every k-th), so a sorted sample set is still covered."""
+        n = len(self.feeds)
+        count = max(1, min(count, n))
+        return tuple(sorted({int(i) for i in np.linspace(0, n - 1, count).round()}))
+
+    def distance(self, replace_weights: dict[str, np.ndarray], feeds: Sequence[int] | None = None) -> float:
         """Mean over float outputs of the distance between the float outputs and those with ``replace_weights``.
 
-        ``feeds`` limits the measurement to the first N feeds (a subsample).
+        ``feeds`` limits the measurement to those feed indices (a subsample).
         """
-        n = len(self.feeds) if feeds is None else max(1, min(feeds, len(self.feeds)))
+        chosen = range(len(self.feeds)) if feeds is None else feeds
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
-        for feed, ref in zip(self.feeds[:n], self.references[:n]):
+        for i in chosen:
+            feed, ref = self.feeds[i], self.references[i]
             outs = self._run(feed, replace_weights)
             for k, name in enumerate(self.output_names):
                 kind = self.kinds.get(name)
@@ -273,7 +280,8 @@ def attach_e2e(
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
-    Stage 1 measures every option on the first eighth of the samples.
+    Stage 1 measures every option on an eighth of the samples, spread
+    evenly over them.
     ``choose`` (the search, on those values) picks an option per weight;
     stage 2 re-measures, on all samples, the picked option and its
     neighbours on the weight's (bytes, distance) hull. The other options
@@ -286,34 +294,41 @@ def attach_e2e(
     in ``skip`` (forced widths) are not measured.
     """
     n_feeds = len(evaluator.feeds)
-    screen_feeds = max(1, math.ceil(n_feeds / 8))
+    screen = evaluator.subsample(math.ceil(n_feeds / 8))
+    screen_feeds = len(screen)
     swappable = set(evaluator.eligibility.names)
     work = [t for t in tables if t.site.name in swappable and t.site.name not in skip]
     total = sum(len(t.options) for t in work)
-    screen: dict[str, dict[tuple[int, str], float]] = {}
+    screened: dict[str, dict[tuple[int, str], float]] = {}
     done = 0
     for t in work:
-        values = screen[t.site.name] = {}
+        values = screened[t.site.name] = {}
         for o in t.options:
-            values[o.key] = evaluator.distance({t.site.name: dequantize(t, o)}, screen_feeds)
+            values[o.key] = evaluator.distance({t.site.name: dequantize(t, o)}, screen)
             done += 1
             if progress is not None:
                 progress(done, total, "end-to-end sensitivity")
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
     if screen_feeds < n_feeds or refine_with is not None:
-        picked = choose([_with_e2e(t, screen.get(t.site.name)) for t in tables])
-        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screen[t.site.name], picked[t.site.name])]
+        picked = choose([_with_e2e(t, screened.get(t.site.name)) for t in tables])
+        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
         for i, (t, o) in enumerate(todo):
             full[t.site.name][o.key] = evaluator.distance({t.site.name: (refine_with or dequantize)(t, o)})
             if progress is not None:
                 progress(i + 1, len(todo), "end-to-end refinement")
-        refined = len(todo)
+        # A weight the subsample hardly exercised (a branch those samples do not take, say) cannot be
+        # rescaled from it: all its options are measured on every sample.
+        blind = [(t, o) for t in work if not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
+                 and any(v > 0 for v in full[t.site.name].values()) for o in t.options if o.key not in full[t.site.name]]
+        for t, o in blind:
+            full[t.site.name][o.key] = evaluator.distance({t.site.name: (refine_with or dequantize)(t, o)})
+        refined = len(todo) + len(blind)
     else:
-        full = screen
+        full = screened
     final: dict[str, dict[tuple[int, str], float]] = {}
     for t in work:
-        s, f = screen[t.site.name], full[t.site.name]
+        s, f = screened[t.site.name], full[t.site.name]
         ratios = [f[k] / s[k] for k in f if s[k] > 0]
         ratio = float(np.median(ratios)) if ratios else 1.0
         final[t.site.name] = {o.key: f.get(o.key, s[o.key] * ratio) for o in t.options}

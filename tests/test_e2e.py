@@ -254,3 +254,21 @@ def test_bf16_weights_fall_back_with_a_note():
     m = make_model(nodes, [vi("x", [2, 64])], [vi("y", [2, 64])], [t], opset=13)
     result = quantize(m, QuantConfig(search=Budget(target_bits=4), min_elements=0))
     assert any("end-to-end measurements are not possible" in n for n in result.report.notes)
+
+
+def test_subgraph_weights_are_measured_end_to_end():
+    """Weights inside If branches (Constant nodes) and outer-scope initializers are fed as main-graph inputs."""
+    from tests.test_graphs import _if_model
+
+    m = _if_model()
+    x = rng(9).normal(size=(4, 64)).astype(np.float32)
+    feeds = [{"cond": np.array(c), "x": x} for c in (True, False)]
+    result = quantize(m, QuantConfig(search=Budget(target_bits=6), min_elements=0), evaluation=feeds)
+    e = result.report.end_to_end
+    assert e["weights_measured"] == 2 and e["not_measured"] == {}
+    graphs = {t["name"]: t["graph"] for t in result.report.tensors}
+    assert graphs == {"tw": "main/branch:then_branch", "outer_w": "main"}
+    assert all(err["e2e"] is not None and err["e2e"] > 0 for t in result.report.tensors for err in t["errors"])
+    for f in feeds:
+        ref, out = run(m, f)[0], run(result.model, f)[0]
+        assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99
