@@ -11,7 +11,9 @@ with a time limit, and judges the result. A **defect** is any of:
 - a hang (the time limit, 120 s);
 - exit 0 with an output that onnx.checker or ONNX Runtime rejects;
 - a non-zero exit that leaves an output (or report) behind, or a temporary
-  ``.mixq-*`` file after a run that was not killed with SIGKILL;
+  ``.mixq-*`` file after a run that was not killed with SIGKILL (a run
+  signalled after its model was moved into place may leave it, but it must
+  then be whole and valid);
 - any input file (model, its data, calibration, inputs) changed;
 - a special file (FIFO) at the output replaced.
 
@@ -364,7 +366,7 @@ def bad_options(d: Path, r: np.random.Generator) -> Case:
 def signals(d: Path, r: np.random.Generator) -> Case:
     shutil.copy(DIGITS, d / "m.onnx")
     sig = [signal.SIGTERM, signal.SIGINT, signal.SIGKILL][int(r.integers(0, 3))]
-    after = float(r.uniform(0.3, 3.0))
+    after = float(r.uniform(0.1, 1.5))
     args = ["m.onnx", "-o", "out.onnx", *(["--target-bits", "4"] if r.integers(0, 2) else ["--bits", "4"])]
     return Case("signals", f"{signal.Signals(sig).name} after {after:.2f} s", args, protect=["m.onnx"], signal_after=after, signal_kind=sig)
 
@@ -469,7 +471,12 @@ def run_case(case: Case, d: Path) -> dict:
             elif why := _valid(out_path, d / case.args[0] if (d / case.args[0]).is_file() else None):
                 problems.append(why)
         elif all(c != 0 for c in codes) and _exists(out_path):
-            problems.append(f"output left after exit {codes}" + (" (signal)" if signalled else ""))
+            if signalled:
+                # A signal after the model was moved into place leaves it there: it must then be whole and valid.
+                if why := _valid(out_path, d / case.args[0]):
+                    problems.append(f"signalled run left a broken output: {why}")
+            else:
+                problems.append(f"output left after exit {codes}")
     if case.special_out and out_path is not None and not (_exists(out_path) and (out_path.is_fifo() or out_path.is_char_device())):
         problems.append("the special file at the output was replaced")
     if case.report and all(c != 0 for c in codes) and case.report != case.out and (d / case.report).is_file():
