@@ -107,23 +107,31 @@ def build_config(
 
 
 class _Progress:
-    """Lazily created progress bar on stderr for the per-tensor error measurement."""
+    """Progress bars on stderr, one per stage (error tables, end-to-end screening, refinement), made lazily."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self.stage = ""
         self.done = 0
 
-    def __call__(self, i: int, n: int, name: str) -> None:
+    def __call__(self, i: int, n: int, stage: str) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            self.bar = click.progressbar(length=n, label="measuring error", file=sys.stderr)
+        if self.bar is None or stage != self.stage:
+            self._close()
+            self.bar = click.progressbar(length=n, label=stage, file=sys.stderr)
             self.bar.__enter__()
+            self.stage, self.done = stage, 0
         self.bar.update(i - self.done)
         self.done = i
         if i == n:
+            self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

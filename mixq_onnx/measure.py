@@ -26,6 +26,7 @@ from .rounding import round_weight
 
 log = logging.getLogger(__name__)
 
+# (done, total, stage): the stage names what is being counted ("measuring error", "end-to-end sensitivity", ...).
 Progress = Callable[[int, int, str], None]
 
 
@@ -254,7 +255,7 @@ def measure(
         for i, (site, fut) in enumerate(zip(sites, futures)):
             tables.append(fut.result())
             if progress is not None:
-                progress(i + 1, len(sites), site.name)
+                progress(i + 1, len(sites), "measuring error")
     log.info("measured %d tensors at bits %s", len(tables), bits_list)
     return tables
 
