@@ -325,11 +325,6 @@ def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external
     return staged
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external: bool) -> list[Path]:
-    """Write a model (and its .data file) atomically: staged in full, then moved into place."""
-    return stage_model(model, output, external).commit()
-
-
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file (the JSON report) through a temporary file and a rename."""
     p = Path(path)
