@@ -272,3 +272,10 @@ def test_subgraph_weights_are_measured_end_to_end():
     for f in feeds:
         ref, out = run(m, f)[0], run(result.model, f)[0]
         assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99
+
+
+def test_end_to_end_search_is_deterministic():
+    m = misranked_model()
+    a = quantize(m, QuantConfig(search=Budget(target_bits=5), min_elements=0)).model.SerializeToString()
+    b = quantize(m, QuantConfig(search=Budget(target_bits=5), min_elements=0)).model.SerializeToString()
+    assert a == b
