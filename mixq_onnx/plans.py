@@ -155,15 +155,19 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
         raise BudgetError(f"--max-loss {max_loss:g} cannot be met: even the most accurate plan ({plan_bytes(accurate.decisions)} "
                           f"bytes, 8 bits where allowed) measures {best_d:.4g}; raise --max-loss", best_d)
     fits: list[tuple[Measured, tuple[Decision, ...]]] = [(measured[0], accurate.decisions)]
+    seen = {_signature(accurate.decisions)}
     target = max_loss
-    for _ in range(rounds):
+    for k in range(rounds):
         plan = search(tables, config, loss=target)
+        if _signature(plan.decisions) in seen:  # the rescaled target picks a plan already measured: converged
+            break
+        seen.add(_signature(plan.decisions))
         d = measure_plan(plan.decisions, evaluator, rounder)
-        m = Measured(f"searched (predicted {float(plan.summary.details['predicted']):.3g})", plan_bytes(plan.decisions), d)
+        predicted = float(plan.summary.details["predicted"])
+        m = Measured(f"searched, round {k + 1} (predicted {predicted:.3g})", plan_bytes(plan.decisions), d)
         measured.append(m)
         if d <= max_loss:
             fits.append((m, plan.decisions))
-        predicted = float(plan.summary.details["predicted"])
         if predicted <= 0 or d <= 0:
             break
         nxt = target * max_loss / d
@@ -171,6 +175,9 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
             break
         target = nxt
     for label, ds in uniform_rivals(accurate, config):
+        if _signature(ds) in seen:
+            continue
+        seen.add(_signature(ds))
         d = measure_plan(ds, evaluator, rounder)
         m = Measured(label, plan_bytes(ds), d)
         measured.append(m)
@@ -181,6 +188,10 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
     decisions = tuple(d if d.reason.startswith("--force-bits") else replace(d, reason=reason) for d in decisions)
     return Plan(decisions, SearchSummary("max-loss", {"max_loss": max_loss, "measured": [x.as_dict() for x in measured],
                                                       "returned": best.label, "distance": best.distance, "used_bytes": best.nbytes}))
+
+
+def _signature(decisions: Iterable[Decision]) -> tuple[tuple[str, tuple[int, str]], ...]:
+    return tuple((d.table.site.name, d.option.key) for d in decisions)
 
 
 def budget_limit(budget: Budget, uniform_total: dict[int, int]) -> int:
