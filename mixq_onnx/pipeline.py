@@ -230,7 +230,7 @@ def quantize(
     if evaluation is None and calibration:
         evaluation, evaluation_source = calibration, "calibration samples"
     elif evaluation is None and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(model, {}, config.e2e_samples, 0)
+        evaluation, evaluation_source = _generated(model, path, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
     return _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
                         notes, original, change.note if base is not model else "", where, path)
@@ -379,13 +379,16 @@ def _check(model: onnx.ModelProto, full: bool = True) -> str:
     return ""
 
 
-def _generated(model: onnx.ModelProto | Path, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
+def _generated(model: onnx.ModelProto, path: Path | None, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
                ) -> tuple[list[Feed] | None, str]:
-    """Generated feeds and how they were made, or (None, why not) when the model does not run on them."""
-    if not isinstance(model, Path) and model.ByteSize() > EXTERNAL_THRESHOLD:
+    """Generated feeds and how they were made, or (None, why not) when the model does not run on them.
+
+    ORT reads the model from ``path`` when there is one (no serialization, no 2 GB limit).
+    """
+    if path is None and model.ByteSize() > EXTERNAL_THRESHOLD:
         return None, "the model is over 2 GB in memory; quantize it from its file (quantize_file) to generate inputs"
-    src = model if isinstance(model, Path) else model.SerializeToString()
-    bounds = gather_index_bounds(onnx.load(str(model), load_external_data=False) if isinstance(model, Path) else model)
+    src = path if path is not None else model.SerializeToString()
+    bounds = gather_index_bounds(model)
     try:
         gen = generate_inputs(src, shapes, bounds, samples, seed)
     except ConfigError as exc:
@@ -426,7 +429,7 @@ def quantize_file(
             shapes = gen.shapes
     evaluation, evaluation_source = None, ""
     if not feeds and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(Path(input_path), shapes, config.e2e_samples, verify_options.seed)
+        evaluation, evaluation_source = _generated(loaded.model, Path(input_path), shapes, config.e2e_samples, verify_options.seed)
         evaluation = evaluation or []
     result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source)
     result.report.input = str(input_path)
