@@ -59,7 +59,7 @@ def build_config(
     bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None, max_size: str | None,
     weighting: str, scheme: str | None, granularity: tuple[str, ...], candidate_bits: str, literal_bits: bool,
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
-    sensitivity: str = "output", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
+    sensitivity: str = "e2e", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
     max_loss: float | None = None, e2e_samples: int = 32,
 ) -> QuantConfig:
@@ -191,19 +191,20 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight, no search. This is the default, at 8 bits, when no search option is given.")
 @click.option("--qem", type=float, help="MixQuant rule: per tensor, the cheapest option whose error is at most QEM x the reference (2.0 if only --qem-ref-bits is given).")
 @click.option("--qem-ref-bits", type=int, help="MixQuant reference bit-width: the reference is the median error of all tensors at this width. [default: 4]")
-@click.option("--target-bits", type=float, help="Budget search: average stored bits per weight (scales and zero points included).")
+@click.option("--target-bits", type=float, help="Budget search: the bytes of uniform B-bit per-channel quantization of the same weights "
+              "(interpolated for fractional B); the report prints the stored bits per weight used.")
 @click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
 @click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
               "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this.")
 @click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
 @click.option("--scheme", type=click.Choice([s.value for s in Scheme]), help="Weights: asymmetric (unsigned + zero point; the default) or symmetric (signed, narrow range, no zero point; the default for --target tensorrt).")
 @click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. "
-              "Default: channel for --bits; channel and block32/64/128 for the searches.")
+              "Default: channel for --bits; channel, tensor and block32/64/128 for the searches.")
 @click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use.")
 @click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
 @click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it).")
 @click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares.")
-@click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. Enables output sensitivity.")
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. The end-to-end measurements then run on it; it also enables output sensitivity and gptq/adaround.")
 @click.option("--calib-samples", type=int, help="Use only the first N calibration samples.")
 @click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="e2e", show_default=True,
               help="What the searches compare: e2e (the model's output distance with each weight quantized alone, on "

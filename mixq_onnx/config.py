@@ -181,9 +181,10 @@ class MixQuantRule:
 class Budget:
     """Minimise the total weighted error subject to a size budget.
 
-    Exactly one of ``target_bits`` (average stored bits per weight, scales
-    and zero points included) and ``max_bytes`` (on-disk bytes of the weight
-    tensors) is set.
+    Exactly one of ``target_bits`` (the bytes of uniform ``target_bits``-bit
+    per-channel quantization of the same tensors, see
+    :func:`mixq_onnx.plans.budget_limit`) and ``max_bytes`` (on-disk bytes of
+    the weight tensors) is set.
     """
 
     target_bits: float | None = None

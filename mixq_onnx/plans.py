@@ -38,11 +38,11 @@ class Rounder:
     def __init__(self, config: QuantConfig, stats: dict[str, InputStats]) -> None:
         self.config = config
         self.stats = stats
-        self._cache: dict[tuple[str, str, int, str, int], Rounded] = {}
+        self._cache: dict[tuple[str, str, int, str, str], Rounded] = {}
 
     def get(self, table: ErrorTable, option: Option, method: Method | None = None) -> Rounded:
         method = method or self.config.method
-        key = (table.site.graph, table.site.name, option.bits, option.layout.name, method is Method.RTN)
+        key = (table.site.graph, table.site.name, option.bits, option.layout.name, method.value)
         hit = self._cache.get(key)
         if hit is None:
             w = table.site.array
