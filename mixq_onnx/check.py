@@ -212,3 +212,58 @@ def _ort_cpu_unfused(model: onnx.ModelProto, produced_by_dq: set[str], weight_dq
 
 
 __all__ = ["Violation", "check_model"]
+
+
+# Ops that ONNX Runtime's QDQ handling runs on integers on the CPU (QLinear kernels or Q/DQ dropped around data
+# movement), so a DequantizeLinear -> op -> QuantizeLinear left around one of them in ORT's optimised graph is a
+# float island that costs two conversions per run. Measured on ORT 1.32 (tests/test_fusion.py re-measures them).
+INTEGER_PATH_OPS = frozenset({
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "MaxPool", "Reshape", "Flatten",
+    "Transpose", "Squeeze", "Unsqueeze", "Slice", "Expand", "Tile", "DepthToSpace", "Gather", "Resize", "Pad", "Sigmoid",
+    "Softmax", "LeakyRelu", "Split",
+})
+# Ops whose presence in ORT's optimised graph means that a QDQ group was fused into an integer kernel.
+FUSED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+                       "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu", "MatMulNBits",
+                       "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "GatherBlockQuantized"})
+
+
+def fusion_findings(optimized: onnx.ModelProto) -> list[Violation]:
+    """Where ONNX Runtime's optimised graph of a QDQ model still computes in float between integer ops.
+
+    ``optimized`` is the graph ORT wrote after its QDQ fusions (see
+    :func:`mixq_onnx.fusion.ort_optimized`). Two patterns are reported: a
+    DequantizeLinear -> op -> QuantizeLinear round trip around an op that has an
+    integer path (a float island), and a Conv, MatMul or Gemm whose activation
+    input is still dequantized (it did not become an integer kernel).
+    """
+    g = optimized.graph
+    consts = set(_consts(g))
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def from_activation_dq(name: str) -> bool:
+        p = producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear" and p.input[0] not in consts
+
+    found = []
+    for idx, n in enumerate(g.node):
+        if n.op_type not in INTEGER_PATH_OPS:
+            continue
+        label = node_label(n, idx)
+        dq_in = [i for i in n.input if i and from_activation_dq(i)]
+        if not dq_in:
+            continue
+        if n.op_type in ("Add", "Mul", "Concat") and not all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                                                             for i in n.input if i):
+            continue  # a float operand (e.g. a bias) gives the op no integer kernel in ORT: not an island we could remove
+        if n.op_type in ("Conv", "MatMul", "Gemm"):
+            found.append(Violation(label, "ort-unfused", f"{n.op_type} reads dequantized activations but ONNX Runtime did not fuse "
+                                   "it into an integer kernel (check the activation type and the weight's type and scheme)"))
+        elif any(r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, [])):
+            found.append(Violation(label, "ort-float-island", f"DequantizeLinear -> {n.op_type} -> QuantizeLinear stays in float in "
+                                   "ONNX Runtime's optimised graph (two conversions per run)"))
+    return found

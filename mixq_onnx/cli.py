@@ -166,12 +166,23 @@ def _setup_logging(quiet: bool, verbose: int) -> None:
 def check(model: Path, target: str, quiet: bool) -> None:
     """Check a QDQ MODEL statically against TARGET's rules: list every violation and exit 1 if there is any.
 
+    For ort-cpu, ONNX Runtime then optimises the model and every node that
+    still computes in float between integer ops (a DequantizeLinear -> op ->
+    QuantizeLinear round trip, or a Conv/MatMul/Gemm that did not fuse) is
+    printed as a warning; warnings do not change the exit code.
+
     \b
     Example:
       mixq-onnx check model_q.onnx --target tensorrt
     """
+    warnings = []
     try:
         violations = check_model(load_model(model).model, Target(target))
+        if Target(target) is Target.ORT_CPU:
+            from .fusion import ort_fusion
+
+            fusion = ort_fusion(model)
+            warnings = list(fusion.findings)
     except MixqError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -181,6 +192,11 @@ def check(model: Path, target: str, quiet: bool) -> None:
     if not quiet:
         for v in violations:
             click.echo(str(v))
+        for w in warnings:
+            click.echo(f"warning: {w}")
+        if Target(target) is Target.ORT_CPU:
+            fused = ", ".join(f"{k} {n}" for k, n in fusion.fused.items()) or "no integer kernels"
+            click.echo(f"{model}: ONNX Runtime CPU fuses {fused}; {len(warnings)} node(s) compute in float between integer ops")
         click.echo(f"{model}: {len(violations)} violation(s) of the {target} rules" if violations else f"{model}: follows the {target} rules")
     sys.exit(1 if violations else 0)
 

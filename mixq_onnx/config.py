@@ -120,6 +120,7 @@ class Activations(enum.Enum):
     INT8 = "int8"
     UINT8 = "uint8"
     INT16 = "int16"
+    AUTO = "auto"  # the target's fastest: resolved by QuantConfig from the target's rules
 
 
 class CalibMethod(enum.Enum):
@@ -274,6 +275,8 @@ class QuantConfig:
         from .targets import rules_for  # targets builds on these types
 
         rules = rules_for(self.target)
+        if self.activations is Activations.AUTO:
+            object.__setattr__(self, "activations", rules.fastest_activations)
         if self.scheme is None:
             object.__setattr__(self, "scheme", rules.default_scheme(self.activations))
         rules.check_config(self.scheme, self.allow_int2, self.activations)

@@ -18,6 +18,7 @@ import onnx
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
+from .fusion import ort_fusion
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
 from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, stage_model
@@ -206,6 +207,11 @@ def quantize(
     if not inventory.weights:
         raise _nothing_to_quantize(where, inventory)
     notes: list[str] = []
+    slow = rules_for(config.target).activation_warning(config.activations)
+    if slow:
+        msg = f"--activations {config.activations.value} on --target {config.target.value}: {slow}"
+        log.warning(msg)
+        notes.append(msg)
     if inventory.quant_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in inventory.quant_ops.items())
         notes.append(f"model already contains quantization ops ({ops}); those parts were left as they are")
@@ -441,6 +447,8 @@ def quantize_file(
     try:
         if verify_feeds is not None:
             result.report.verification = verify(Path(input_path), staged.path, verify_feeds, verify_source)
+        if config.target is Target.ORT_CPU or config.activations is not Activations.NONE:
+            result.report.runtime = _runtime_info(staged.path)
         staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
         staged.commit()
     except BaseException:
@@ -450,6 +458,15 @@ def quantize_file(
     in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
     result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=staged_bytes)
     return result
+
+
+def _runtime_info(path: Path) -> dict[str, object]:
+    """What ONNX Runtime's CPU provider fuses in the written model, and where it still computes in float."""
+    fusion = ort_fusion(path)
+    for f in fusion.findings:
+        log.info("ONNX Runtime CPU: %s", f)
+    return {"provider": "CPUExecutionProvider", "fused": fusion.fused,
+            "not_fused": [{"node": f.node, "rule": f.rule, "message": f.message} for f in fusion.findings]}
 
 
 def check_runs_in_ort(path: Path) -> None:

@@ -7,8 +7,11 @@ QuantizeLinear after the op. An output read only by a Relu or Clip is
 quantized after that activation instead, so ORT folds it into the Q range.
 From there quantization spreads through Add and Concat (QLinearAdd,
 QLinearConcat), pooling (QLinearAveragePool, QLinearGlobalAveragePool) and
-data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool:
-the output reuses the input's scale and zero point, so ORT drops the pair).
+data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool,
+Slice, Expand, Tile, DepthToSpace, Gather, nearest Resize: the output reuses
+the input's scale and zero point, so ORT drops the pair and moves integers).
+A zero Pad read only by a Conv is quantized on its input, so ORT folds the
+Pad into the QLinearConv instead of leaving a float island around it.
 For TensorRT only the inputs of those ops are quantized; it fuses the rest.
 Every integer-capable node left in float records why.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from .graph import node_label
 from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, TargetRules
@@ -57,6 +62,29 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def _zero_constants(g: onnx.GraphProto) -> set[str]:
+    """Names of constants that are a single 0 (a Pad's constant_value as exporters write it)."""
+    pairs = [(t.name, t) for t in g.initializer]
+    pairs += [(n.output[0], a.t) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return {name for name, t in pairs if t.data_type in FLOAT_ELEMS and np.prod(t.dims) <= 1 and not numpy_helper.to_array(t).any()}
+
+
+def _is_zero_pad(n: onnx.NodeProto, zeros: set[str]) -> bool:
+    """A Pad in constant mode with value 0 (absent or a zero constant): padding a quantized tensor with its zero point."""
+    if n.op_type != "Pad":
+        return False
+    mode = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mode"), b"constant")
+    value = n.input[2] if len(n.input) > 2 else ""
+    return mode == b"constant" and (not value or value in zeros) and len(n.input) < 4
+
+
+def _keeps_values(n: onnx.NodeProto) -> bool:
+    """Whether a data-movement op only moves values (Resize does only in nearest mode)."""
+    if n.op_type != "Resize":
+        return True
+    return next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mode"), b"nearest") == b"nearest"
+
+
 def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: dict[str, int]) -> Placement:
     """The Q/DQ sites for ``model``'s main graph; ``weight_bits`` maps each quantized weight to its container bits."""
     g = model.graph
@@ -64,9 +92,13 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
     types = _elem_types(model)
     outputs = {o.name for o in g.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+    zeros = _zero_constants(g)
 
     def is_act(name: str) -> bool:
         return bool(name) and name not in consts and types.get(name) in FLOAT_ELEMS
@@ -109,7 +141,12 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
         if bits < 8:
             skipped.append((label, f"weight '{weights[0]}' is {bits}-bit: runs weight-only (MatMulNBits or DequantizeLinear)"))
             continue
-        add(acts[0], f"input of {n.op_type} {label}")
+        pad = producer.get(acts[0])
+        if (rules.quantize_before_pad and n.op_type == "Conv" and pad is not None and _is_zero_pad(pad, zeros)
+                and len(readers[acts[0]]) == 1 and is_act(pad.input[0])):
+            add(pad.input[0], f"input of Pad {pad.name or pad.output[0]} before {n.op_type} {label} (the Pad folds into the integer Conv)")
+        else:
+            add(acts[0], f"input of {n.op_type} {label}")
         if rules.quantize_outputs:
             out = folded(n.output[0])
             add(out, f"output of {n.op_type} {label}" + (" after its activation" if out != n.output[0] else ""), output_ok=True)
@@ -120,7 +157,7 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
         changed = False
         for i, n in enumerate(g.node):
             op, label = n.op_type, node_label(n, i)
-            if op not in JOIN_OPS | POOL_OPS | MOVE_OPS or not n.input or not n.output:
+            if op not in JOIN_OPS | POOL_OPS | MOVE_OPS or not n.input or not n.output or not _keeps_values(n):
                 continue
             data = list(n.input) if op in JOIN_OPS else [n.input[0]]
             if not all(is_act(x) for x in data):

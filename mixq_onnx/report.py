@@ -49,6 +49,8 @@ class Report:
     activations: dict[str, Any] | None = None
     # The end-to-end evaluator: samples, output distances, weights measured, evaluations run.
     end_to_end: dict[str, Any] | None = None
+    # ONNX Runtime CPU's optimised graph of the output: fused integer kernels, and nodes that stayed float.
+    runtime: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -213,6 +215,11 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         a = report.activations
         lines.append(f"activations: {len(a['tensors'])} tensors quantized to {a['type']} ({a['calib_method']} ranges); "
                      f"{len(a['float_nodes'])} integer-capable nodes left in float (see --report)")
+    if report.runtime:
+        fused = ", ".join(f"{k} {v}" for k, v in report.runtime["fused"].items()) or "nothing"
+        left = len(report.runtime["not_fused"])
+        lines.append(f"ONNX Runtime CPU fuses: {fused}" + (f"; {left} node(s) still compute in float between integer ops "
+                                                          "(see 'runtime' in --report)" if left else ""))
     v = report.verification
     if v is not None:
         lines.append("")

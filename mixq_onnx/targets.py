@@ -24,9 +24,11 @@ CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 GEMM_OPS = frozenset({"MatMul", "Gemm"})
 # Ops that carry quantization from one integer op to the next (ORT has QLinear* kernels or drops Q/DQ around them).
 JOIN_OPS = frozenset({"Add", "Concat"})
-POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
-# Data movement: the output keeps the input's scale and zero point, so ORT removes the Q/DQ around them.
-MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool"})
+POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
+# Data movement: the output keeps the input's scale and zero point, so ORT removes the Q/DQ around them and runs
+# the op on the integers (measured on ORT 1.32 CPU for each of these; Resize only in its default nearest mode).
+MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Slice", "Expand",
+                      "Tile", "DepthToSpace", "Gather", "Resize"})
 # Activation functions folded into the preceding integer op when the Q range lies inside theirs.
 FOLD_OPS = frozenset({"Relu", "Clip"})
 
@@ -52,6 +54,17 @@ class TargetRules:
     why_no_activations: str = ""
     # The weight scheme integer kernels need when activations are quantized, if the target has one.
     integer_scheme: Scheme | None = None
+    # A zero Pad read only by a Conv is quantized on its input: ONNX Runtime then folds the Pad into the
+    # QLinearConv (measured); a Q/DQ pair after the Pad would leave a float DQ -> Pad -> Q island.
+    quantize_before_pad: bool = False
+    # What ``--activations auto`` means: the activation type whose integer kernels the target runs fastest.
+    fastest_activations: Activations = Activations.NONE
+    # Activation types the target runs, but slowly: why, as measured.
+    slow_activations: tuple[tuple[Activations, str], ...] = ()
+
+    def activation_warning(self, activations: Activations) -> str:
+        """Why ``activations`` is a poor choice on this target, or ''."""
+        return dict(self.slow_activations).get(activations, "")
 
     def required_scheme(self, activations: Activations) -> Scheme | None:
         return self.scheme or (self.integer_scheme if activations is not Activations.NONE else None)
@@ -102,13 +115,21 @@ RULES: dict[Target, TargetRules] = {
     Target.GENERIC: TargetRules(
         Target.GENERIC, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
         frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN"}), frozenset(),
+        quantize_before_pad=True,
     ),
     Target.ORT_CPU: TargetRules(
         Target.ORT_CPU, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
         # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; other sub-byte DQs run unfused.
         frozenset({"MatMul", "Gemm", "Gather"}), frozenset({"Conv", "MatMul", "Gemm"}),
         # Measured: EfficientNet-Lite0 with uint8 per-channel weights + zero points ran 56x slower than int8 symmetric.
-        integer_scheme=Scheme.SYMMETRIC,
+        integer_scheme=Scheme.SYMMETRIC, quantize_before_pad=True, fastest_activations=Activations.UINT8,
+        slow_activations=(
+            (Activations.INT8, "ONNX Runtime's x86 CPU kernels are fastest with uint8 activations; with int8 activations 14 of "
+                               "EfficientNet-Lite0's 49 Convs did not fuse and the model ran at 0.73-1.17x fp32 speed instead of "
+                               "1.9x (measured, docs/RESULTS.md); use --activations uint8 or auto"),
+            (Activations.INT16, "ONNX Runtime has no 16-bit integer Conv or MatMul kernels: 16-bit Q/DQ pairs run as float "
+                                "conversions (slower than fp32); use --activations uint8 or auto for speed"),
+        ),
     ),
     Target.ORT_CUDA: TargetRules(
         Target.ORT_CUDA, None, False, frozenset(), False, True, frozenset({"MatMul", "Gemm"}), frozenset(),
@@ -118,6 +139,7 @@ RULES: dict[Target, TargetRules] = {
         Target.TENSORRT, Scheme.SYMMETRIC, False, frozenset({Activations.INT8}), True, False,
         frozenset({"MatMul", "Gemm"}), frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
         sub_byte_elsewhere=False, why_no_activations="TensorRT quantizes activations to symmetric INT8 only",
+        fastest_activations=Activations.INT8,
     ),
 }
 

@@ -1,0 +1,148 @@
+"""No float islands between integer ops on ONNX Runtime CPU: data movement, explicit Pad nodes, presets, `check` warnings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from mixq_onnx import quantize
+from mixq_onnx.check import fusion_findings
+from mixq_onnx.cli import main
+from mixq_onnx.config import Activations, CalibMethod, QuantConfig, Target, Uniform
+from mixq_onnx.fusion import ort_fusion, ort_optimized
+from mixq_onnx.targets import MOVE_OPS, rules_for
+from tests.helpers import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+CALIB = np.load(ROOT / "models" / "digits_calib.npz")["image"]
+TEST = np.load(ROOT / "models" / "digits_test.npz")
+
+
+def explicit_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network as an exporter that writes padding as Pad nodes gives it (TF 'SAME', ZeroPad2d, old exporters)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    for n in m.graph.node:
+        pads = next((a for a in n.attribute if a.name == "pads"), None)
+        if n.op_type == "Conv" and pads is not None and any(pads.ints):
+            k = len(pads.ints) // 2
+            full = [0, 0, *pads.ints[:k], 0, 0, *pads.ints[k:]]
+            name = f"{n.name or n.output[0]}_pads"
+            m.graph.initializer.append(numpy_helper.from_array(np.array(full, np.int64), name))
+            m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), name + "_value"))
+            nodes.append(helper.make_node("Pad", [n.input[0], name, name + "_value"], [name + "_out"], mode="constant"))
+            n.input[0] = name + "_out"
+            n.attribute.remove(pads)
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _calib() -> list[dict[str, np.ndarray]]:
+    return [{"image": CALIB[i : i + 32]} for i in range(0, 256, 32)]
+
+
+def _accuracy(model: onnx.ModelProto) -> float:
+    logits = run(model, {"image": TEST["image"]})[0]
+    return float(np.mean(logits.argmax(1) == TEST["label"]))
+
+
+def _write(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def test_explicit_pad_nodes_leave_no_float_island_and_every_conv_fuses(tmp_path):
+    float_model = explicit_pads(onnx.load(str(DIGITS)))
+    assert Counter(n.op_type for n in float_model.graph.node)["Pad"] == 2
+    config = QuantConfig(search=Uniform(8), target=Target.ORT_CPU, activations=Activations.UINT8, min_elements=0,
+                         calib_method=CalibMethod.PERCENTILE)
+    q = quantize(float_model, config, calibration=_calib()).model
+    fusion = ort_fusion(_write(q, tmp_path / "q.onnx"))
+    assert fusion.findings == ()
+    assert fusion.fused["QLinearConv"] == 2 and "Pad" not in fusion.ops and "Conv" not in fusion.ops
+    # Padding with the zero point is padding with 0.0: the explicit-Pad model is as accurate as the original export.
+    original = quantize(onnx.load(str(DIGITS)), config, calibration=_calib()).model
+    assert _accuracy(q) >= _accuracy(float_model) - 0.02
+    assert abs(_accuracy(q) - _accuracy(original)) <= 0.01
+
+
+def test_tensorrt_keeps_the_pair_after_the_pad(tmp_path):
+    """TensorRT wants Q/DQ right at the Conv input; only ORT folds a Pad into the integer Conv."""
+    assert not rules_for(Target.TENSORRT).quantize_before_pad
+    config = QuantConfig(search=Uniform(8), target=Target.TENSORRT, activations=Activations.INT8, min_elements=0)
+    q = quantize(explicit_pads(onnx.load(str(DIGITS))), config, calibration=_calib()).model
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:
+        if n.op_type == "Conv":
+            assert producer[n.input[0]].op_type == "DequantizeLinear"
+
+
+def _island_model(op: str) -> onnx.ModelProto:
+    """x -> Q -> DQ -> op -> Q -> DQ with one scale: ORT removes the pair when the op can move integers."""
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    extra = {
+        "Reshape": ([i64("a", [1, -1])], ["a"], {}), "Flatten": ([], [], {}), "Transpose": ([], [], {"perm": [0, 2, 3, 1]}),
+        "Squeeze": ([i64("a", [0])], ["a"], {}), "Unsqueeze": ([i64("a", [0])], ["a"], {}), "MaxPool": ([], [], {"kernel_shape": [2, 2]}),
+        "GlobalMaxPool": ([], [], {}), "Slice": ([i64("a", [1]), i64("b", [5]), i64("c", [1])], ["a", "b", "c"], {}),
+        "Expand": ([i64("a", [2, 8, 16, 16])], ["a"], {}), "Tile": ([i64("a", [1, 1, 2, 1])], ["a"], {}),
+        "DepthToSpace": ([], [], {"blocksize": 2}), "Gather": ([i64("a", [0, 2])], ["a"], {"axis": 1}),
+        "Resize": ([numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "a")], ["", "a"], {}),
+    }[op]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"), *extra[0]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node(op, ["xd", *extra[1]], ["y"], **extra[2]), helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("op", sorted(MOVE_OPS))
+def test_onnx_runtime_moves_integers_through_every_data_movement_op_we_quantize_around(op, tmp_path):
+    """Re-measures the runtime fact the placement relies on (targets.MOVE_OPS)."""
+    optimized = ort_optimized(_write(_island_model(op), tmp_path / "m.onnx"))
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops == ["QuantizeLinear", op, "DequantizeLinear"], ops
+    assert fusion_findings(optimized) == []
+
+
+def test_a_pad_between_dequantize_and_quantize_is_reported_as_a_float_island(tmp_path):
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p")
+    m = _island_model("Flatten")
+    m.graph.initializer.append(pads)
+    n = m.graph.node[2]
+    n.op_type, n.input[:] = "Pad", ["xd", "p"]
+    findings = fusion_findings(ort_optimized(_write(m, tmp_path / "m.onnx")))
+    assert [f.rule for f in findings] == ["ort-float-island"] and "Pad" in findings[0].message
+
+
+@pytest.mark.parametrize("target,expected", [(Target.ORT_CPU, Activations.UINT8), (Target.TENSORRT, Activations.INT8),
+                                             (Target.GENERIC, Activations.NONE), (Target.ORT_CUDA, Activations.NONE)])
+def test_activations_auto_is_the_targets_fastest(target, expected):
+    assert QuantConfig(target=target, activations=Activations.AUTO).activations is expected
+
+
+def test_int8_activations_on_ort_cpu_warn_and_check_names_the_unfused_nodes(tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=CALIB[:64])
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, [str(DIGITS), "-o", str(out), "--target", "ort-cpu", "--activations", "int8", "--calib", str(calib)])
+    assert res.exit_code == 0, res.output
+    assert "--activations int8 on --target ort-cpu" in res.output and "use --activations uint8 or auto" in res.output
+    u8 = tmp_path / "u8.onnx"
+    res = CliRunner().invoke(main, [str(DIGITS), "-o", str(u8), "--target", "ort-cpu", "--activations", "auto", "--calib", str(calib)])
+    assert res.exit_code == 0 and "int8 on" not in res.output
+    assert "ONNX Runtime CPU fuses: " in res.output and "QLinearConv 2" in res.output
+    checked = CliRunner().invoke(main, ["check", str(u8), "--target", "ort-cpu"])
+    assert checked.exit_code == 0 and "warning" not in checked.output and "0 node(s) compute in float" in checked.output
