@@ -184,6 +184,9 @@ def _ort_cpu(q: _QNode, produced_by_dq: set[str], has_activations: bool, bad) ->
     if q.node.op_type != "DequantizeLinear" or not q.data_is_const:
         return
     for r, slot in q.readers:
+        if r.op_type == "Gather" and q.dtype in SUB_BYTE:
+            bad(q, "ort-gather-sub-byte", f"a {q.dtype} table is dequantized whole on every run (Gather takes no 4-bit tensors); "
+                                          "use 8 bits, whose rows are looked up before dequantizing")
         if r.op_type == "MatMul" and q.dtype in SUB_BYTE and q.block_size and q.axis == len(q.shape) - 1:
             bad(q, "ort-nbits-axis", "blocks along N are not fused into MatMulNBits; block along K (axis 0 of [K,N])")
         if r.op_type in ("MatMul", "Gemm") and q.block_size and not 16 <= q.block_size <= 256:

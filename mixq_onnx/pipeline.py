@@ -310,7 +310,7 @@ def _quantize_at(
         source, bias = corrected.model, corrected.outcome
     # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
     zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-    out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops)
+    out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops, rules.gather_rows)
     activation_info = None
     if acts:
         out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]

@@ -166,11 +166,77 @@ def _nodes_for(
     return tensors, nodes
 
 
+def _gather_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]) -> list[onnx.NodeProto]:
+    """The Gather (axis 0) nodes that read table ``name``, or [] when anything else reads it too."""
+    readers = [n for n in graph.node if name in n.input]
+    ok = readers and name not in outer_refs and name not in {o.name for o in graph.output} and all(
+        n.op_type == "Gather" and n.input[0] == name and name not in n.input[1:]
+        and all(a.name != "axis" or helper.get_attribute_value(a) == 0 for a in n.attribute) for n in readers)
+    return readers if ok else []
+
+
+def gathers_rows(qt: QuantizedTensor) -> bool:
+    """Whether an embedding table's layout lets each looked-up row be dequantized alone.
+
+    Rows can be gathered with their own scales when the scales are per tensor,
+    per row, or in blocks along the row; ONNX Gather takes no 4- or 2-bit
+    tensors, so sub-byte tables keep the whole-table DequantizeLinear.
+    """
+    return qt.values.ndim == 2 and qt.qtype.bits == 8 and (qt.layout.granularity.value == "tensor" or
+                                                            (qt.axis == 0 and not qt.block_size) or (qt.axis == 1 and qt.block_size > 0))
+
+
+def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[onnx.TensorProto], out_type: int | None,
+                   namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Nodes that replace ``gather`` on a quantized table: look up the integer rows and their scales, dequantize those.
+
+    ``tensors`` are the table's integers, scale and zero point. Indices are
+    flattened so that a per-row scale becomes a per-axis scale on axis 0 of
+    the [rows, width] lookup (opset 13 DequantizeLinear); blocks along the row
+    keep their block size on axis 1. Each value is ``(q - zp) * s`` exactly as
+    the whole-table DequantizeLinear computes it.
+    """
+    base = gather.output[0]
+    width = qt.values.shape[1]
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), namer(f"{base}_flat")),
+              numpy_helper.from_array(np.array([width], np.int64), namer(f"{base}_width"))]
+    flat, rows = namer(f"{base}_flat_indices"), namer(f"{base}_rows_quantized")
+    nodes = [helper.make_node("Reshape", [gather.input[1], consts[0].name], [flat], name=namer(f"{base}_Reshape_indices")),
+             helper.make_node("Gather", [tensors[0].name, flat], [rows], name=namer(f"{base}_Gather_rows"), axis=0)]
+    params = [t.name for t in tensors[1:]]
+    per_row = qt.layout.granularity.value != "tensor"
+    if per_row:
+        gathered = []
+        for p in params:
+            g = namer(f"{p}_rows")
+            nodes.append(helper.make_node("Gather", [p, flat], [g], name=namer(f"{p}_Gather_rows"), axis=0))
+            gathered.append(g)
+        params = gathered
+    attrs = {"axis": 1, "block_size": qt.block_size} if qt.block_size else ({"axis": 0} if per_row else {})
+    deq = namer(f"{base}_rows")
+    nodes.append(helper.make_node("DequantizeLinear", [rows, *params], [deq], name=namer(f"{base}_DequantizeLinear_rows"), **attrs))
+    shape, ids_shape = namer(f"{base}_shape"), namer(f"{base}_indices_shape")
+    nodes += [helper.make_node("Shape", [gather.input[1]], [ids_shape], name=namer(f"{base}_Shape_indices")),
+              helper.make_node("Concat", [ids_shape, consts[1].name], [shape], name=namer(f"{base}_Concat_shape"), axis=0)]
+    if out_type is None:
+        nodes.append(helper.make_node("Reshape", [deq, shape], [base], name=namer(f"{base}_Reshape_rows")))
+    else:
+        cast_in = namer(f"{base}_float")
+        nodes += [helper.make_node("Reshape", [deq, shape], [cast_in], name=namer(f"{base}_Reshape_rows")),
+                  helper.make_node("Cast", [cast_in], [base], name=namer(f"{base}_Cast"), to=out_type)]
+    return consts, nodes
+
+
 def apply_plan(
     model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: list[QuantizedTensor], uses_int2: bool,
-    zero_point_ops: frozenset[str] = frozenset(),
+    zero_point_ops: frozenset[str] = frozenset(), gather_rows: bool = False,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``."""
+    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``.
+
+    With ``gather_rows``, an embedding table read only by Gather nodes is
+    looked up as integers and only the gathered rows are dequantized (see
+    :func:`_gathered_rows`), instead of dequantizing the whole table per run.
+    """
     out = copy.deepcopy(model)
     if uses_int2:
         out.ir_version = max(out.ir_version, INT2_IR_VERSION)
@@ -190,8 +256,19 @@ def apply_plan(
         inits = {t.name: i for i, t in enumerate(graph.initializer)}
         replaced_inits: dict[int, list[onnx.TensorProto]] = {}
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
+        replaced_nodes: dict[int, list[onnx.NodeProto]] = {}
+        outer = _outer_references(graph)
         for d, qt in ds:
             tensors, nodes = _nodes_for(d, qt, namer, zero_point_ops)
+            gathers = _gather_readers(graph, d.table.site.name, outer) if gather_rows and gathers_rows(qt) else []
+            if gathers:
+                out_type = helper.np_dtype_to_tensor_dtype(d.table.site.array.dtype) if d.table.site.array.dtype != qt.scale.dtype else None
+                position = {id(n): i for i, n in enumerate(graph.node)}
+                for g in gathers:
+                    extra, nodes = _gathered_rows(g, qt, tensors, out_type, namer)
+                    tensors = tensors + extra
+                    replaced_nodes[position[id(g)]] = nodes
+                nodes = []
             if d.table.site.source is Source.INITIALIZER:
                 replaced_inits[inits[d.table.site.name]] = tensors
                 front.extend(nodes)
@@ -205,8 +282,10 @@ def apply_plan(
             del graph.initializer[:]
             graph.initializer.extend(new_inits)
         new_nodes = list(front)
-        for n in graph.node:
-            if n.op_type == "Constant" and n.output and n.output[0] in replaced_consts:
+        for i, n in enumerate(graph.node):
+            if i in replaced_nodes:
+                new_nodes.extend(replaced_nodes[i])
+            elif n.op_type == "Constant" and n.output and n.output[0] in replaced_consts:
                 new_nodes.extend(replaced_consts[n.output[0]])
             else:
                 new_nodes.append(n)
@@ -214,6 +293,17 @@ def apply_plan(
         graph.node.extend(new_nodes)
     log.info("rewrote %d weights", len(decisions))
     return out
+
+
+def _outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names that subgraphs of ``graph``'s nodes read from it (a table they read must stay whole)."""
+    refs: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for scope in iter_scopes(sub):
+                    refs.update(i for m in scope.graph.node for i in m.input)
+    return refs
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from mixq_onnx import quantize
-from mixq_onnx.check import fusion_findings
+from mixq_onnx.check import check_model, fusion_findings
 from mixq_onnx.cli import main
 from mixq_onnx.config import Activations, CalibMethod, QuantConfig, Target, Uniform
 from mixq_onnx.fusion import ort_fusion, ort_optimized
@@ -146,3 +146,71 @@ def test_int8_activations_on_ort_cpu_warn_and_check_names_the_unfused_nodes(tmp_
     assert "ONNX Runtime CPU fuses: " in res.output and "QLinearConv 2" in res.output
     checked = CliRunner().invoke(main, ["check", str(u8), "--target", "ort-cpu"])
     assert checked.exit_code == 0 and "warning" not in checked.output and "0 node(s) compute in float" in checked.output
+
+
+TINY = ROOT / "models" / "tiny_transformer.onnx"
+TINY_TEST = np.load(ROOT / "models" / "tiny_transformer_test.npz")
+
+
+def _tables(model: onnx.ModelProto) -> dict[str, str]:
+    """For each quantized embedding table: 'rows' if Gather reads its integers, 'whole' if a DequantizeLinear does."""
+    readers = {i: n.op_type for n in model.graph.node for i in n.input[:1]}
+    return {t.name: {"Gather": "rows", "DequantizeLinear": "whole"}[readers[t.name]] for t in model.graph.initializer
+            if t.name in ("tok.weight_quantized", "pos.weight_quantized")}
+
+
+def test_embedding_rows_are_dequantized_after_the_lookup_bit_for_bit(monkeypatch):
+    import dataclasses
+
+    from mixq_onnx import targets
+
+    feeds = {"input_ids": TINY_TEST["input_ids"][:64]}
+    config = QuantConfig(search=Uniform(8), min_elements=0)
+    rows = quantize(onnx.load(str(TINY)), config).model
+    monkeypatch.setitem(targets.RULES, Target.GENERIC, dataclasses.replace(targets.RULES[Target.GENERIC], gather_rows=False))
+    whole = quantize(onnx.load(str(TINY)), config).model
+    assert set(_tables(rows).values()) == {"rows"} and set(_tables(whole).values()) == {"whole"}
+    assert len(_tables(rows)) == 2
+    # Same integers, scales and zero points, same (q - zp) * s per looked-up value: identical outputs.
+    assert np.array_equal(run(rows, feeds)[0], run(whole, feeds)[0])
+    reference = run(onnx.load(str(TINY)), feeds)[0]
+    assert np.mean(run(rows, feeds)[0].argmax(1) == reference.argmax(1)) >= 0.98
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block32"])
+def test_every_row_layout_is_looked_up_before_dequantizing(granularity):
+    from mixq_onnx.config import Layout
+
+    config = QuantConfig(search=Uniform(8), min_elements=0, layouts=(Layout.parse(granularity),))
+    q = quantize(onnx.load(str(TINY)), config).model
+    assert set(_tables(q).values()) == {"rows"}
+    feeds = {"input_ids": TINY_TEST["input_ids"][:32]}
+    ref, out = run(onnx.load(str(TINY)), feeds)[0], run(q, feeds)[0]
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.999
+
+
+def test_ort_cpu_keeps_embedding_tables_at_8_bits_and_generic_allows_4(tmp_path):
+    cpu = quantize(onnx.load(str(TINY)), QuantConfig(search=Uniform(4), target=Target.ORT_CPU, min_elements=0))
+    bits = {t["name"]: t["chosen"]["bits"] for t in cpu.report.to_dict()["tensors"]}
+    assert bits.pop("tok.weight") == 8 and bits.pop("pos.weight") == 8 and set(bits.values()) == {4}
+    assert any("cannot take 4 bits under --target ort-cpu" in n for n in cpu.report.notes)
+    generic = quantize(onnx.load(str(TINY)), QuantConfig(search=Uniform(4), min_elements=0)).model
+    assert set(_tables(generic).values()) == {"whole"}  # ONNX Gather takes no 4-bit tensors
+    violations = [v.rule for v in check_model(generic, Target.ORT_CPU)]
+    assert "ort-gather-sub-byte" in violations
+
+
+def test_a_table_also_read_by_a_matmul_stays_whole():
+    """Tied input/output embeddings: the MatMul needs the whole table, so it is dequantized once for both."""
+    table = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]),
+             helper.make_node("Transpose", ["table"], ["table_t"]),
+             helper.make_node("MatMul", ["emb", "table_t"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 5, 64])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    q = quantize(model, QuantConfig(search=Uniform(8), min_elements=0)).model
+    assert [n.op_type for n in q.graph.node if "table_quantized" in n.input[:1]] == ["DequantizeLinear"]
+    ids = np.array([[1, 2, 3, 4, 5], [60, 61, 62, 63, 0]], np.int64)
+    assert np.corrcoef(run(model, {"ids": ids})[0].ravel(), run(q, {"ids": ids})[0].ravel())[0, 1] > 0.999
