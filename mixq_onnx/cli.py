@@ -35,6 +35,7 @@ from .config import (
     QuantConfig,
     Scheme,
     Sensitivity,
+    Smooth,
     Target,
     Uniform,
 )
@@ -61,7 +62,7 @@ def build_config(
     int2: bool, metric: str, min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...],
     sensitivity: str = "e2e", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
-    max_loss: float | None = None, e2e_samples: int = 32,
+    max_loss: float | None = None, e2e_samples: int = 32, smooth: str | None = None, quantize_attention: bool = False,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
@@ -103,7 +104,20 @@ def build_config(
         activations=Activations(activations),
         calib_method=CalibMethod(calib_method),
         target=Target(target),
+        smooth=_parse_smooth(smooth),
+        quantize_attention=quantize_attention,
     )
+
+
+def _parse_smooth(text: str | None) -> Smooth | None:
+    if text is None:
+        return None
+    if text == "search":
+        return Smooth(None)
+    try:
+        return Smooth(float(text))
+    except ValueError:
+        raise ConfigError(f"--smooth takes an alpha from 0 to 1, or no value to search it; got {text!r}") from None
 
 
 class _Progress:
@@ -231,7 +245,9 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see README).")
 @click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime).")
-@click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib).")
+@click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib); auto: the target's fastest (uint8 for ort-cpu, int8 for tensorrt, none for generic and ort-cuda).")
+@click.option("--smooth", is_flag=False, flag_value="search", metavar="[ALPHA]", help="SmoothQuant before activation quantization: move MatMul/Gemm input outliers into the weights with strength ALPHA (0-1); without a value, ALPHA is searched per activation on the calibration data.")
+@click.option("--quantize-attention", is_flag=True, help="Also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and probabilities.V); off by default because it did not pay on ONNX Runtime CPU (README, Evidence).")
 @click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data.")
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
@@ -250,7 +266,7 @@ def quantize(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, max_loss: float | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
-    method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, calib_method: str,
+    method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
 ) -> None:
@@ -275,7 +291,8 @@ def quantize(
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
                               candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
-                              method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples)
+                              method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples, smooth,
+                              quantize_attention)
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:

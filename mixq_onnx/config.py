@@ -123,6 +123,17 @@ class Activations(enum.Enum):
     AUTO = "auto"  # the target's fastest: resolved by QuantConfig from the target's rules
 
 
+@dataclass(frozen=True)
+class Smooth:
+    """SmoothQuant's migration strength: ``alpha`` in [0, 1], or None to search it per activation on the calibration data."""
+
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--smooth must be from 0 to 1 (SmoothQuant's alpha), got {self.alpha}")
+
+
 class CalibMethod(enum.Enum):
     """How an activation's range is chosen from its calibration values (``--calib-method``)."""
 
@@ -270,6 +281,10 @@ class QuantConfig:
     activations: Activations = Activations.NONE
     calib_method: CalibMethod = CalibMethod.MINMAX
     target: Target = Target.GENERIC
+    # SmoothQuant before W8A8 (--smooth): None = off; Smooth(alpha=None) searches alpha per activation.
+    smooth: Smooth | None = None
+    # Also quantize MatMuls of two activations (attention); off by default: it did not pay on ORT CPU (README, Evidence).
+    quantize_attention: bool = False
 
     def __post_init__(self) -> None:
         from .targets import rules_for  # targets builds on these types
@@ -293,6 +308,11 @@ class QuantConfig:
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be 0 or more, got {self.min_elements}")
+        if self.quantize_attention and self.activations is Activations.NONE:
+            raise ConfigError("--quantize-attention quantizes activation MatMul inputs; add --activations or drop it")
+        if self.smooth is not None and self.activations is Activations.NONE:
+            raise ConfigError("--smooth migrates activation outliers into the weights for activation quantization; "
+                              "add --activations (auto, uint8 or int8) or drop --smooth")
         if self.e2e_samples < 1:
             raise ConfigError(f"--e2e-samples must be at least 1, got {self.e2e_samples}")
         if isinstance(self.search, MaxLoss) and self.sensitivity is not Sensitivity.E2E:
@@ -335,6 +355,8 @@ class QuantConfig:
             "activations": self.activations.value,
             "calib_method": self.calib_method.value,
             "target": self.target.value,
+            "quantize_attention": self.quantize_attention,
+            "smooth": None if self.smooth is None else ("search" if self.smooth.alpha is None else self.smooth.alpha),
         }
 
     def forced_bits(self, names: tuple[str, ...]) -> int | None:

@@ -33,6 +33,7 @@ from .targets import TargetRules, restrict, rules_for
 from .rounding import Rounded
 from .search import Decision, Plan, effective_bits, search
 from .sensitivity import EndToEnd, attach_e2e, limit_feeds
+from .smoothing import ActivationGrid, SmoothingResult, smooth_model
 from .verify import load_inputs, parse_input_shapes, verify
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,34 @@ def quantize(
         notes.append(msg)
     else:
         raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
+    opset_note = change.note if base is not model else ""
+    smoothing = None
+    if config.smooth is not None and calibration:
+        smoothing = _smooth(base, config, calibration)
+        base = smoothing.model
     if evaluation is None and calibration:
         evaluation, evaluation_source = calibration, "calibration samples"
     elif evaluation is None and _uses_e2e(config):
         evaluation, evaluation_source = _generated(model, path, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
-    return _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
-                        notes, original, change.note if base is not model else "", where, path)
+    result = _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
+                          notes, original, opset_note, where, path)
+    if smoothing is not None and result.report.activations is not None:
+        result.report.activations["smoothing"] = smoothing.describe()
+    return result
+
+
+def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]) -> SmoothingResult:
+    """SmoothQuant on the float model, for the activation type and weight scheme the target's integer kernels use."""
+    rules = rules_for(config.target)
+    act = ActivationGrid(ACTIVATION_QTYPES[config.activations], rules.symmetric_activations, config.calib_method)
+    weight_qtype = container_for(8, config.scheme is Scheme.SYMMETRIC, False)
+    kept = frozenset(t.name for t in model.graph.initializer if config.kept_float((t.name,)))
+    alpha = config.smooth.alpha if config.smooth is not None else None
+    result = smooth_model(model, calibration, alpha, act, weight_qtype, kept)
+    applied = sum(g.alpha is not None for g in result.groups)
+    log.info("smoothing applied to %d of %d MatMul/Gemm inputs", applied, len(result.groups) + len(result.skipped))
+    return result
 
 
 def _quantize_at(
@@ -351,7 +373,7 @@ def _quantize_activations(
 ) -> tuple[onnx.ModelProto, dict]:
     """Place Q/DQ pairs on activations, calibrate their ranges on the float model, and insert them into ``out``."""
     weight_bits = {d.table.site.name: d.option.qtype.bits for d in plan.decisions if d.table.site.graph == MAIN}
-    placement = place_activations(base, rules, weight_bits)
+    placement = place_activations(base, rules, weight_bits, config.quantize_attention)
     qtype = ACTIVATION_QTYPES[config.activations]
     sym = rules.symmetric_activations
     ranges = collect_activation_ranges(base, placement.ranged, calibration, config.calib_method, qtype, sym)

@@ -85,8 +85,12 @@ def _keeps_values(n: onnx.NodeProto) -> bool:
     return next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mode"), b"nearest") == b"nearest"
 
 
-def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: dict[str, int]) -> Placement:
-    """The Q/DQ sites for ``model``'s main graph; ``weight_bits`` maps each quantized weight to its container bits."""
+def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: dict[str, int], attention: bool = False) -> Placement:
+    """The Q/DQ sites for ``model``'s main graph; ``weight_bits`` maps each quantized weight to its container bits.
+
+    With ``attention``, MatMuls of two activations (attention's Q.K^T and
+    probabilities.V) get Q/DQ on both inputs too.
+    """
     g = model.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     types = _elem_types(model)
@@ -131,6 +135,14 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
         label = node_label(n, i)
         acts = [x for x in n.input[:2] if is_act(x)]
         weights = [x for x in n.input[:2] if x in consts]
+        if n.op_type == "MatMul" and len(acts) == 2 and attention:
+            # Attention's Q.K^T and probabilities.V: both inputs quantized, so ORT runs an integer QLinearMatMul.
+            for x in acts:
+                add(x, f"input of activation MatMul {label}")
+            if rules.quantize_outputs:
+                add(folded(n.output[0]), f"output of activation MatMul {label}", output_ok=True)
+            seeded_outputs.add(folded(n.output[0]))
+            continue
         if len(acts) != 1 or len(weights) != 1:
             skipped.append((label, "needs one activation and one constant weight input"))
             continue
