@@ -147,6 +147,9 @@ def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
                 bad(q, "cuda-sub-byte", f"{q.dtype} weights run fast on the CUDA EP only as MatMulNBits (MatMul/Gemm)")
             elif q.dtype in ("INT2", "UINT2"):
                 bad(q, "cuda-int2", "INT2 weights have no CUDA kernel")
+            elif q.block_size and any(r.op_type not in ("MatMul", "Gemm") for r, _ in q.readers):
+                bad(q, "cuda-blockwise", "the CUDA EP's DequantizeLinear has no block-wise kernel (only MatMulNBits fuses "
+                                         "blocks, on MatMul/Gemm); use per-channel scales here")
         elif target is Target.ORT_CPU:
             _ort_cpu(q, produced_by_dq, bool(activation_q), bad)
     if target is Target.ORT_CPU and activation_q:

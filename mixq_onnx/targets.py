@@ -113,6 +113,9 @@ class TargetRules:
                     return "tensorrt: block-wise scales are for INT4 weights only"
                 if granularity is Granularity.CHANNEL and (op == "Gather" or op == "ConvTranspose" or axis != site.channel_axis):
                     return f"tensorrt: per-channel scales on {op} weights are not on its output-channel axis"
+            if self.target is Target.ORT_CUDA and granularity is Granularity.BLOCK and op not in GEMM_OPS:
+                return ("ort-cuda: its DequantizeLinear kernel has no block-wise form; blocks run only where they fuse into "
+                        f"MatMulNBits (MatMul/Gemm), not on {op} (measured: 'Unsupported quantization type')")
             if integer and not sub_byte and granularity is Granularity.BLOCK:
                 return f"{name}: integer {op} kernels need per-channel or per-tensor weight scales"
         return ""
@@ -167,7 +170,8 @@ def restrict(tables: list[ErrorTable], rules: TargetRules, activations: bool) ->
         if ok:
             kept.append(dataclasses.replace(t, options=ok))
         else:
-            reason = next(iter(problems.values()), "no option measured")
+            # The widest option's problem says what else is wrong once the width is settled.
+            reason = problems[max(t.options, key=lambda o: o.qtype.bits)] if t.options else "no option measured"
             dropped.append(Skipped(site.name, site.graph, site.shape, site.dtype, site.params, reason))
     return kept, dropped
 

@@ -214,3 +214,23 @@ def test_a_table_also_read_by_a_matmul_stays_whole():
     assert [n.op_type for n in q.graph.node if "table_quantized" in n.input[:1]] == ["DequantizeLinear"]
     ids = np.array([[1, 2, 3, 4, 5], [60, 61, 62, 63, 0]], np.int64)
     assert np.corrcoef(run(model, {"ids": ids})[0].ravel(), run(q, {"ids": ids})[0].ravel())[0, 1] > 0.999
+
+
+def test_ort_cuda_keeps_block_scales_where_they_fuse_into_matmulnbits():
+    """Measured on an H100 (onnxruntime-gpu 1.31): a block-wise DequantizeLinear fails unless it fuses into MatMulNBits."""
+    from mixq_onnx.config import Budget, Layout
+
+    result = quantize(onnx.load(str(TINY)), QuantConfig(search=Budget(target_bits=6), target=Target.ORT_CUDA, min_elements=0))
+    chosen = {t["name"]: t["chosen"] for t in result.report.to_dict()["tensors"]}
+    assert not chosen["tok.weight"]["granularity"].startswith("block") and chosen["tok.weight"]["bits"] == 8
+    assert check_model(result.model, Target.ORT_CUDA) == []
+    # Uniform 4-bit block32: the MatMuls get it (MatMulNBits), the tables cannot and stay float, saying why.
+    config = QuantConfig(search=Uniform(4), target=Target.ORT_CUDA, min_elements=0, layouts=(Layout.parse("block32"),))
+    result = quantize(onnx.load(str(TINY)), config)
+    skipped = {s["name"]: s["reason"] for s in result.report.to_dict()["skipped"]}
+    assert "no block-wise form" in skipped["tok.weight"]
+    assert check_model(result.model, Target.ORT_CUDA) == []
+    blocked = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    readers = {i: n.op_type for n in result.model.graph.node for i in n.input}
+    assert len(blocked) == 13 and all(readers[n.output[0]] in ("MatMul", "Gemm") for n in blocked)  # 12 MatMuls + the Gemm

@@ -76,6 +76,8 @@ def _session(path: Path, threads: int = 1, profile: bool = False):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
+    # Interleaved sessions: an idle session's spinning worker threads would steal the cores from the one being timed.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_profiling = profile
     so.profile_file_prefix = str(path.parent / "profile")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -192,7 +194,8 @@ def main() -> None:
     section = (
         "## Deployment speed on ONNX Runtime CPU: weight-only, W8A8 presets and ORT's own quantizer\n\n"
         + generated_by("bench_deploy.py", args.cases, minutes) + " "
-        f"Latency: median of {args.runs} runs per model at batch 1, with 1 and 2 intra-op threads, ORT_ENABLE_ALL; the "
+        f"Latency: median of {args.runs} runs per model at batch 1, with 1 and 2 intra-op threads (thread spinning off, "
+        "so that the sessions of the other models, run in between, do not steal the cores), ORT_ENABLE_ALL; the "
         "models of a case run interleaved in the same process, and speed-ups are ratios within that run. MiniLM runs at "
         "sequence lengths 16 and 128 (the first held-out sentence's tokens repeated). *integer kernels*: the fused integer "
         "ops in ORT's optimised graph. *float ops between integer ops*: nodes of that graph that still compute in float "

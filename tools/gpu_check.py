@@ -21,6 +21,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
+# The files the GPU check runs, by bench_deploy label: one per target where the target changes the file.
+GPU_MODELS = {
+    "efficientnet": ("weight-only int8 (default)", "W8A8 ort-cpu preset (--activations auto = uint8), gptq, percentile",
+                     "W8A8 tensorrt (int8), gptq, percentile"),
+    "minilm": ("weight-only int8 (default)", "weight-only INT4 block32, ort-cuda, gptq", "W8A8 ort-cpu preset + --smooth, entropy"),
+}
+
+
 def prepare(out: Path) -> None:
-    """Copy the deployment benchmark's models with their eval inputs and fp32 CPU outputs."""
+    """Copy the deployment benchmark's files for each target, with eval inputs and fp32 CPU outputs, into ``out``.
+
+    The fp32 models are not copied (the machine is reached through a small
+    transfer): the GPU side rebuilds each from the int8 weight-only file by
+    folding its DequantizeLinear nodes, which gives the same graph for latency.
+    """
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tools"))
     from bench import outputs
@@ -41,23 +55,22 @@ def prepare(out: Path) -> None:
     cache = ROOT / ".cache" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for name in ("digits", "efficientnet", "minilm"):
+    for name, wanted in GPU_MODELS.items():
         case = CASES[name](cache)
-        feeds = case.eval_feeds[:4] if name == "minilm" else case.eval_feeds[:1]
+        feeds = case.eval_feeds[:4] if name == "minilm" else case.eval_feeds[:16]
         ref = outputs(case.model, feeds)
         np.savez(out / f"{name}_io.npz", **{f"in{i}:{k}": v for i, f in enumerate(feeds) for k, v in f.items()},
                  **{f"ref{i}": r for i, r in enumerate(ref)})
-        files = [(label, cache / "runs" / f"{name}_deploy_{k + 1}.onnx") for k, (label, _) in enumerate(variants(name))]
-        if name == "minilm":
-            # 91 MB is too much to carry: the GPU side rebuilds an fp32 model of the same graph from the int8 file.
-            manifest.append({"case": name, "model": "fp32 (int8 weights dequantized: same graph, for latency)",
-                             "file": f"{name}_fp32.onnx", "derive": f"{name}_{len(manifest) + 1}.onnx"})
-        else:
-            files.insert(0, ("fp32", case.model))
-        for label, src in files:
-            if "tensorrt" in label or "uint8), ort-cpu, gptq" in label:
-                continue  # one full-QDQ variant per target is enough here
-            dst = out / f"{name}_{len(manifest)}.onnx"
+        labels = [label for label, _ in variants(name)]
+        first = None
+        for label in wanted:
+            src = cache / "runs" / f"{name}_deploy_{labels.index(label) + 1}.onnx"
+            dst = out / f"{name}_{len(manifest) + 1}.onnx"
+            if first is None:
+                first = dst.name
+                manifest.append({"case": name, "model": "fp32 (weight-only int8 file with its DequantizeLinear folded)",
+                                 "file": f"{name}_fp32.onnx", "derive": first})
+                dst = out / first
             shutil.copy(src, dst)
             manifest.append({"case": name, "model": label, "file": dst.name})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -75,12 +88,18 @@ def _feeds(io: dict[str, np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list
     return [feeds[i] for i in sorted(feeds)], [refs[i] for i in sorted(refs)]
 
 
-def _agreement(ref: list[np.ndarray], out: list[np.ndarray]) -> dict[str, float]:
-    r = np.concatenate([x.reshape(len(x), -1) for x in ref]).astype(np.float64)
-    o = np.concatenate([x.reshape(len(x), -1) for x in out]).astype(np.float64)
-    cos = np.sum(r * o, 1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1) + 1e-12)
-    res = {"cosine vs fp32 CPU": float(cos.mean())}
+def _agreement(ref: list[np.ndarray], out: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Mean cosine per sample (padding positions zeroed where the feed has an attention mask) and, for [N, classes]
+    outputs, top-1 agreement."""
+    cos = []
+    for r, o, f in zip(ref, out, feeds):
+        if "attention_mask" in f and r.ndim == 3:
+            r, o = r * f["attention_mask"][..., None], o * f["attention_mask"][..., None]
+        r2, o2 = r.reshape(len(r), -1).astype(np.float64), o.reshape(len(o), -1).astype(np.float64)
+        cos.extend(np.sum(r2 * o2, 1) / (np.linalg.norm(r2, axis=1) * np.linalg.norm(o2, axis=1) + 1e-12))
+    res = {"cosine vs fp32 CPU": float(np.mean(cos))}
     if ref[0].ndim == 2:
+        r, o = np.concatenate(ref), np.concatenate(out)
         res["top-1 agreement vs fp32 CPU"] = float(np.mean(r.argmax(1) == o.argmax(1)))
     return res
 
@@ -136,11 +155,11 @@ def run(folder: Path, out: Path) -> None:
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
                 so.enable_profiling = True
-                so.profile_file_prefix = str(out.parent / "profile")
+                so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="mixq-gpu-")) / "profile")
                 sess = ort.InferenceSession(str(folder / entry["file"]), so, providers=[provider, "CPUExecutionProvider"])
                 row["session_providers"] = sess.get_providers()
                 outs = [sess.run(None, f)[0] for f in feeds]
-                row.update(_agreement(refs, outs))
+                row.update(_agreement(refs, outs, feeds))
                 one = {k: v[:1] for k, v in feeds[0].items()}
                 for _ in range(5):
                     sess.run(None, one)
@@ -151,11 +170,15 @@ def run(folder: Path, out: Path) -> None:
                     times.append(time.perf_counter() - t0)
                 row["latency_ms"] = 1000 * statistics.median(times)
                 share: dict[str, float] = collections.Counter()
+                ops: dict[str, set[str]] = collections.defaultdict(set)
                 for e in json.loads(Path(sess.end_profiling()).read_text()):
                     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                        share[e["args"].get("provider", "?")] += e["dur"]
+                        provider = e["args"].get("provider", "?")
+                        share[provider] += e["dur"]
+                        ops[provider].add(e["args"].get("op_name", "?"))
                 total = sum(share.values()) or 1
                 row["kernel_time_share"] = {k: round(v / total, 4) for k, v in share.items()}
+                row["ops_per_provider"] = {k: sorted(v) for k, v in ops.items()}
             except Exception as exc:  # a provider that cannot load or run the model is a result, not a crash
                 row["error"] = str(exc).splitlines()[0][:300]
             results["rows"].append(row)
@@ -171,12 +194,13 @@ def publish(result: Path) -> None:
     rows = []
     for r in data["rows"]:
         if "error" in r:
-            rows.append([r["case"], r["model"], r["provider"], "did not run", "", "", r["error"][:120]])
+            rows.append([r["case"], r["model"], r["provider"], "did not run", "", "", r["error"][:160], ""])
             continue
         acc = "; ".join(f"{k} {v:.4f}" for k, v in r.items() if k.endswith("vs fp32 CPU"))
         share = ", ".join(f"{k.replace('ExecutionProvider', '')} {v:.0%}" for k, v in r["kernel_time_share"].items())
+        cpu_ops = ", ".join(r.get("ops_per_provider", {}).get("CPUExecutionProvider", [])) or "none"
         rows.append([r["case"], r["model"], r["provider"], ", ".join(p.replace("ExecutionProvider", "") for p in r["session_providers"]),
-                     f"{r['latency_ms']:.3f}", acc, share])
+                     f"{r['latency_ms']:.3f}", acc, share, cpu_ops])
     section = (
         "## GPU: the quantized models on ONNX Runtime's CUDA and TensorRT providers\n\n"
         f"Measured on the lent GPU machine with onnxruntime-gpu {data['onnxruntime']} (providers available: "
@@ -184,7 +208,8 @@ def publish(result: Path) -> None:
         "wrote (`python tools/gpu_check.py prepare DIR` picks them). Latency: median of 50 single-sample runs, inputs "
         "and outputs on the CPU. *kernel time*: share of kernel time per provider from ORT's profiler (a CPU share "
         "means nodes fell back to the CPU). Accuracy is against the fp32 model's outputs on the CPU.\n\n"
-        + markdown_table(["case", "model", "asked for", "session got", "latency ms", "accuracy", "kernel time"], rows) + "\n"
+        + markdown_table(["case", "model", "asked for", "session got", "latency ms", "accuracy", "kernel time",
+                          "ops that ran on the CPU"], rows) + "\n"
     )
     replace_section(ROOT / "docs" / "RESULTS.md", "gpu", section)
     print(section)
