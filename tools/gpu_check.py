@@ -134,13 +134,23 @@ def _fold_weights(src: Path, dst: Path) -> None:
     onnx.save(m, str(dst))
 
 
+def _device_name() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=30).stdout.strip() or "no GPU found"
+    except (OSError, subprocess.SubprocessError):
+        return "no nvidia-smi"
+
+
 def run(folder: Path, out: Path) -> None:
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     manifest = json.loads((folder / "manifest.json").read_text())
-    results = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(), "rows": []}
+    results = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(), "device": _device_name(), "rows": []}
     for entry in manifest:
         if "derive" in entry and not (folder / entry["file"]).exists():
             _fold_weights(folder / entry["derive"], folder / entry["file"])
@@ -186,29 +196,40 @@ def run(folder: Path, out: Path) -> None:
     out.write_text(json.dumps(results, indent=1))
 
 
-def publish(result: Path) -> None:
+def publish(result: Path, note: str = "") -> None:
+    """The GPU section of docs/RESULTS.md from ``run``'s JSON; ``note`` adds what the run's log said (e.g. a provider's load error)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from _table import markdown_table, replace_section
 
     data = json.loads(result.read_text())
     rows = []
+    fp32 = {(r["case"], r["provider"]): r.get("latency_ms") for r in data["rows"] if r["model"].startswith("fp32")}
     for r in data["rows"]:
         if "error" in r:
             rows.append([r["case"], r["model"], r["provider"], "did not run", "", "", r["error"][:160], ""])
             continue
-        acc = "; ".join(f"{k} {v:.4f}" for k, v in r.items() if k.endswith("vs fp32 CPU"))
+        acc = "; ".join(f"{k.replace(' vs fp32 CPU', '')} {v:.4f}" for k, v in r.items() if k.endswith("vs fp32 CPU"))
         share = ", ".join(f"{k.replace('ExecutionProvider', '')} {v:.0%}" for k, v in r["kernel_time_share"].items())
+        got = ", ".join(p.replace("ExecutionProvider", "") for p in r["session_providers"])
+        if r["provider"] not in r["session_providers"]:
+            got += " (the provider did not load; ORT fell back)"
+        base = fp32.get((r["case"], r["provider"]))
+        latency = f"{r['latency_ms']:.2f}" + (f" ({base / r['latency_ms']:.2f}x)" if base else "")
         cpu_ops = ", ".join(r.get("ops_per_provider", {}).get("CPUExecutionProvider", [])) or "none"
-        rows.append([r["case"], r["model"], r["provider"], ", ".join(p.replace("ExecutionProvider", "") for p in r["session_providers"]),
-                     f"{r['latency_ms']:.3f}", acc, share, cpu_ops])
+        rows.append([r["case"], r["model"], r["provider"].replace("ExecutionProvider", ""), got, latency, acc, share,
+                     cpu_ops if r["provider"] in r["session_providers"] else "(all)"])
     section = (
-        "## GPU: the quantized models on ONNX Runtime's CUDA and TensorRT providers\n\n"
-        f"Measured on the lent GPU machine with onnxruntime-gpu {data['onnxruntime']} (providers available: "
-        f"{', '.join(data['available'])}) by `python tools/gpu_check.py run` on the models that `tools/bench_deploy.py` "
-        "wrote (`python tools/gpu_check.py prepare DIR` picks them). Latency: median of 50 single-sample runs, inputs "
-        "and outputs on the CPU. *kernel time*: share of kernel time per provider from ORT's profiler (a CPU share "
-        "means nodes fell back to the CPU). Accuracy is against the fp32 model's outputs on the CPU.\n\n"
-        + markdown_table(["case", "model", "asked for", "session got", "latency ms", "accuracy", "kernel time",
+        "## GPU: the outputs of each target on ONNX Runtime's CUDA and TensorRT providers\n\n"
+        f"Measured on the lent GPU machine ({data.get('device', 'GPU')}) with onnxruntime-gpu {data['onnxruntime']} "
+        f"(providers compiled in: {', '.join(data['available'])}) by `python tools/gpu_check.py run` on the files that "
+        "`tools/bench_deploy.py` wrote (`python tools/gpu_check.py prepare DIR` picks one per target). The fp32 rows are the "
+        "weight-only int8 file with its DequantizeLinear nodes folded back to float (the same graph; the machine is reached "
+        "through a small transfer). Latency: median of 50 batch-1 runs, inputs and outputs on the host, with the speed-up "
+        "against the fp32 row on the same provider. *accuracy*: cosine (padding masked) and top-1 agreement against the "
+        "original fp32 model's CPU outputs. *kernel time*: share per provider from ORT's profiler; *ops that ran on the "
+        "CPU*: the op types the CUDA session left to the CPU provider.\n\n"
+        + (note + "\n\n" if note else "")
+        + markdown_table(["case", "model", "asked for", "session got", "latency ms (vs fp32)", "accuracy vs fp32", "kernel time",
                           "ops that ran on the CPU"], rows) + "\n"
     )
     replace_section(ROOT / "docs" / "RESULTS.md", "gpu", section)
@@ -225,13 +246,14 @@ def main() -> None:
     r.add_argument("out", type=Path)
     q = sub.add_parser("publish")
     q.add_argument("result", type=Path)
+    q.add_argument("--note", default="", help="what the run's log said, e.g. why a provider did not load")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.dir)
     elif args.cmd == "run":
         run(args.dir, args.out)
     else:
-        publish(args.result)
+        publish(args.result, args.note)
 
 
 if __name__ == "__main__":
