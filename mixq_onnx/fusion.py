@@ -50,6 +50,21 @@ def ort_optimized(path: Path) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
+def integer_inputs(model: onnx.ModelProto) -> set[str] | None:
+    """Names of the tensors that ORT CPU's optimised graph of ``model`` feeds to fused integer kernels.
+
+    None when the model is too large to hand to ONNX Runtime from memory (the
+    caller then keeps its conservative choice).
+    """
+    if model.ByteSize() > 2**31 - 2**20:
+        return None
+    with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        optimized = ort_optimized(path)
+    return {i for n in optimized.graph.node if n.op_type in FUSED_OPS for i in n.input}
+
+
 def ort_fusion(path: Path) -> FusionReport:
     """Op counts and float islands of the model at ``path`` as ONNX Runtime's CPU provider optimises it."""
     optimized = ort_optimized(path)
@@ -57,4 +72,4 @@ def ort_fusion(path: Path) -> FusionReport:
     return FusionReport(dict(ops), tuple(fusion_findings(optimized)))
 
 
-__all__ = ["FusionReport", "ort_fusion", "ort_optimized"]
+__all__ = ["FusionReport", "integer_inputs", "ort_fusion", "ort_optimized"]

@@ -18,7 +18,7 @@ import onnx
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
-from .fusion import ort_fusion
+from .fusion import integer_inputs, ort_fusion
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
 from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, stage_model
@@ -27,7 +27,7 @@ from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, 
 from .numerics import QTYPES, activation_params, container_for, required_opset
 from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
 from .report import Report, build_report
-from .placement import place_activations
+from .placement import Placement, place_activations
 from .rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, restrict, rules_for
 from .rounding import Rounded
@@ -371,14 +371,43 @@ def _quantize_activations(
     base: onnx.ModelProto, out: onnx.ModelProto, plan: Plan, rules: TargetRules, config: QuantConfig,
     calibration: list[dict[str, np.ndarray]],
 ) -> tuple[onnx.ModelProto, dict]:
-    """Place Q/DQ pairs on activations, calibrate their ranges on the float model, and insert them into ``out``."""
+    """Place Q/DQ pairs on activations, calibrate their ranges on the float model, and insert them into ``out``.
+
+    Where the target fuses a MatMul with a float output (ORT CPU's
+    MatMulIntegerToFloat), MatMul outputs are first left float; ONNX Runtime
+    then optimises the result, and every MatMul it did not turn into an
+    integer kernel (its own fusions can win first, e.g. MatMul + bias into a
+    float Gemm) gets its output Q back, so that it fuses as QLinearMatMul.
+    """
     weight_bits = {d.table.site.name: d.option.qtype.bits for d in plan.decisions if d.table.site.graph == MAIN}
-    placement = place_activations(base, rules, weight_bits, config.quantize_attention)
+    full = place_activations(base, rules, weight_bits, config.quantize_attention)
+    trial = full
+    if rules.float_matmul_outputs and full.integer_matmuls:
+        trial = place_activations(base, rules, weight_bits, config.quantize_attention,
+                                  frozenset(label for label, _ in full.integer_matmuls))
     qtype = ACTIVATION_QTYPES[config.activations]
     sym = rules.symmetric_activations
-    ranges = collect_activation_ranges(base, placement.ranged, calibration, config.calib_method, qtype, sym)
-    pairs = [ActivationQDQ(s.tensor, None, None, s.share) if s.share
-             else ActivationQDQ(s.tensor, *activation_params(*ranges[s.tensor], qtype, sym)) for s in placement.sites]
+    # One calibration pass covers both placements.
+    ranges = collect_activation_ranges(base, list(dict.fromkeys(full.ranged + trial.ranged)), calibration,
+                                       config.calib_method, qtype, sym)
+
+    def pairs_for(placement: Placement) -> list[ActivationQDQ]:
+        return [ActivationQDQ(s.tensor, None, None, s.share) if s.share
+                else ActivationQDQ(s.tensor, *activation_params(*ranges[s.tensor], qtype, sym)) for s in placement.sites]
+
+    placement, pairs = trial, pairs_for(trial)
+    result = insert_activation_qdq(out, pairs)
+    if trial is not full:
+        fused = integer_inputs(result)
+        producer = {o: n for n in result.graph.node for o in n.output}
+        integer_name = {label: producer[w].input[0] for label, w in full.integer_matmuls
+                        if w in producer and producer[w].op_type == "DequantizeLinear"}
+        keep = frozenset(label for label, _ in full.integer_matmuls
+                         if fused is not None and integer_name.get(label) in fused)
+        if keep != frozenset(label for label, _ in full.integer_matmuls):
+            placement = place_activations(base, rules, weight_bits, config.quantize_attention, keep) if keep else full
+            pairs = pairs_for(placement)
+            result = insert_activation_qdq(out, pairs)
     info = {
         "type": qtype.name, "symmetric": sym, "calib_method": config.calib_method.value,
         "tensors": [{"name": s.tensor, "reason": s.reason, "shares": s.share or None,
@@ -388,7 +417,7 @@ def _quantize_activations(
                     for s, p in zip(placement.sites, pairs)],
         "float_nodes": [{"node": n, "reason": r} for n, r in placement.skipped],
     }
-    return insert_activation_qdq(out, pairs), info
+    return result, info
 
 
 def _error(d: Decision, r: Rounded) -> np.ndarray:

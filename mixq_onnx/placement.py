@@ -43,6 +43,8 @@ class ActivationSite:
 class Placement:
     sites: tuple[ActivationSite, ...]
     skipped: tuple[tuple[str, str], ...]  # (node, why it stays float)
+    # MatMul nodes with a quantized input and an 8-bit constant weight: label -> weight tensor name.
+    integer_matmuls: tuple[tuple[str, str], ...] = ()
 
     @property
     def ranged(self) -> list[str]:
@@ -85,11 +87,14 @@ def _keeps_values(n: onnx.NodeProto) -> bool:
     return next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mode"), b"nearest") == b"nearest"
 
 
-def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: dict[str, int], attention: bool = False) -> Placement:
+def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: dict[str, int], attention: bool = False,
+                      float_outputs: frozenset[str] = frozenset()) -> Placement:
     """The Q/DQ sites for ``model``'s main graph; ``weight_bits`` maps each quantized weight to its container bits.
 
     With ``attention``, MatMuls of two activations (attention's Q.K^T and
-    probabilities.V) get Q/DQ on both inputs too.
+    probabilities.V) get Q/DQ on both inputs too. The MatMuls labelled in
+    ``float_outputs`` keep a float output: ONNX Runtime then runs them as
+    MatMulIntegerToFloat (integer product, float result, no output grid).
     """
     g = model.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
@@ -119,6 +124,7 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
     integer_ops = rules.integer_ops or CONV_OPS | GEMM_OPS
     chosen: dict[str, ActivationSite] = {}
     skipped: list[tuple[str, str]] = []
+    integer_matmuls: list[tuple[str, str]] = []
     seeded_outputs: set[str] = set()
 
     def add(name: str, reason: str, share: str = "", output_ok: bool = False) -> bool:
@@ -159,6 +165,11 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
             add(pad.input[0], f"input of Pad {pad.name or pad.output[0]} before {n.op_type} {label} (the Pad folds into the integer Conv)")
         else:
             add(acts[0], f"input of {n.op_type} {label}")
+        if n.op_type == "MatMul":
+            integer_matmuls.append((label, weights[0]))
+        if label in float_outputs:
+            skipped.append((label, "output left float: ONNX Runtime runs it as MatMulIntegerToFloat"))
+            continue
         if rules.quantize_outputs:
             out = folded(n.output[0])
             add(out, f"output of {n.op_type} {label}" + (" after its activation" if out != n.output[0] else ""), output_ok=True)
@@ -202,7 +213,7 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
         while root and chosen.get(root) and chosen[root].share:
             root = chosen[root].share
         sites.append(ActivationSite(s.tensor, root, s.reason))
-    return Placement(tuple(sites), tuple(skipped))
+    return Placement(tuple(sites), tuple(skipped), tuple(integer_matmuls))
 
 
 __all__ = ["ActivationSite", "Placement", "place_activations"]

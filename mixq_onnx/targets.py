@@ -57,6 +57,9 @@ class TargetRules:
     # A zero Pad read only by a Conv is quantized on its input: ONNX Runtime then folds the Pad into the
     # QLinearConv (measured); a Q/DQ pair after the Pad would leave a float DQ -> Pad -> Q island.
     quantize_before_pad: bool = False
+    # MatMuls keep a float output where the runtime fuses that into an integer kernel (ORT CPU: MatMulIntegerToFloat,
+    # measured faster and more accurate than QLinearMatMul on MiniLM); the pipeline asks ORT which ones it fused.
+    float_matmul_outputs: bool = False
     # Embedding tables dequantize only the looked-up rows (runtime scales); TensorRT wants constant DQ scales.
     gather_rows: bool = True
     # Ops whose sub-byte weights run, but so slowly that the target refuses them: (op, measured reason).
@@ -132,7 +135,7 @@ RULES: dict[Target, TargetRules] = {
         # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; other sub-byte DQs run unfused.
         frozenset({"MatMul", "Gemm"}), frozenset({"Conv", "MatMul", "Gemm"}),
         # Measured: EfficientNet-Lite0 with uint8 per-channel weights + zero points ran 56x slower than int8 symmetric.
-        integer_scheme=Scheme.SYMMETRIC, quantize_before_pad=True, fastest_activations=Activations.UINT8,
+        integer_scheme=Scheme.SYMMETRIC, quantize_before_pad=True, fastest_activations=Activations.UINT8, float_matmul_outputs=True,
         slow_sub_byte=(("Gather", "ONNX Gather takes no 4-bit tensors, so a 4-bit table is dequantized whole on every run: "
                                   "all-MiniLM-L6-v2 ran at 0.34x fp32; 8-bit tables dequantize only the looked-up rows"),),
         slow_activations=(

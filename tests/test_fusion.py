@@ -234,3 +234,21 @@ def test_ort_cuda_keeps_block_scales_where_they_fuse_into_matmulnbits():
                and any(a.name == "block_size" for a in n.attribute)]
     readers = {i: n.op_type for n in result.model.graph.node for i in n.input}
     assert len(blocked) == 13 and all(readers[n.output[0]] in ("MatMul", "Gemm") for n in blocked)  # 12 MatMuls + the Gemm
+
+
+def test_transformer_matmuls_keep_float_outputs_where_ort_fuses_them_and_get_them_back_where_it_does_not(tmp_path):
+    calib = [{"input_ids": np.load(ROOT / "models" / "tiny_transformer_calib.npz")["input_ids"][:64]}]
+    config = QuantConfig(search=Uniform(8), target=Target.ORT_CPU, activations=Activations.AUTO, min_elements=0)
+    result = quantize(onnx.load(str(TINY)), config, calibration=calib)
+    fusion = ort_fusion(_write(result.model, tmp_path / "q.onnx"))
+    assert fusion.fused.get("MatMulIntegerToFloat") == 12 and "QLinearMatMul" not in fusion.fused and fusion.findings == ()
+    left = [f for f in result.report.activations["float_nodes"] if "MatMulIntegerToFloat" in f["reason"]]
+    assert len(left) == 12
+    feeds = {"input_ids": TINY_TEST["input_ids"][:200]}
+    ref = run(onnx.load(str(TINY)), feeds)[0]
+    assert np.mean(run(result.model, feeds)[0].argmax(1) == ref.argmax(1)) >= 0.99
+    # The digits CNN's 2-D MatMul + bias becomes a float Gemm in ORT unless its output is quantized: the pipeline asks
+    # ORT, sees that, and quantizes that output so it fuses as QLinearMatMul.
+    digits = quantize(onnx.load(str(DIGITS)), config, calibration=_calib())
+    fused = ort_fusion(_write(digits.model, tmp_path / "d.onnx"))
+    assert fused.fused.get("QLinearMatMul") == 1 and fused.findings == ()
