@@ -50,13 +50,11 @@ def variants(name: str) -> list[tuple[str, list[str]]]:
              ["--target", "ort-cpu", "--bits", "4", "--granularity", "block32", "--method", "gptq", "--calib", "{calib}"]),
             ("weight-only INT4 block32, ort-cuda, gptq",
              ["--target", "ort-cuda", "--bits", "4", "--granularity", "block32", "--method", "gptq", "--calib", "{calib}"]),
-            ("W8A8 ort-cpu preset, percentile, no smoothing", [*preset, "--calib-method", "percentile"]),
-            ("W8A8 ort-cpu preset + --smooth, entropy", [*preset, "--smooth", "--calib-method", "entropy"]),
-            ("W8A8 ort-cpu preset + --smooth, entropy, gptq", [*preset, "--smooth", "--calib-method", "entropy", "--method", "gptq"]),
-            ("W8A8 ort-cpu preset + --smooth + --quantize-attention, entropy",
-             [*preset, "--smooth", "--quantize-attention", "--calib-method", "entropy"]),
-            ("W8A8 tensorrt, --smooth, entropy",
-             ["--target", "tensorrt", "--activations", "auto", "--smooth", "--calib-method", "entropy", "--calib", "{calib}"]),
+            ("W8A8 ort-cpu preset, no smoothing", preset),
+            ("W8A8 ort-cpu preset + --smooth", [*preset, "--smooth"]),
+            ("W8A8 ort-cpu preset + --smooth, gptq", [*preset, "--smooth", "--method", "gptq"]),
+            ("W8A8 ort-cpu preset + --smooth + --quantize-attention", [*preset, "--smooth", "--quantize-attention"]),
+            ("W8A8 tensorrt, --smooth", ["--target", "tensorrt", "--activations", "auto", "--smooth", "--calib", "{calib}"]),
             (PEER, []),
         ]
     return [

@@ -35,7 +35,7 @@ PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 GPU_MODELS = {
     "efficientnet": ("weight-only int8 (default)", "W8A8 ort-cpu preset (--activations auto = uint8), gptq, percentile",
                      "W8A8 tensorrt (int8), gptq, percentile"),
-    "minilm": ("weight-only int8 (default)", "weight-only INT4 block32, ort-cuda, gptq", "W8A8 ort-cpu preset + --smooth, entropy"),
+    "minilm": ("weight-only int8 (default)", "weight-only INT4 block32, ort-cuda, gptq", "W8A8 ort-cpu preset + --smooth"),
 }
 
 
