@@ -17,10 +17,11 @@ Three steps, each a plain function:
   per group the alpha (given, or searched over :data:`ALPHAS`) that gives the
   smallest relative output error of the quantized product ``Q(X/s) Q(sW)``
   against ``X W`` on sampled rows, with "no smoothing" as a candidate.
-- :func:`apply_smoothing` (graph): ``1/s`` is folded into a LayerNormalization
-  producer whose output only the group reads (its scale and bias are divided
-  by ``s``); otherwise a ``Mul`` by ``1/s`` is inserted in front of the group's
-  readers. Weights become ``s W``. Every activation left alone says why.
+- :func:`apply_smoothing` (graph): ``1/s`` is folded into the producer whose
+  output only the group reads (a LayerNormalization's scale and bias, or a
+  MatMul's/Gemm's weight columns and bias, see :func:`_fold_site`); otherwise
+  a ``Mul`` by ``1/s`` is inserted in front of the group's readers. Weights
+  become ``s W``. Every activation left alone says why.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ class Group:
 
     tensor: str
     readers: tuple[Reader, ...]
-    fold_into: int | None  # index of a LayerNormalization producer that only this group reads, else None
+    # Where 1/s is folded: constants of the producer, each with how it is divided ('vector': elementwise on its
+    # last axis, 'cols' / 'rows': a weight's output channels); empty when a Mul is inserted instead.
+    fold: tuple[tuple[str, str], ...] = ()
+    fold_op: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class SmoothingResult:
     def describe(self) -> dict[str, object]:
         return {
             "applied": [{"tensor": g.group.tensor, "readers": [r.node for r in g.group.readers], "alpha": g.alpha,
-                         "how": "folded into LayerNormalization" if g.group.fold_into is not None else "Mul inserted",
+                         "how": f"folded into {g.group.fold_op}" if g.group.fold else "Mul inserted",
                          "error_unsmoothed": g.error_plain, "error_smoothed": g.error_smoothed}
                         for g in self.groups if g.alpha is not None],
             "not_applied": [{"tensor": g.group.tensor, "reason": f"smoothing did not lower the quantized output error "
@@ -157,15 +161,54 @@ def smoothing_groups(model: onnx.ModelProto, exclude: frozenset[str] = frozenset
         if any(s[0] == x for s in skipped):
             skipped.append((x, "another reader cannot be smoothed, and all readers must share the factors"))
             continue
-        fold = None
         linear = {r.index for r in rs}
+        fold: tuple[tuple[str, str], ...] = ()
+        op = ""
         if x in producer and x not in outputs and {i for i, _ in readers[x]} == linear:
-            pi, pn = producer[x]
-            if pn.op_type == "LayerNormalization" and len(pn.input) >= 2 and all(v in consts for v in pn.input[1:3] if v) \
-                    and all(len(readers.get(v, [])) == 1 for v in pn.input[1:3] if v):
-                fold = pi
-        groups.append(Group(x, tuple(rs), fold))
+            fold, op = _fold_site(producer[x][1], producer, readers, consts, outputs)
+        groups.append(Group(x, tuple(rs), fold, op))
     return groups, skipped
+
+
+def _fold_site(node: onnx.NodeProto, producer: dict, readers: dict, consts: dict, outputs: set[str]
+               ) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The producer constants that absorb 1/s, if ``node`` (the activation's only producer) can take it exactly.
+
+    A LayerNormalization's scale and bias; a MatMul's or Gemm's constant
+    weight columns (and bias), optionally through an ``Add`` of a constant
+    bias. Every constant must be read by that node alone, so nothing else
+    changes.
+    """
+    def only_reader(name: str, n: onnx.NodeProto) -> bool:
+        return name in consts and [m for _, m in readers.get(name, [])] == [n]
+
+    def vector(name: str) -> bool:
+        """A constant that varies only along its last axis (the activation's channels)."""
+        dims = consts[name].dims
+        return len(dims) >= 1 and int(np.prod(dims)) == dims[-1]
+
+    if node.op_type == "LayerNormalization":
+        params = [v for v in node.input[1:3] if v]
+        if params and all(only_reader(v, node) and vector(v) for v in params):
+            return tuple((v, "vector") for v in params), "LayerNormalization"
+        return (), ""
+    bias: list[str] = []
+    if node.op_type == "Add" and len(node.input) == 2:
+        c = [v for v in node.input if v in consts]
+        a = [v for v in node.input if v not in consts]
+        if len(c) != 1 or len(a) != 1 or not vector(c[0]) or a[0] not in producer or a[0] in outputs \
+                or len(readers.get(a[0], [])) != 1:
+            return (), ""
+        bias, node = c, producer[a[0]][1]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or not only_reader(node.input[1], node) \
+            or len(consts[node.input[1]].dims) != 2 or attrs.get("alpha", 1.0) != 1.0:
+        return (), ""
+    weight = (node.input[1], "rows" if attrs.get("transB", 0) else "cols")
+    gemm_bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
+    if gemm_bias and not (only_reader(gemm_bias[0], node) and vector(gemm_bias[0]) and attrs.get("beta", 1.0) == 1.0):
+        return (), ""
+    return (weight, *((b, "vector") for b in gemm_bias + bias)), node.op_type + (" + bias Add" if bias else "")
 
 
 def _weight_rows(w: np.ndarray, transposed: bool) -> np.ndarray:
@@ -239,13 +282,13 @@ def apply_smoothing(model: onnx.ModelProto, chosen: list[GroupScales]) -> onnx.M
             scaled = (w * s[None, :]) if r.transposed else (w * s[:, None])
             t.CopyFrom(numpy_helper.from_array(scaled.astype(w.dtype), t.name))
         x = gs.group.tensor
-        if gs.group.fold_into is not None:
-            ln = g.node[gs.group.fold_into]
-            for name in ln.input[1:3]:
-                if name:
-                    t = consts[name]
-                    v = numpy_helper.to_array(t)
-                    t.CopyFrom(numpy_helper.from_array((v / s.astype(v.dtype)).astype(v.dtype), t.name))
+        if gs.group.fold:
+            for name, how in gs.group.fold:
+                t = consts[name]
+                v = numpy_helper.to_array(t)
+                d = s.astype(v.dtype)
+                v = v / d[:, None] if how == "rows" else v / d
+                t.CopyFrom(numpy_helper.from_array(v.astype(numpy_helper.to_array(t).dtype), t.name))
             continue
         inv_name, out_name = _fresh(f"{x}_smooth_inverse", taken), _fresh(f"{x}_smoothed", taken)
         dtype = np.float16 if any(consts[r.weight].data_type == onnx.TensorProto.FLOAT16 for r in gs.group.readers) else np.float32

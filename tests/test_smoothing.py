@@ -100,7 +100,7 @@ def test_an_exclusive_layernorm_absorbs_the_factors_and_no_mul_is_added():
     feeds = [{"x": np.random.default_rng(k).normal(size=(64, 32)).astype(np.float32)} for k in range(4)]
     result = smooth_model(model, feeds, None, GRID, QTYPES["int8"])
     (g,) = result.groups
-    assert g.group.fold_into == 0 and g.alpha is not None and g.error_smoothed < 0.5 * g.error_plain
+    assert g.group.fold_op == "LayerNormalization" and g.alpha is not None and g.error_smoothed < 0.5 * g.error_plain
     assert [n.op_type for n in result.model.graph.node] == ["LayerNormalization", "MatMul"]
     x = np.random.default_rng(9).normal(size=(16, 32)).astype(np.float32)
     assert np.allclose(run(model, {"x": x})[0], run(result.model, {"x": x})[0], rtol=1e-4, atol=1e-4)
@@ -125,3 +125,27 @@ def test_smooth_needs_activations_and_a_valid_alpha(tmp_path):
     assert out.exists()
     res = CliRunner().invoke(main, [str(TINY), "-o", str(tmp_path / "x.onnx"), "--smooth", "strong"])
     assert res.exit_code == 2 and "--smooth takes an alpha" in res.output and "Traceback" not in res.output
+
+
+def test_a_linear_producer_with_its_bias_absorbs_the_factors():
+    """x -> MatMul(W1) -> Add(b1) -> MatMul(W2): 1/s goes into W1's columns and b1, so no Mul is added."""
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(0, 0.3, (16, 24)).astype(np.float32)
+    w1[:, [2, 9]] *= 30.0  # two outlier channels in the hidden activation
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 0.1, 24).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (24, 8)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": rng.normal(size=(64, 16)).astype(np.float32)} for _ in range(4)]
+    result = smooth_model(model, feeds, 0.5, GRID, QTYPES["int8"])
+    folded = [g for g in result.groups if g.group.tensor == "h"]
+    assert folded and folded[0].group.fold_op == "MatMul + bias Add"
+    # The graph input x has no producer to fold into: it gets the one Mul; h is read as it is.
+    assert [n.op_type for n in result.model.graph.node] == ["Mul", "MatMul", "Add", "MatMul"]
+    assert result.model.graph.node[-1].input[0] == "h"
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    assert np.allclose(run(model, {"x": x})[0], run(result.model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    assert any(a["how"] == "folded into MatMul + bias Add" for a in result.describe()["applied"])
