@@ -406,6 +406,9 @@ def _quantize_activations(
                          if fused is not None and integer_name.get(label) in fused)
         if keep != frozenset(label for label, _ in full.integer_matmuls):
             placement = place_activations(base, rules, weight_bits, config.quantize_attention, keep) if keep else full
+            missing = [t for t in placement.ranged if t not in ranges]
+            if missing:  # spreading from fewer seeds reaches no new tensors; this only guards that assumption
+                ranges.update(collect_activation_ranges(base, missing, calibration, config.calib_method, qtype, sym))
             pairs = pairs_for(placement)
             result = insert_activation_qdq(out, pairs)
     info = {

@@ -149,3 +149,9 @@ def test_a_linear_producer_with_its_bias_absorbs_the_factors():
     x = rng.normal(size=(32, 16)).astype(np.float32)
     assert np.allclose(run(model, {"x": x})[0], run(result.model, {"x": x})[0], rtol=1e-4, atol=1e-4)
     assert any(a["how"] == "folded into MatMul + bias Add" for a in result.describe()["applied"])
+
+
+def test_smoothed_w8a8_output_is_byte_identical_across_runs():
+    config = QuantConfig(search=Uniform(8), target=Target.ORT_CPU, activations=Activations.AUTO, min_elements=0, smooth=Smooth(None))
+    first = quantize(onnx.load(str(TINY)), config, calibration=CALIB).model.SerializeToString()
+    assert quantize(onnx.load(str(TINY)), config, calibration=CALIB).model.SerializeToString() == first
