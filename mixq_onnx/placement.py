@@ -18,6 +18,7 @@ Every integer-capable node left in float records why.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ from onnx import helper, numpy_helper
 
 from .graph import node_label
 from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, TargetRules
+
+log = logging.getLogger(__name__)
 
 FLOAT_ELEMS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 
@@ -56,7 +59,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor that shape inference (or the model's own declarations) can type."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference gives up on some models (or on >2 GB); declared types still count
+    except Exception as exc:  # shape inference gives up on some models (or on >2 GB); declared types still count
+        # Said, not swallowed: activations whose type only inference knows cannot be quantized then.
+        log.warning("shape inference failed (%s); activation placement uses the types the model declares",
+                    str(exc).splitlines()[0][:200])
         inferred = model
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
