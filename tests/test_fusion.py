@@ -252,3 +252,14 @@ def test_transformer_matmuls_keep_float_outputs_where_ort_fuses_them_and_get_the
     digits = quantize(onnx.load(str(DIGITS)), config, calibration=_calib())
     fused = ort_fusion(_write(digits.model, tmp_path / "d.onnx"))
     assert fused.fused.get("QLinearMatMul") == 1 and fused.findings == ()
+
+
+def test_check_prints_float_islands_as_warnings_and_keeps_the_exit_code(tmp_path):
+    m = _island_model("Flatten")
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p"))
+    n = m.graph.node[2]
+    n.op_type, n.input[:] = "Pad", ["xd", "p"]
+    path = _write(m, tmp_path / "island.onnx")
+    res = CliRunner().invoke(main, ["check", str(path), "--target", "ort-cpu"])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.output and "[ort-float-island]" in res.output and "1 node(s) compute in float" in res.output
