@@ -179,22 +179,71 @@ def gathers_rows(qt: QuantizedTensor) -> bool:
     """Whether an embedding table's layout lets each looked-up row be dequantized alone.
 
     Rows can be gathered with their own scales when the scales are per tensor,
-    per row, or in blocks along the row; ONNX Gather takes no 4- or 2-bit
-    tensors, so sub-byte tables keep the whole-table DequantizeLinear.
+    per row, or in blocks along the row. 8-bit tables are gathered as they
+    are; 4-bit tables as packed bytes (see :func:`packed_rows`). 2-bit tables
+    keep the whole-table DequantizeLinear.
     """
-    return qt.values.ndim == 2 and qt.qtype.bits == 8 and (qt.layout.granularity.value == "tensor" or
-                                                            (qt.axis == 0 and not qt.block_size) or (qt.axis == 1 and qt.block_size > 0))
+    return qt.values.ndim == 2 and qt.qtype.bits in (4, 8) and (qt.layout.granularity.value == "tensor" or
+                                                                 (qt.axis == 0 and not qt.block_size) or (qt.axis == 1 and qt.block_size > 0))
+
+
+def packed_rows(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """A 4-bit table as UINT8 bytes [rows, ceil(width / 2)] (first value in the low nibble) and its UINT8 zero point.
+
+    ONNX Gather takes no 4-bit tensors, so the nibbles are stored in a plain
+    byte table and unpacked after the lookup with standard bit shifts. Signed
+    values are stored offset by 8 with a zero point of 8, so that
+    ``(u - zp) * s`` equals ``(q - zp) * s`` of the INT4 tensor exactly.
+    """
+    q = qt.values.astype(np.int16)
+    if qt.qtype.signed:
+        u = q + 8
+        zp = np.full(qt.scale.shape, 8, np.uint8)
+    else:
+        u = q
+        zp = qt.zero_point.astype(np.int16).astype(np.uint8) if qt.zero_point is not None else np.zeros(qt.scale.shape, np.uint8)
+    u = u.astype(np.uint8)
+    if u.shape[1] % 2:
+        u = np.pad(u, ((0, 0), (0, 1)))
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8), zp
+
+
+def _unpack_nibbles(packed: str, width: int, base: str, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """Nodes that turn looked-up packed rows [n, ceil(width / 2)] into one UINT8 value per element [n, width]."""
+    four = numpy_helper.from_array(np.array(4, np.uint8), namer(f"{base}_four"))
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), namer(f"{base}_pairs"))
+    hi, shifted, lo = namer(f"{base}_high"), namer(f"{base}_shifted"), namer(f"{base}_low")
+    lo3, hi3, both, flat = namer(f"{base}_low3"), namer(f"{base}_high3"), namer(f"{base}_nibbles"), namer(f"{base}_unpacked")
+    axes = numpy_helper.from_array(np.array([2], np.int64), namer(f"{base}_last"))
+    nodes = [helper.make_node("BitShift", [packed, four.name], [hi], name=namer(f"{base}_BitShift_high"), direction="RIGHT"),
+             helper.make_node("BitShift", [packed, four.name], [shifted], name=namer(f"{base}_BitShift_up"), direction="LEFT"),
+             helper.make_node("BitShift", [shifted, four.name], [lo], name=namer(f"{base}_BitShift_low"), direction="RIGHT"),
+             helper.make_node("Unsqueeze", [lo, axes.name], [lo3], name=namer(f"{base}_Unsqueeze_low")),
+             helper.make_node("Unsqueeze", [hi, axes.name], [hi3], name=namer(f"{base}_Unsqueeze_high")),
+             helper.make_node("Concat", [lo3, hi3], [both], name=namer(f"{base}_Concat_nibbles"), axis=2),
+             helper.make_node("Reshape", [both, shape.name], [flat], name=namer(f"{base}_Reshape_nibbles"))]
+    consts = [four, shape, axes]
+    if width % 2:
+        starts = numpy_helper.from_array(np.array([0], np.int64), namer(f"{base}_start"))
+        ends = numpy_helper.from_array(np.array([width], np.int64), namer(f"{base}_end"))
+        one = numpy_helper.from_array(np.array([1], np.int64), namer(f"{base}_axis1"))
+        cut = namer(f"{base}_unpacked_width")
+        nodes.append(helper.make_node("Slice", [flat, starts.name, ends.name, one.name], [cut], name=namer(f"{base}_Slice_width")))
+        consts += [starts, ends, one]
+        flat = cut
+    return consts, nodes, flat
 
 
 def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[onnx.TensorProto], out_type: int | None,
                    namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Nodes that replace ``gather`` on a quantized table: look up the integer rows and their scales, dequantize those.
 
-    ``tensors`` are the table's integers, scale and zero point. Indices are
-    flattened so that a per-row scale becomes a per-axis scale on axis 0 of
-    the [rows, width] lookup (opset 13 DequantizeLinear); blocks along the row
-    keep their block size on axis 1. Each value is ``(q - zp) * s`` exactly as
-    the whole-table DequantizeLinear computes it.
+    ``tensors`` are the table's integers (packed bytes for 4-bit tables),
+    scale and zero point. Indices are flattened so that a per-row scale
+    becomes a per-axis scale on axis 0 of the [rows, width] lookup (opset 13
+    DequantizeLinear); blocks along the row keep their block size on axis 1.
+    Each value is ``(q - zp) * s`` exactly as the whole-table
+    DequantizeLinear computes it.
     """
     base = gather.output[0]
     width = qt.values.shape[1]
@@ -203,6 +252,10 @@ def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[on
     flat, rows = namer(f"{base}_flat_indices"), namer(f"{base}_rows_quantized")
     nodes = [helper.make_node("Reshape", [gather.input[1], consts[0].name], [flat], name=namer(f"{base}_Reshape_indices")),
              helper.make_node("Gather", [tensors[0].name, flat], [rows], name=namer(f"{base}_Gather_rows"), axis=0)]
+    if qt.qtype.bits == 4:
+        extra, unpack, rows = _unpack_nibbles(rows, width, base, namer)
+        consts += extra
+        nodes += unpack
     params = [t.name for t in tensors[1:]]
     per_row = qt.layout.granularity.value != "tensor"
     if per_row:
@@ -261,6 +314,10 @@ def apply_plan(
         for d, qt in ds:
             tensors, nodes = _nodes_for(d, qt, namer, zero_point_ops)
             gathers = _gather_readers(graph, d.table.site.name, outer) if gather_rows and gathers_rows(qt) else []
+            if gathers and qt.qtype.bits == 4:
+                packed, zp = packed_rows(qt)
+                tensors = [numpy_helper.from_array(packed, tensors[0].name), tensors[1],
+                           numpy_helper.from_array(zp, tensors[2].name if len(tensors) > 2 else namer(f"{d.table.site.name}_zero_point"))]
             if gathers:
                 out_type = helper.np_dtype_to_tensor_dtype(d.table.site.array.dtype) if d.table.site.array.dtype != qt.scale.dtype else None
                 position = {id(n): i for i, n in enumerate(graph.node)}

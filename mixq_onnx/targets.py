@@ -62,8 +62,8 @@ class TargetRules:
     float_matmul_outputs: bool = False
     # Embedding tables dequantize only the looked-up rows (runtime scales); TensorRT wants constant DQ scales.
     gather_rows: bool = True
-    # Ops whose sub-byte weights run, but so slowly that the target refuses them: (op, measured reason).
-    slow_sub_byte: tuple[tuple[str, str], ...] = ()
+    # Ops whose weights at or below some width run, but so slowly that the target refuses them: (op, bits, why).
+    slow_sub_byte: tuple[tuple[str, int, str], ...] = ()
     # What ``--activations auto`` means: the activation type whose integer kernels the target runs fastest.
     fastest_activations: Activations = Activations.NONE
     # Activation types the target runs, but slowly: why, as measured.
@@ -104,9 +104,9 @@ class TargetRules:
             integer = activations and op in self.integer_ops
             if sub_byte and op not in self.low_bit_ops and (integer or not self.sub_byte_elsewhere):
                 return f"{name}: {op} weights need 8 bits (sub-byte weights run fast only on {'/'.join(sorted(self.low_bit_ops))})"
-            slow = dict(self.slow_sub_byte).get(op)
-            if sub_byte and slow:
-                return f"{name}: {op} weights need 8 bits ({slow})"
+            for slow_op, max_bits, why in self.slow_sub_byte:
+                if op == slow_op and bits <= max_bits:
+                    return f"{name}: {op} weights need more than {max_bits} bits ({why})"
             if self.target is Target.TENSORRT:
                 if op not in CONV_OPS | GEMM_OPS | {"Gather"}:
                     return f"tensorrt: its QDQ rules cover Conv, MatMul, Gemm and Gather weights, not {op}"
@@ -132,12 +132,13 @@ RULES: dict[Target, TargetRules] = {
     ),
     Target.ORT_CPU: TargetRules(
         Target.ORT_CPU, None, True, frozenset({Activations.INT8, Activations.UINT8, Activations.INT16}), False, True,
-        # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; other sub-byte DQs run unfused.
-        frozenset({"MatMul", "Gemm"}), frozenset({"Conv", "MatMul", "Gemm"}),
+        # DQ->MatMul/Gemm fuses into MatMulNBits for 2, 4 and 8 bits; 4-bit Gather tables are looked up packed (rewrite);
+        # other sub-byte DQs run unfused.
+        frozenset({"MatMul", "Gemm", "Gather"}), frozenset({"Conv", "MatMul", "Gemm"}),
         # Measured: EfficientNet-Lite0 with uint8 per-channel weights + zero points ran 56x slower than int8 symmetric.
         integer_scheme=Scheme.SYMMETRIC, quantize_before_pad=True, fastest_activations=Activations.UINT8, float_matmul_outputs=True,
-        slow_sub_byte=(("Gather", "ONNX Gather takes no 4-bit tensors, so a 4-bit table is dequantized whole on every run: "
-                                  "all-MiniLM-L6-v2 ran at 0.34x fp32; 8-bit tables dequantize only the looked-up rows"),),
+        slow_sub_byte=(("Gather", 2, "2-bit tables are dequantized whole on every run (all-MiniLM-L6-v2 with a whole-table "
+                                     "sub-byte embedding ran at 0.34x fp32); 4- and 8-bit tables dequantize only the looked-up rows"),),
         slow_activations=(
             (Activations.INT8, "ONNX Runtime's x86 CPU kernels are fastest with uint8 activations; with int8 activations 14 of "
                                "EfficientNet-Lite0's 49 Convs did not fuse and the model ran at 0.73-1.17x fp32 speed instead of "

@@ -189,15 +189,48 @@ def test_every_row_layout_is_looked_up_before_dequantizing(granularity):
     assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.999
 
 
-def test_ort_cpu_keeps_embedding_tables_at_8_bits_and_generic_allows_4(tmp_path):
+@pytest.mark.parametrize("granularity,scheme", [("channel", "asymmetric"), ("channel", "symmetric"), ("block32", "asymmetric"),
+                                                ("tensor", "symmetric")])
+def test_4bit_tables_are_looked_up_packed_and_match_the_whole_table_bit_for_bit(granularity, scheme, monkeypatch):
+    import dataclasses
+
+    from mixq_onnx import targets
+    from mixq_onnx.config import Layout, Scheme
+
+    feeds = {"input_ids": TINY_TEST["input_ids"][:64]}
+    config = QuantConfig(search=Uniform(4), min_elements=0, layouts=(Layout.parse(granularity),), scheme=Scheme(scheme))
+    rows = quantize(onnx.load(str(TINY)), config).model
+    table = next(t for t in rows.graph.initializer if t.name == "tok.weight_quantized")
+    assert table.data_type == onnx.TensorProto.UINT8 and list(table.dims) == [512, 32]  # two 4-bit values per byte
+    monkeypatch.setitem(targets.RULES, Target.GENERIC, dataclasses.replace(targets.RULES[Target.GENERIC], gather_rows=False))
+    whole = quantize(onnx.load(str(TINY)), config).model
+    assert set(_tables(rows).values()) == {"rows"} and set(_tables(whole).values()) == {"whole"}
+    assert np.array_equal(run(rows, feeds)[0], run(whole, feeds)[0])
+
+
+def test_an_odd_width_4bit_table_unpacks_to_its_width():
+    table = np.random.default_rng(3).normal(size=(40, 33)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["emb"])], "odd",
+                              [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["n", 33])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    q = quantize(model, QuantConfig(search=Uniform(4), min_elements=0)).model
+    assert any(n.op_type == "BitShift" for n in q.graph.node)
+    ids = np.array([0, 5, 39, 5], np.int64)
+    out = run(q, {"ids": ids})[0]
+    assert out.shape == (4, 33) and np.corrcoef(out.ravel(), table[ids].ravel())[0, 1] > 0.99
+
+
+def test_ort_cpu_looks_up_4bit_tables_and_refuses_2bit_ones():
     cpu = quantize(onnx.load(str(TINY)), QuantConfig(search=Uniform(4), target=Target.ORT_CPU, min_elements=0))
     bits = {t["name"]: t["chosen"]["bits"] for t in cpu.report.to_dict()["tensors"]}
-    assert bits.pop("tok.weight") == 8 and bits.pop("pos.weight") == 8 and set(bits.values()) == {4}
-    assert any("cannot take 4 bits under --target ort-cpu" in n for n in cpu.report.notes)
-    generic = quantize(onnx.load(str(TINY)), QuantConfig(search=Uniform(4), min_elements=0)).model
-    assert set(_tables(generic).values()) == {"whole"}  # ONNX Gather takes no 4-bit tensors
-    violations = [v.rule for v in check_model(generic, Target.ORT_CPU)]
-    assert "ort-gather-sub-byte" in violations
+    assert set(bits.values()) == {4} and set(_tables(cpu.model).values()) == {"rows"}
+    assert check_model(cpu.model, Target.ORT_CPU) == []
+    two = quantize(onnx.load(str(TINY)), QuantConfig(search=Uniform(2), target=Target.ORT_CPU, min_elements=0, allow_int2=True))
+    bits = {t["name"]: t["chosen"]["bits"] for t in two.report.to_dict()["tensors"]}
+    assert bits.pop("tok.weight") > 2 and bits.pop("pos.weight") > 2 and set(bits.values()) == {2}
+    assert any("cannot take 2 bits under --target ort-cpu" in n for n in two.report.notes)
 
 
 def test_a_table_also_read_by_a_matmul_stays_whole():

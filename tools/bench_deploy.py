@@ -46,7 +46,7 @@ def variants(name: str) -> list[tuple[str, list[str]]]:
     if name == "minilm":
         return [
             ("weight-only int8 (default)", []),
-            ("weight-only INT4 block32 + 8-bit embeddings, ort-cpu, gptq",
+            ("weight-only INT4 block32 (embeddings too), ort-cpu, gptq",
              ["--target", "ort-cpu", "--bits", "4", "--granularity", "block32", "--method", "gptq", "--calib", "{calib}"]),
             ("weight-only INT4 block32, ort-cuda, gptq",
              ["--target", "ort-cuda", "--bits", "4", "--granularity", "block32", "--method", "gptq", "--calib", "{calib}"]),
