@@ -116,6 +116,9 @@ class TargetRules:
                     return "tensorrt: block-wise scales are for INT4 weights only"
                 if granularity is Granularity.CHANNEL and (op == "Gather" or op == "ConvTranspose" or axis != site.channel_axis):
                     return f"tensorrt: per-channel scales on {op} weights are not on its output-channel axis"
+                if granularity is Granularity.CHANNEL and site.via:
+                    # The DequantizeLinear sits before the Reshape/Transpose, where TensorRT cannot match its axis.
+                    return f"tensorrt: per-channel scales on a weight read through {'/'.join(site.via)} are not on the consumer's axis"
             if self.target is Target.ORT_CUDA and granularity is Granularity.BLOCK and op not in GEMM_OPS:
                 return ("ort-cuda: its DequantizeLinear kernel has no block-wise form; blocks run only where they fuse into "
                         f"MatMulNBits (MatMul/Gemm), not on {op} (measured: 'Unsupported quantization type')")

@@ -67,3 +67,16 @@ def test_light_model_target_bits_4_weight_error(name):
 def test_light_model_target_bits_4_end_to_end(name):
     """The default end-to-end search on every topology (minutes: marked slow)."""
     _check_budget_run(name, Sensitivity.E2E)
+
+
+def test_tensorrt_w8a8_on_a_weight_read_through_a_reshape_follows_the_rules():
+    """inception_v1's classifier weight reaches its Gemm through a Reshape: per-channel would sit on the wrong axis."""
+    from mixq_onnx.check import check_model
+    from mixq_onnx.config import Activations, Target
+
+    m = build("inception_v1")
+    inp = m.graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    calib = [{inp.name: np.random.default_rng(k).normal(size=shape).astype(np.float32)} for k in range(2)]
+    config = QuantConfig(search=Uniform(8), target=Target.TENSORRT, activations=Activations.AUTO)
+    assert check_model(quantize(m, config, calibration=calib).model, Target.TENSORRT) == []
