@@ -187,11 +187,9 @@ class _Finder:
     def __init__(self, model: onnx.ModelProto, config: QuantConfig) -> None:
         self.config = config
         self.scopes = list(iter_scopes(model.graph))
-        self.by_path = {s.path: s for s in self.scopes}
         # (defining graph path, tensor name) -> consumers anywhere below it.
         self.uses: dict[tuple[str, str], list[tuple[GraphScope, onnx.NodeProto, int, int]]] = defaultdict(list)
         self.graph_outputs: set[tuple[str, str]] = set()
-        self.constants: dict[tuple[str, str], np.ndarray] = {}
         self.quant_ops: Counter[str] = Counter()
         for scope in self.scopes:
             for idx, node in enumerate(scope.graph.node):

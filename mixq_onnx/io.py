@@ -20,7 +20,6 @@ from .errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
-TWO_GB = 2**31 - 1
 # Leave headroom under protobuf's 2 GB hard limit for the graph itself.
 EXTERNAL_THRESHOLD = 2**31 - 2**26
 

@@ -56,7 +56,6 @@ QTYPES: dict[str, QType] = {
         QType("uint16", 16, False, np.dtype(np.uint16), 21),
     )
 }
-QTYPE_BY_DTYPE: dict[np.dtype, QType] = {q.dtype: q for q in QTYPES.values()}
 
 
 def container_for(bits: int, symmetric: bool, allow_int2: bool) -> QType:

@@ -229,10 +229,6 @@ def _smallest_within(
                                            "sensitivity": _label(config, tables)})
 
 
-def _fmt(v: float, unit: str) -> str:
-    return f"{int(v)} bytes" if unit == "bytes" else f"{v:.4f} {unit}"
-
-
 DP_MAX_CELLS = 40_000_000
 
 
