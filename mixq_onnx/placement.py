@@ -8,8 +8,9 @@ quantized after that activation instead, so ORT folds it into the Q range.
 From there quantization spreads through Add and Concat (QLinearAdd,
 QLinearConcat), pooling (QLinearAveragePool, QLinearGlobalAveragePool) and
 data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool,
-Slice, Expand, Tile, DepthToSpace, Gather, nearest Resize: the output reuses
-the input's scale and zero point, so ORT drops the pair and moves integers).
+Slice, Expand, Tile, DepthToSpace, Gather, nearest Resize, and every output
+of Split: the output reuses the input's scale and zero point, so ORT drops the
+pair and moves integers).
 A zero Pad read only by a Conv is quantized on its input, so ORT folds the
 Pad into the QLinearConv instead of leaving a float island around it.
 For TensorRT only the inputs of those ops are quantized; it fuses the rest.
@@ -26,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import node_label
-from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, TargetRules
+from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, SPLIT_OPS, TargetRules
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,13 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
         changed = False
         for i, n in enumerate(g.node):
             op, label = n.op_type, node_label(n, i)
+            if op in SPLIT_OPS and rules.quantize_outputs and n.input and is_act(n.input[0]):
+                # Several outputs, each a slice of the input: all keep its scale and ORT splits the integers.
+                outs = [o for o in n.output if o]
+                if n.input[0] in chosen or any(o in chosen for o in outs):
+                    changed |= add(n.input[0], f"input of {op} {label}")
+                    changed |= any([add(o, f"output of {op} {label} (keeps its input's scale)", share=n.input[0]) for o in outs])
+                continue
             if op not in JOIN_OPS | POOL_OPS | MOVE_OPS or not n.input or not n.output or not _keeps_values(n):
                 continue
             data = list(n.input) if op in JOIN_OPS else [n.input[0]]
@@ -208,10 +216,10 @@ def place_activations(model: onnx.ModelProto, rules: TargetRules, weight_bits: d
                 changed |= add(out, f"output of {op} {label}")
     # Data movement keeps values, so its output reuses the input's parameters and ORT drops the pair around it.
     for n in g.node:
-        if n.op_type in MOVE_OPS and n.input and n.output and n.input[0] in chosen and n.output[0] in chosen:
-            site = chosen[n.output[0]]
-            if not site.share and n.output[0] not in outputs:
-                chosen[n.output[0]] = ActivationSite(site.tensor, n.input[0], f"{site.reason}; keeps the input's scale of {n.op_type}")
+        moved = n.output[:1] if n.op_type in MOVE_OPS else n.output if n.op_type in SPLIT_OPS and rules.quantize_outputs else []
+        for o in moved:
+            if n.input and n.input[0] in chosen and o in chosen and not chosen[o].share and o not in outputs:
+                chosen[o] = ActivationSite(o, n.input[0], f"{chosen[o].reason}; keeps the input's scale of {n.op_type}")
     # Shares point at the tensor whose range is calibrated.
     sites = []
     for s in chosen.values():

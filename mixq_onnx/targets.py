@@ -29,6 +29,8 @@ POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
 # the op on the integers (measured on ORT 1.32 CPU for each of these; Resize only in its default nearest mode).
 MOVE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Slice", "Expand",
                       "Tile", "DepthToSpace", "Gather", "Resize"})
+# Data movement with several outputs, each a slice of the input (ORT drops Q/DQ around it too, measured).
+SPLIT_OPS = frozenset({"Split"})
 # Activation functions folded into the preceding integer op when the Q range lies inside theirs.
 FOLD_OPS = frozenset({"Relu", "Clip"})
 

@@ -296,3 +296,33 @@ def test_check_prints_float_islands_as_warnings_and_keeps_the_exit_code(tmp_path
     res = CliRunner().invoke(main, ["check", str(path), "--target", "ort-cpu"])
     assert res.exit_code == 0, res.output
     assert "warning: " in res.output and "[ort-float-island]" in res.output and "1 node(s) compute in float" in res.output
+
+
+def test_a_split_between_integer_convs_moves_integers(tmp_path):
+    """Split has several outputs; each keeps the input's scale, so ORT splits the integers (no float island)."""
+    r = np.random.default_rng(5)
+
+    def conv(name, cin, cout):
+        return numpy_helper.from_array(r.normal(0, 0.2, (cout, cin, 3, 3)).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Split", ["r0", "sizes"], ["a", "b"], axis=1),
+             helper.make_node("Conv", ["a", "wa"], ["ca"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "wb"], ["cb"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["ca", "cb"], ["y"])]
+    inits = [conv("w0", 8, 16), conv("wa", 8, 8), conv("wb", 8, 8), numpy_helper.from_array(np.array([8, 8], np.int64), "sizes")]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calib = [{"x": r.normal(size=(1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    config = QuantConfig(search=Uniform(8), target=Target.ORT_CPU, activations=Activations.UINT8, min_elements=0)
+    q = quantize(model, config, calibration=calib).model
+    optimized = ort_optimized(_write(q, tmp_path / "q.onnx"))
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["QLinearConv"] == 3 and ops["Split"] == 1 and fusion_findings(optimized) == [], ops
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    split = next(n for n in optimized.graph.node if n.op_type == "Split")
+    assert producer[split.input[0]].op_type == "QLinearConv"  # the Split reads integers
+    feeds = {"x": r.normal(size=(1, 8, 12, 12)).astype(np.float32)}
+    ref, out = run(model, feeds)[0], run(q, feeds)[0]
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99
