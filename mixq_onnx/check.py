@@ -3,7 +3,7 @@
 Every QuantizeLinear and DequantizeLinear in the main graph is read with its
 dtype, zero point, scale, axis and block size, and with the ops that read its
 output; each broken rule becomes a :class:`Violation` naming the node. The
-rules are those of :mod:`mixq_onnx.targets` (see README, "Targets").
+rules are those of :mod:`mixq_onnx.targets` (see docs/targets.md, "Targets").
 """
 
 from __future__ import annotations

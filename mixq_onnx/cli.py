@@ -242,12 +242,12 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
               "calibration samples, else generated inputs).")
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq or adaround (both need --calib).")
-@click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see README).")
+@click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md).")
 @click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime).")
 @click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib); auto: the target's fastest (uint8 for ort-cpu, int8 for tensorrt, none for generic and ort-cuda).")
 @click.option("--smooth", is_flag=False, flag_value="search", metavar="[ALPHA]", help="SmoothQuant before activation quantization: move MatMul/Gemm input outliers into the weights with strength ALPHA (0-1); without a value, ALPHA is searched per activation on the calibration data.")
-@click.option("--quantize-attention", is_flag=True, help="Also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and probabilities.V); off by default because it did not pay on ONNX Runtime CPU (README, Evidence).")
+@click.option("--quantize-attention", is_flag=True, help="Also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and probabilities.V); off by default because it did not pay on ONNX Runtime CPU (docs/targets.md).")
 @click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data.")
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
@@ -279,7 +279,7 @@ def quantize(
       mixq-onnx model.onnx -o model_q.onnx --target-bits 4  # best plan in the bytes of uniform 4-bit
       mixq-onnx model.onnx -o model_q.onnx --max-loss 0.01  # smallest plan within an output distance
       mixq-onnx model.onnx --plan                           # show the plan only
-      mixq-onnx model.onnx -o q.onnx --target ort-cpu --activations uint8 --calib calib.npz
+      mixq-onnx model.onnx -o q.onnx --target ort-cpu --activations auto --calib calib.npz
       mixq-onnx check q.onnx --target ort-cpu               # check a model against a runtime's rules
     """
     _setup_logging(quiet, verbose)

@@ -177,7 +177,7 @@ class MixQuantRule:
     ``ref`` is the median, over all searched tensors, of the normalised error
     at ``ref_bits`` with the first configured layout.  A model-wide reference
     makes layers comparable; a per-tensor reference would give every tensor
-    the same bit-width (see README).
+    the same bit-width (see docs/search.md).
     """
 
     qem: float = 2.0
@@ -275,7 +275,7 @@ class QuantConfig:
     keep_float: tuple[str, ...] = ()
     force_bits: tuple[ForceBits, ...] = ()
     method: Method = Method.RTN
-    # Measure every candidate with ``method`` instead of round-to-nearest (costlier; see README).
+    # Measure every candidate with ``method`` instead of round-to-nearest (costlier; see docs/search.md).
     search_with_method: bool = False
     bias_correction: bool = False
     activations: Activations = Activations.NONE
@@ -283,7 +283,7 @@ class QuantConfig:
     target: Target = Target.GENERIC
     # SmoothQuant before W8A8 (--smooth): None = off; Smooth(alpha=None) searches alpha per activation.
     smooth: Smooth | None = None
-    # Also quantize MatMuls of two activations (attention); off by default: it did not pay on ORT CPU (README, Evidence).
+    # Also quantize MatMuls of two activations (attention); off by default: it did not pay on ORT CPU (docs/targets.md).
     quantize_attention: bool = False
 
     def __post_init__(self) -> None:

@@ -198,7 +198,7 @@ def quantize(
         needs += ["--bias-correction"] if config.bias_correction else []
         needs += [f"--activations {config.activations.value}"] if config.activations is not Activations.NONE else []
         if needs:
-            raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see README, 'Calibration data')")
+            raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see docs/search.md, 'Output sensitivity with calibration data')")
     path = None
     if not isinstance(model, onnx.ModelProto):
         loaded = load_model(model)

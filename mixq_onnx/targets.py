@@ -5,7 +5,7 @@ The rules decide three things: which weight options the search may choose
 their Q/DQ pairs go (the placement fields), and what ``mixq-onnx check``
 verifies in a finished model (:mod:`mixq_onnx.check` reads the same table).
 Sources, re-measured where a CPU can measure them: ``shared/runtime-facts.md``,
-ONNX Runtime's QDQ selectors and FAQ, and TensorRT's QDQ rules; see README,
+ONNX Runtime's QDQ selectors and FAQ, and TensorRT's QDQ rules; see docs/targets.md,
 "Targets".
 """
 
@@ -93,7 +93,7 @@ class TargetRules:
         if activations is not Activations.NONE and activations not in self.activation_types:
             allowed = ", ".join(sorted(a.value for a in self.activation_types)) or "none"
             raise ConfigError(
-                f"--target {name} does not run {activations.value} activations ({self.why_no_activations or 'see README, Targets'}); "
+                f"--target {name} does not run {activations.value} activations ({self.why_no_activations or 'see docs/targets.md, Targets'}); "
                 f"use --activations {allowed}"
             )
 

@@ -190,3 +190,14 @@ def test_help_documents_every_option():
                 "--keep-float", "--force-bits", "--plan", "--report", "--no-verify", "--input-shape", "--inputs",
                 "--verify-samples", "--seed", "--quiet", "--verbose"]:
         assert opt in r.output
+
+
+def test_the_cli_reference_in_docs_lists_exactly_the_current_options():
+    """docs/cli.md is generated from --help (tools/gen_cli_docs.py); its options must be the commands' options."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    documented = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+)", text, flags=re.M))
+    current = {o for cmd in main.commands.values() for p in cmd.params for o in p.opts if o.startswith("--")} | {"--help"}
+    assert documented == current, "docs/cli.md is out of date: run python tools/gen_cli_docs.py"
