@@ -217,9 +217,6 @@ def _ort_cpu_unfused(model: onnx.ModelProto, produced_by_dq: set[str], weight_dq
                                    "quantized Conv without a QuantizeLinear after it does not fuse into QLinearConv"))
 
 
-__all__ = ["Violation", "check_model"]
-
-
 # Ops that ONNX Runtime's QDQ handling runs on integers on the CPU (QLinear kernels or Q/DQ dropped around data
 # movement), so a DequantizeLinear -> op -> QuantizeLinear left around one of them in ORT's optimised graph is a
 # float island that costs two conversions per run. Measured on ORT 1.32 (tests/test_fusion.py re-measures them).
@@ -273,3 +270,7 @@ def fusion_findings(optimized: onnx.ModelProto) -> list[Violation]:
             found.append(Violation(label, "ort-float-island", f"DequantizeLinear -> {n.op_type} -> QuantizeLinear stays in float in "
                                    "ONNX Runtime's optimised graph (two conversions per run)"))
     return found
+
+
+__all__ = ["FUSED_OPS", "INTEGER_PATH_OPS", "Violation", "check_model", "fusion_findings"]
+

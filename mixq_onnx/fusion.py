@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .check import FUSED_OPS, Violation, fusion_findings
 from .errors import ModelError
+from .io import EXTERNAL_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def integer_inputs(model: onnx.ModelProto) -> set[str] | None:
     None when the model is too large to hand to ONNX Runtime from memory (the
     caller then keeps its conservative choice).
     """
-    if model.ByteSize() > 2**31 - 2**20:
+    if model.ByteSize() > EXTERNAL_THRESHOLD:
         return None
     with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
         path = Path(tmp) / "model.onnx"

@@ -74,6 +74,21 @@ def all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+class Namer:
+    """Deterministic, collision-free names for new tensors and nodes."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):

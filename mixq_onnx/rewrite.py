@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from .find import Source, WeightSite
-from .graph import MAIN, all_names, default_opset, iter_scopes, node_label
+from .graph import MAIN, Namer, all_names, default_opset, iter_scopes, node_label
 from .numerics import QuantizedTensor
 from .search import Decision
 
@@ -121,23 +121,8 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
         scope.graph.value_info.extend(fresh.get(scope.path, []))
 
 
-class _Namer:
-    """Deterministic, collision-free names for new tensors and nodes."""
-
-    def __init__(self, taken: set[str]) -> None:
-        self.taken = taken
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
-
-
 def _nodes_for(
-    d: Decision, qt: QuantizedTensor, namer: _Namer, zero_point_ops: frozenset[str] = frozenset()
+    d: Decision, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str] = frozenset()
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Tensors and nodes that recompute weight ``d`` under its original name.
 
@@ -166,12 +151,12 @@ def _nodes_for(
     return tensors, nodes
 
 
-def _gather_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]) -> list[onnx.NodeProto]:
-    """The Gather (axis 0) nodes that read table ``name``, or [] when anything else reads it too."""
-    readers = [n for n in graph.node if name in n.input]
+def _gather_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]) -> list[tuple[int, onnx.NodeProto]]:
+    """The Gather (axis 0) nodes that read table ``name``, with their positions, or [] when anything else reads it too."""
+    readers = [(i, n) for i, n in enumerate(graph.node) if name in n.input]
     ok = readers and name not in outer_refs and name not in {o.name for o in graph.output} and all(
         n.op_type == "Gather" and n.input[0] == name and name not in n.input[1:]
-        and all(a.name != "axis" or helper.get_attribute_value(a) == 0 for a in n.attribute) for n in readers)
+        and all(a.name != "axis" or helper.get_attribute_value(a) == 0 for a in n.attribute) for _, n in readers)
     return readers if ok else []
 
 
@@ -208,7 +193,7 @@ def packed_rows(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8), zp
 
 
-def _unpack_nibbles(packed: str, width: int, base: str, namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+def _unpack_nibbles(packed: str, width: int, base: str, namer: Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """Nodes that turn looked-up packed rows [n, ceil(width / 2)] into one UINT8 value per element [n, width]."""
     four = numpy_helper.from_array(np.array(4, np.uint8), namer(f"{base}_four"))
     shape = numpy_helper.from_array(np.array([0, -1], np.int64), namer(f"{base}_pairs"))
@@ -235,7 +220,7 @@ def _unpack_nibbles(packed: str, width: int, base: str, namer: _Namer) -> tuple[
 
 
 def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[onnx.TensorProto], out_type: int | None,
-                   namer: _Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+                   namer: Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Nodes that replace ``gather`` on a quantized table: look up the integer rows and their scales, dequantize those.
 
     ``tensors`` are the table's integers (packed bytes for 4-bit tables),
@@ -293,7 +278,7 @@ def apply_plan(
     out = copy.deepcopy(model)
     if uses_int2:
         out.ir_version = max(out.ir_version, INT2_IR_VERSION)
-    namer = _Namer(all_names(out))
+    namer = Namer(all_names(out))
     scopes = {s.path: s.graph for s in iter_scopes(out.graph)}
     by_graph: dict[str, list[tuple[Decision, QuantizedTensor]]] = {}
     for d, qt in zip(decisions, tensors, strict=True):
@@ -310,21 +295,23 @@ def apply_plan(
         replaced_inits: dict[int, list[onnx.TensorProto]] = {}
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
         replaced_nodes: dict[int, list[onnx.NodeProto]] = {}
-        outer = _outer_references(graph)
+        # Only tables whose every use is a Gather are candidates; the graph is scanned once for them.
+        tables = {d.table.site.name for d, qt in ds if gather_rows and gathers_rows(qt)
+                  and all(u.op_type == "Gather" for u in d.table.site.uses)}
+        outer = _outer_references(graph) if tables else set()
         for d, qt in ds:
             tensors, nodes = _nodes_for(d, qt, namer, zero_point_ops)
-            gathers = _gather_readers(graph, d.table.site.name, outer) if gather_rows and gathers_rows(qt) else []
+            gathers = _gather_readers(graph, d.table.site.name, outer) if d.table.site.name in tables else []
             if gathers and qt.qtype.bits == 4:
                 packed, zp = packed_rows(qt)
                 tensors = [numpy_helper.from_array(packed, tensors[0].name), tensors[1],
                            numpy_helper.from_array(zp, tensors[2].name if len(tensors) > 2 else namer(f"{d.table.site.name}_zero_point"))]
             if gathers:
                 out_type = helper.np_dtype_to_tensor_dtype(d.table.site.array.dtype) if d.table.site.array.dtype != qt.scale.dtype else None
-                position = {id(n): i for i, n in enumerate(graph.node)}
-                for g in gathers:
+                for i, g in gathers:
                     extra, nodes = _gathered_rows(g, qt, tensors, out_type, namer)
                     tensors = tensors + extra
-                    replaced_nodes[position[id(g)]] = nodes
+                    replaced_nodes[i] = nodes
                 nodes = []
             if d.table.site.source is Source.INITIALIZER:
                 replaced_inits[inits[d.table.site.name]] = tensors
@@ -391,7 +378,7 @@ def correct_biases(model: onnx.ModelProto, sites: tuple[WeightSite, ...], shifts
     """
     out = copy.deepcopy(model)
     graph = out.graph
-    namer = _Namer(all_names(out))
+    namer = Namer(all_names(out))
     nodes = {node_label(n, i): n for i, n in enumerate(graph.node)}
     inits = {t.name: t for t in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -479,7 +466,7 @@ def insert_activation_qdq(model: onnx.ModelProto, pairs: list[ActivationQDQ]) ->
     """
     out = copy.deepcopy(model)
     graph = out.graph
-    namer = _Namer(all_names(out))
+    namer = Namer(all_names(out))
     params: dict[str, tuple[str, str]] = {}
     for p in sorted(pairs, key=lambda p: bool(p.share)):
         if p.share:

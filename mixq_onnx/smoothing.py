@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from .activation_ranges import RangeHistogram
 from .config import PER_CHANNEL, CalibMethod
-from .graph import node_label
+from .graph import Namer, all_names, node_label
 from .numerics import QType, activation_params, dequantize_linear, quantize_linear, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def apply_smoothing(model: onnx.ModelProto, chosen: list[GroupScales]) -> onnx.M
     out = copy.deepcopy(model)
     g = out.graph
     consts = _consts(g)
-    taken = {n for n in [*consts, *(o for n in g.node for o in n.output), *(i.name for i in g.input)]}
+    namer = Namer(all_names(out))
     inserts: dict[int, list[onnx.NodeProto]] = {}
     for gs in chosen:
         if gs.alpha is None or gs.scales is None:
@@ -290,10 +290,10 @@ def apply_smoothing(model: onnx.ModelProto, chosen: list[GroupScales]) -> onnx.M
                 v = v / d[:, None] if how == "rows" else v / d
                 t.CopyFrom(numpy_helper.from_array(v.astype(numpy_helper.to_array(t).dtype), t.name))
             continue
-        inv_name, out_name = _fresh(f"{x}_smooth_inverse", taken), _fresh(f"{x}_smoothed", taken)
+        inv_name, out_name = namer(f"{x}_smooth_inverse"), namer(f"{x}_smoothed")
         dtype = np.float16 if any(consts[r.weight].data_type == onnx.TensorProto.FLOAT16 for r in gs.group.readers) else np.float32
         g.initializer.append(numpy_helper.from_array((1.0 / s).astype(dtype), inv_name))
-        mul = onnx.helper.make_node("Mul", [x, inv_name], [out_name], name=_fresh(f"{x}_Smooth", taken))
+        mul = onnx.helper.make_node("Mul", [x, inv_name], [out_name], name=namer(f"{x}_Smooth"))
         first = min(r.index for r in gs.group.readers)
         inserts.setdefault(first, []).append(mul)
         for r in gs.group.readers:
@@ -336,15 +336,6 @@ def smooth_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alp
         log.info("smoothing %s: alpha %s, quantized output error %.3g -> %.3g", gr.tensor, gs.alpha, gs.error_plain, gs.error_smoothed)
         chosen.append(gs)
     return SmoothingResult(apply_smoothing(model, chosen), chosen, skipped)
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 __all__ = ["ALPHAS", "ActivationGrid", "Group", "GroupScales", "SmoothingResult", "apply_smoothing", "choose_scales", "smooth_model",
