@@ -34,6 +34,7 @@ from .config import (
     MixQuantRule,
     QuantConfig,
     Scheme,
+    Reconstruction,
     Sensitivity,
     Smooth,
     Target,
@@ -63,6 +64,7 @@ def build_config(
     sensitivity: str = "e2e", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
     max_loss: float | None = None, e2e_samples: int = 32, smooth: str | None = None, quantize_attention: bool = False,
+    reconstruction: Reconstruction | None = None,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
@@ -106,7 +108,19 @@ def build_config(
         target=Target(target),
         smooth=_parse_smooth(smooth),
         quantize_attention=quantize_attention,
+        reconstruction=reconstruction or Reconstruction(),
     )
+
+
+def build_reconstruction(method: str, **given: object) -> Reconstruction | None:
+    """Reconstruction from the --brecq-* options that were given (the others keep their defaults)."""
+    named = {k: v for k, v in given.items() if v is not None and v is not False}
+    if named and method != Method.BRECQ.value:
+        flags = ", ".join("--brecq-" + k.replace("_", "-").replace("memory-mb", "memory") for k in named)
+        raise ConfigError(f"{flags}: block reconstruction options need --method brecq; add it or drop them")
+    if "fallback" in named:
+        named["fallback"] = Method(named["fallback"])
+    return Reconstruction(**named)  # type: ignore[arg-type]
 
 
 def _parse_smooth(text: str | None) -> Smooth | None:
@@ -241,7 +255,18 @@ def check(model: Path, target: str, quiet: bool) -> None:
               "--calib samples or generated inputs), output (the layer's output error on --calib data) or weight (roundoff).")
 @click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
               "calibration samples, else generated inputs).")
-@click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq or adaround (both need --calib).")
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib.")
+@click.option("--brecq-iters", type=int, help=f"Block reconstruction: optimisation steps per block. [default: {Reconstruction.iters}]")
+@click.option("--brecq-batch", type=int, help=f"Block reconstruction: calibration samples per step. [default: {Reconstruction.batch}]")
+@click.option("--brecq-samples", type=int, help=f"Block reconstruction: calibration samples it uses (the first N). [default: {Reconstruction.samples}]")
+@click.option("--brecq-block-weights", type=int, help="Block reconstruction: the most quantized weights merged into one block "
+              f"(a residual block or layer that has more stays whole). [default: {Reconstruction.block_weights}]")
+@click.option("--brecq-lr", type=float, help=f"Block reconstruction: Adam step size of the rounding variables. [default: {Reconstruction.lr}]")
+@click.option("--brecq-learn-scales", is_flag=True, help="Block reconstruction: also learn each weight scale (LSQ-style) with the rounding.")
+@click.option("--brecq-memory", "brecq_memory_mb", type=int, help="Block reconstruction: MB of block activations kept in memory; "
+              f"the rest spills to temporary memory-mapped files. [default: {Reconstruction.memory_mb}]")
+@click.option("--brecq-fallback", type=click.Choice(["mse", "gptq", "adaround"]), help="Block reconstruction: the layer-wise method "
+              f"that sets the grid and starting integers, and that blocks which cannot be reconstructed keep. [default: {Reconstruction.fallback.value}]")
 @click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md).")
 @click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime).")
@@ -266,7 +291,9 @@ def quantize(
     model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
     max_size: str | None, max_loss: float | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
-    method: str, search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
+    method: str, brecq_iters: int | None, brecq_batch: int | None, brecq_samples: int | None, brecq_block_weights: int | None,
+    brecq_lr: float | None, brecq_learn_scales: bool, brecq_memory_mb: int | None, brecq_fallback: str | None,
+    search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
 ) -> None:
@@ -292,7 +319,10 @@ def quantize(
         config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
                               candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
                               method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples, smooth,
-                              quantize_attention)
+                              quantize_attention, build_reconstruction(
+                                  method, iters=brecq_iters, batch=brecq_batch, samples=brecq_samples,
+                                  block_weights=brecq_block_weights, lr=brecq_lr, learn_scales=brecq_learn_scales,
+                                  memory_mb=brecq_memory_mb, fallback=brecq_fallback))
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:

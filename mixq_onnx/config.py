@@ -107,10 +107,48 @@ class Method(enum.Enum):
     MSE = "mse"
     GPTQ = "gptq"
     ADAROUND = "adaround"
+    # Block reconstruction (BRECQ): not a per-weight rule; see Reconstruction and mixq_onnx.brecq.
+    BRECQ = "brecq"
 
     @property
     def needs_calibration(self) -> bool:
-        return self in (Method.GPTQ, Method.ADAROUND)
+        return self in (Method.GPTQ, Method.ADAROUND, Method.BRECQ)
+
+    @property
+    def layer_wise(self) -> bool:
+        """Whether the method rounds one weight at a time (everything but block reconstruction)."""
+        return self is not Method.BRECQ
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How ``--method brecq`` runs: its cost controls (defaults sized for 2 CPU cores) and its fallback.
+
+    ``fallback`` is the layer-wise method that gives the starting grid and
+    integers, and that blocks which cannot be reconstructed keep.
+    """
+
+    iters: int = 200
+    batch: int = 16
+    samples: int = 256
+    block_weights: int = 8
+    lr: float = 0.1
+    learn_scales: bool = False
+    memory_mb: int = 1024
+    fallback: Method = Method.GPTQ
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in (("--brecq-iters", self.iters), ("--brecq-batch", self.batch), ("--brecq-samples", self.samples),
+                            ("--brecq-block-weights", self.block_weights)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if not isinstance(self.memory_mb, int) or self.memory_mb < 0:
+            raise ConfigError(f"--brecq-memory must be 0 or more MB (0 keeps every block activation on disk), got {self.memory_mb}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--brecq-lr must be a positive number, got {self.lr}")
+        if not self.fallback.layer_wise or self.fallback is Method.RTN:
+            raise ConfigError(f"--brecq-fallback must be mse, gptq or adaround, got {self.fallback.value}")
 
 
 class Activations(enum.Enum):
@@ -285,6 +323,8 @@ class QuantConfig:
     smooth: Smooth | None = None
     # Also quantize MatMuls of two activations (attention); off by default: it did not pay on ORT CPU (docs/targets.md).
     quantize_attention: bool = False
+    # Only read with method brecq.
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
 
     def __post_init__(self) -> None:
         from .targets import rules_for  # targets builds on these types
@@ -357,7 +397,15 @@ class QuantConfig:
             "target": self.target.value,
             "quantize_attention": self.quantize_attention,
             "smooth": None if self.smooth is None else ("search" if self.smooth.alpha is None else self.smooth.alpha),
+            "reconstruction": None if self.method is not Method.BRECQ else {
+                f.name: (v.value if isinstance(v := getattr(self.reconstruction, f.name), enum.Enum) else v)
+                for f in dataclasses.fields(self.reconstruction)},
         }
+
+    @property
+    def layer_method(self) -> Method:
+        """The per-weight rounding method: ``method``, or block reconstruction's layer-wise fallback."""
+        return self.method if self.method.layer_wise else self.reconstruction.fallback
 
     def forced_bits(self, names: tuple[str, ...]) -> int | None:
         """The last ``--force-bits`` rule matching any of ``names`` wins."""

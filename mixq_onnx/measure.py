@@ -213,7 +213,7 @@ def measure_tensor(
     for spec in option_specs(site, config, caps, bits_list):
         grid = Grid(spec.bits, symmetric, spec.layout, spec.axis, spec.qtype, sdt)
         if config.search_with_method:
-            diff = round_weight(w, grid, config.method, stats).tensor.dequantize().astype(np.float32)
+            diff = round_weight(w, grid, config.layer_method, stats).tensor.dequantize().astype(np.float32)
         else:
             rng = ranges.setdefault(spec.layout, GroupRange.of(w, spec.layout, spec.axis))
             diff, _ = fake_quantize(w, spec.bits, symmetric, spec.layout, spec.axis, spec.qtype, sdt, rng)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .brecq import ReconstructionResult, reconstruct, require_torch
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
@@ -193,6 +194,8 @@ def quantize(
     modifies the input. Raises a :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
+    if config.method is Method.BRECQ:
+        require_torch()
     if not calibration:
         needs = [f"--method {config.method.value}"] if config.method.needs_calibration else []
         needs += ["--bias-correction"] if config.bias_correction else []
@@ -323,6 +326,9 @@ def _quantize_at(
     uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
     rounder.prefetch((d.table, d.option) for d in plan.decisions)
     rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
+    reconstruction = None
+    if config.method is Method.BRECQ:
+        rounded, reconstruction = _reconstruct(base, plan, rounded, calibration, config, progress)  # type: ignore[arg-type]
     bias: dict[str, str] = {}
     source = base  # the float model the rewrite starts from: with corrected biases if asked
     if config.bias_correction:
@@ -361,7 +367,38 @@ def _quantize_at(
     inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
     report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
                           rounding, activation_info, e2e_info)
+    report.reconstruction = reconstruction.describe() if reconstruction is not None else None
     return QuantizeResult(out, report, plan)
+
+
+def _reconstruct(model: onnx.ModelProto, plan: Plan, rounded: list[Rounded], calibration: list[Feed], config: QuantConfig,
+                 progress: Progress | None) -> tuple[list[Rounded], ReconstructionResult]:
+    """Block reconstruction of the plan's main-graph weights, starting from their layer-wise rounding.
+
+    Each weight that is not reconstructed keeps the layer-wise result, with
+    a note saying why (its block fell back, or did not improve; it is read
+    by several blocks; it lives in a subgraph).
+    """
+    main = {d.table.site.name: (d, r) for d, r in zip(plan.decisions, rounded) if d.table.site.graph == MAIN}
+    result = reconstruct(model, {n: r.tensor for n, (_, r) in main.items()},
+                         {n: d.table.site.array for n, (d, _) in main.items()}, calibration, config.reconstruction, progress)
+    block_of = {w: b for b in result.blocks for w in b.weights}
+    fallback = config.reconstruction.fallback.value
+    out = []
+    for d, r in zip(plan.decisions, rounded):
+        name = d.table.site.name
+        if name in result.tensors:
+            out.append(Rounded(result.tensors[name], Method.BRECQ))
+            continue
+        if d.table.site.graph != MAIN:
+            why = "inside a subgraph (blocks are cut from the main graph)"
+        elif name not in block_of:
+            why = "read by several blocks (no one block owns it)"
+        else:
+            b = block_of[name]
+            why = f"block {b.index + 1} {b.status}: {b.reason}"
+        out.append(Rounded(r.tensor, r.method, f"{why}; kept {fallback}" + (f" ({r.note})" if r.note else "")))
+    return out, result
 
 
 ACTIVATION_QTYPES = {Activations.INT8: QTYPES["int8"], Activations.UINT8: QTYPES["uint8"], Activations.INT16: QTYPES["int16"]}

@@ -41,7 +41,7 @@ class Rounder:
         self._cache: dict[tuple[str, str, int, str, str], Rounded] = {}
 
     def get(self, table: ErrorTable, option: Option, method: Method | None = None) -> Rounded:
-        method = method or self.config.method
+        method = method or self.config.layer_method
         key = (table.site.graph, table.site.name, option.bits, option.layout.name, method.value)
         hit = self._cache.get(key)
         if hit is None:
@@ -57,7 +57,7 @@ class Rounder:
     def prefetch(self, pairs: Iterable[tuple[ErrorTable, Option]]) -> None:
         """Round many pairs in threads (numpy releases the GIL); later ``get`` calls hit the cache."""
         todo = list({(t.site.graph, t.site.name, o.key): (t, o) for t, o in pairs}.values())
-        if self.config.method is Method.RTN or len(todo) < 2:
+        if self.config.layer_method is Method.RTN or len(todo) < 2:
             return
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             list(pool.map(lambda p: self.get(*p), todo))
@@ -68,7 +68,7 @@ class Rounder:
 
     def search_value(self, table: ErrorTable, option: Option) -> np.ndarray:
         """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""
-        return self.dequantized(table, option, self.config.method if self.config.search_with_method else Method.RTN)
+        return self.dequantized(table, option, self.config.layer_method if self.config.search_with_method else Method.RTN)
 
 
 @dataclass(frozen=True)

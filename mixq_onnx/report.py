@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,8 @@ class Report:
     end_to_end: dict[str, Any] | None = None
     # ONNX Runtime CPU's optimised graph of the output: fused integer kernels, and nodes that stayed float.
     runtime: dict[str, Any] | None = None
+    # Block reconstruction (--method brecq): the blocks, what each did and its block-output error before and after.
+    reconstruction: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,6 +218,14 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         a = report.activations
         lines.append(f"activations: {len(a['tensors'])} tensors quantized to {a['type']} ({a['calib_method']} ranges); "
                      f"{len(a['float_nodes'])} integer-capable nodes left in float (see --report)")
+    if report.reconstruction:
+        blocks = report.reconstruction["blocks"]
+        status = Counter(b["status"] for b in blocks)
+        lines.append(f"block reconstruction: {len(blocks)} blocks on {report.reconstruction['samples']} samples: "
+                     + ", ".join(f"{n} {k}" for k, n in sorted(status.items())) + " (see 'reconstruction' in --report)")
+        for b in blocks:
+            if b["status"] == "fallback":
+                lines.append(f"  block {b['index'] + 1} fell back: {b['reason']}")
     if report.runtime:
         fused = ", ".join(f"{k} {v}" for k, v in report.runtime["fused"].items()) or "nothing"
         left = len(report.runtime["not_fused"])

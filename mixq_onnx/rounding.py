@@ -61,6 +61,8 @@ class Rounded:
 
 def round_weight(w: np.ndarray, grid: Grid, method: Method = Method.RTN, stats: InputStats | None = None) -> Rounded:
     """Quantize float32 weight ``w`` with ``method``; data-aware methods need ``stats``."""
+    if not method.layer_wise:
+        raise ValueError(f"{method.value} is not a per-weight method; round with its layer-wise fallback")
     if method is Method.RTN:
         return Rounded(grid.quantize(w), method)
     base = grid.quantize(w, clip_range(w, grid, _element_weights(w, stats)))
