@@ -147,6 +147,101 @@ def _reduce_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterRes
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
+class Gelu(nn.Module, OnnxToTorchModule):
+    """ONNX Gelu (opset 20), exact or tanh-approximated."""
+
+    def __init__(self, approximate: str) -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+class Recurrent(nn.Module, OnnxToTorchModule):
+    """ONNX LSTM or GRU with its weights as inputs: both directions and layouts, default activations.
+
+    Peepholes, clipping, custom activations, ``input_forget`` and
+    ``sequence_lens`` are refused at conversion (the block then falls back).
+    Gate orders are ONNX's: LSTM i, o, f, c; GRU z, r, h.
+    """
+
+    def __init__(self, op: str, hidden: int, direction: str, layout: int, linear_before_reset: int) -> None:
+        super().__init__()
+        self.op, self.hidden, self.layout, self.lbr = op, hidden, layout, bool(linear_before_reset)
+        self.directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None = None,
+                sequence_lens: torch.Tensor | None = None, initial_h: torch.Tensor | None = None,
+                initial_c: torch.Tensor | None = None):
+        if self.layout:
+            x = x.transpose(0, 1)
+            initial_h = initial_h.transpose(0, 1) if initial_h is not None else None
+            initial_c = initial_c.transpose(0, 1) if initial_c is not None else None
+        steps, batch = x.shape[0], x.shape[1]
+        gates = 4 if self.op == "LSTM" else 3
+        ys, hs, cs = [], [], []
+        for d, reverse in enumerate(self.directions):
+            wb = b[d, : gates * self.hidden] if b is not None else 0
+            rb = b[d, gates * self.hidden :] if b is not None else torch.zeros(gates * self.hidden, dtype=x.dtype)
+            h = initial_h[d] if initial_h is not None else x.new_zeros(batch, self.hidden)
+            c = initial_c[d] if initial_c is not None else x.new_zeros(batch, self.hidden)
+            xw = x @ w[d].T + wb  # every step's input projection at once
+            out = [None] * steps
+            for t in (reversed(range(steps)) if reverse else range(steps)):
+                if self.op == "LSTM":
+                    g = xw[t] + h @ r[d].T + rb
+                    i, o, f, cand = g.chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cand)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                else:
+                    rz, rr, rh = r[d].chunk(3, dim=0)
+                    bz, br, bh = rb.chunk(3)
+                    xz, xr, xh = xw[t].chunk(3, dim=-1)
+                    z = torch.sigmoid(xz + h @ rz.T + bz)
+                    reset = torch.sigmoid(xr + h @ rr.T + br)
+                    if self.lbr:
+                        cand = torch.tanh(xh + reset * (h @ rh.T + bh))
+                    else:
+                        cand = torch.tanh(xh + (reset * h) @ rh.T + bh)
+                    h = (1 - z) * cand + z * h
+                out[t] = h
+            ys.append(torch.stack(out))
+            hs.append(h)
+            cs.append(c)
+        y = torch.stack(ys, dim=1)  # [steps, directions, batch, hidden]
+        y_h, y_c = torch.stack(hs), torch.stack(cs)
+        if self.layout:
+            y, y_h, y_c = y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)
+        return (y, y_h, y_c) if self.op == "LSTM" else (y, y_h)
+
+
+def _recurrent_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    attrs = _attrs(node)
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+    defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}[node.operation_type]
+    acts = [text(a) for a in attrs.get("activations", [])]
+    if acts and acts != defaults * (len(acts) // len(defaults)):
+        raise NotImplementedError(f"{node.operation_type} with activations {acts}")
+    if "clip" in attrs or int(attrs.get("input_forget", 0)):
+        raise NotImplementedError(f"{node.operation_type} with clip or input_forget")
+    inputs = list(node.input_values)
+    if len(inputs) > 4 and inputs[4]:
+        raise NotImplementedError(f"{node.operation_type} with sequence_lens")
+    if node.operation_type == "LSTM" and len(inputs) > 7 and inputs[7]:
+        raise NotImplementedError("LSTM with peepholes")
+    module = Recurrent(node.operation_type, int(attrs["hidden_size"]), text(attrs.get("direction", "forward")),
+                       int(attrs.get("layout", 0)), int(attrs.get("linear_before_reset", 0)))
+    return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
+        inputs=tuple(inputs[:7]), outputs=tuple(node.output_values)))
+
+
+def _gelu_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    approximate = _attrs(node).get("approximate", "none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    return OperationConverterResult(torch_module=Gelu(approximate), onnx_mapping=onnx_mapping_from_node(node))
+
+
 class _Compare(nn.Module, OnnxToTorchModule):
     def __init__(self, fn) -> None:
         super().__init__()
@@ -213,6 +308,10 @@ def _register() -> None:
         for version in (12, 16):
             key = registry.OperationDescription(domain="", operation_type=op, version=version)
             table.setdefault(key, _compare_converter(fn))
+    table.setdefault(registry.OperationDescription("", "Gelu", 20), _gelu_converter)
+    for op in ("LSTM", "GRU"):
+        for version in (7, 14, 22):
+            table.setdefault(registry.OperationDescription("", op, version), _recurrent_converter)
     for op in _REDUCE:
         for version in (18, 20):
             if onnx.defs.get_schema(op, version).since_version == version:
@@ -237,4 +336,4 @@ def to_torch(model: onnx.ModelProto) -> nn.Module:
     return _onnx2torch_convert(model)
 
 
-__all__ = ["DynamicConv", "DynamicConvTranspose", "Reduce", "Reshape", "to_torch"]
+__all__ = ["DynamicConv", "DynamicConvTranspose", "Gelu", "Recurrent", "Reduce", "Reshape", "to_torch"]

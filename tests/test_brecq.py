@@ -71,13 +71,37 @@ def _conv_zoo() -> onnx.ModelProto:
     return make_model(nodes, [vi("x", [2, 3, 9, 9])], [vi("y", ["a", "b", "c"])], inits, opset=18)
 
 
-@pytest.mark.parametrize("name", ["zoo", "tiny_transformer", "digits_cnn"])
+def _recurrent_zoo() -> onnx.ModelProto:
+    """A bidirectional LSTM (all three outputs used) into a GRU with linear_before_reset, then Gelu (opset 20)."""
+    r = rng(4)
+    h = 6
+    nodes = [
+        helper.make_node("LSTM", ["x", "lw", "lr", "lb"], ["y", "y_h", "y_c"], hidden_size=h, direction="bidirectional"),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "shape"], ["y2"]),
+        helper.make_node("GRU", ["y2", "gw", "gr", "gb"], ["g", "g_h"], hidden_size=h, linear_before_reset=1),
+        helper.make_node("Gelu", ["g"], ["out"], approximate="tanh"),
+        helper.make_node("Add", ["y_c", "g_h"], ["state"]),
+    ]
+    inits = [init("lw", (r.standard_normal((2, 4 * h, 8)) / 3).astype(np.float32)),
+             init("lr", (r.standard_normal((2, 4 * h, h)) / 3).astype(np.float32)),
+             init("lb", (r.standard_normal((2, 8 * h)) / 3).astype(np.float32)),
+             init("shape", np.array([0, 0, 2 * h], np.int64)),
+             init("gw", (r.standard_normal((1, 3 * h, 2 * h)) / 3).astype(np.float32)),
+             init("gr", (r.standard_normal((1, 3 * h, h)) / 3).astype(np.float32)),
+             init("gb", (r.standard_normal((1, 6 * h)) / 3).astype(np.float32))]
+    return make_model(nodes, [vi("x", [5, 2, 8])], [vi("out", [5, 1, 2, h]), vi("state", [2, 2, h])], inits, opset=20)
+
+
+@pytest.mark.parametrize("name", ["zoo", "recurrent", "tiny_transformer", "digits_cnn"])
 def test_converted_blocks_match_onnx_runtime(name):
     """Every block of these models, converted with its weights as inputs, computes what ONNX Runtime computes."""
-    model = _conv_zoo() if name == "zoo" else onnx.load(MODELS / f"{name}.onnx")
+    model = {"zoo": _conv_zoo, "recurrent": _recurrent_zoo}.get(name, lambda: onnx.load(MODELS / f"{name}.onnx"))()
     weights = {s.name: s.array for s in find_weights(model, QuantConfig(min_elements=0)).weights}
     if name == "zoo":
         feeds = {"x": rng(2).standard_normal((2, 3, 9, 9)).astype(np.float32)}
+    elif name == "recurrent":
+        feeds = {"x": rng(2).standard_normal((5, 2, 8)).astype(np.float32)}
     elif name == "digits_cnn":
         feeds = {"image": np.load(MODELS / "digits_test.npz")["image"][:4]}
     else:
