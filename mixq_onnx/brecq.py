@@ -44,6 +44,7 @@ from .config import Reconstruction
 from .errors import ConfigError
 from .inputs import session
 from .numerics import QuantizedTensor, broadcast, logical_range
+from .sensitivity import OutputKind, output_kind
 from .rounding import ADAROUND_BETA, ADAROUND_WARMUP, GAMMA, ZETA
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class BlockOutcome:
     loss_before: float | None = None  # block-output MSE with the layer-wise integers, all samples
     loss_after: float | None = None
     seconds: float = 0.0
+    fisher: bool = False  # whether the block error was Fisher-weighted
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,15 @@ class ReconstructionResult:
     blocks: tuple[BlockOutcome, ...]
     samples: int
     spilled_bytes: int
+    fisher_note: str = ""  # why Fisher weighting was not possible, or where its gradients stopped
 
     def describe(self) -> dict[str, object]:
         return {
             "samples": self.samples,
             "spilled_bytes": self.spilled_bytes,
+            "fisher_note": self.fisher_note,
             "blocks": [{"index": b.index, "nodes": b.nodes, "weights": list(b.weights), "status": b.status,
-                        "reason": b.reason, "loss_before": b.loss_before, "loss_after": b.loss_after,
+                        "reason": b.reason, "loss_before": b.loss_before, "loss_after": b.loss_after, "fisher": b.fisher,
                         "seconds": round(b.seconds, 2)} for b in self.blocks],
         }
 
@@ -187,26 +191,32 @@ def reconstruct(
             if all(i.name in s for s in samples):
                 env_f.put(i.name, [s[i.name] for s in samples])
                 env_q.share(i.name, env_f)
+        fisher, fisher_note = None, ""
+        if options.fisher:
+            (Path(tmp) / "fisher").mkdir()
+            fisher, fisher_note = _fisher(model, part, samples, floats, weight_infos, _Store(budget, Path(tmp) / "fisher"))
+            if fisher_note:
+                log.warning("Fisher weighting: %s", fisher_note)
         tensors: dict[str, QuantizedTensor] = {}
         outcomes = []
         for block in part.blocks:
             t0 = time.perf_counter()
-            outcome = _run_block(model, block, part, start, floats, tensors, weight_infos, samples, env_f, env_q, options,
-                                 progress, len(part.blocks))
+            outcome = _run_block(model, block, part, start, floats, tensors, weight_infos, samples, env_f, env_q, fisher,
+                                 options, progress, len(part.blocks))
             outcomes.append(replace(outcome, seconds=time.perf_counter() - t0))
             log.info("block %d/%d: %s %s", block.index + 1, len(part.blocks), outcome.status, outcome.reason)
             for name in list(env_f.values):
                 if later_reads.get(name, -1) <= block.index and name not in graph_outputs:
                     env_f.drop(name)
                     env_q.drop(name)
-        spilled = env_f.spilled + env_q.spilled
-    return ReconstructionResult(tensors, tuple(outcomes), len(samples), spilled)
+        spilled = env_f.spilled + env_q.spilled + (fisher.spilled if fisher is not None else 0)
+    return ReconstructionResult(tensors, tuple(outcomes), len(samples), spilled, fisher_note)
 
 
 def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dict[str, QuantizedTensor],
                floats: dict[str, np.ndarray], tensors: dict[str, QuantizedTensor], weight_infos: dict[str, tuple[int, Shape]],
-               samples: list[Feed], env_f: _Store, env_q: _Store, options: Reconstruction, progress: Progress | None,
-               total: int) -> BlockOutcome:
+               samples: list[Feed], env_f: _Store, env_q: _Store, fisher: _Store | None, options: Reconstruction,
+               progress: Progress | None, total: int) -> BlockOutcome:
     """Float targets, the optimisation where possible, then the quantized outputs for the next block."""
     infos = {**weight_infos, **{i: _info(env_f.values[i]) for i in block.inputs}}
     bm = _with_single_outputs(block_model(model, block, infos, block.weights))
@@ -219,7 +229,10 @@ def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dic
     outcome = BlockOutcome(block.index, len(block.nodes), tuple(owned), "no weights")
     if owned:
         try:
-            found, outcome = _optimise(bm, block, owned, start, floats, targets, samples, env_q, options, progress, total)
+            weights = _fisher_for(block, targets, fisher)
+            found, outcome = _optimise(bm, block, owned, start, floats, targets, weights, samples, env_q, options, progress,
+                                       total)
+            outcome = replace(outcome, fisher=weights is not None)
             tensors.update(found)
         except _Unconvertible as exc:
             outcome = BlockOutcome(block.index, len(block.nodes), tuple(owned), "fallback", str(exc))
@@ -233,6 +246,110 @@ def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dic
         else:
             env_q.put(original, [q[k] for q in quants])
     return outcome
+
+
+def _fisher_for(block: Block, targets: list[list[np.ndarray]], fisher: _Store | None) -> list[list[np.ndarray]] | None:
+    """The block's Fisher weights per output and sample (zeros where no gradient reached), or None."""
+    if fisher is None or not any(name in fisher.values for name in block.outputs):
+        return None
+    return [fisher.values[name] if name in fisher.values else [np.zeros_like(t[k]) for t in targets]
+            for k, name in enumerate(block.outputs)]
+
+
+def _loss_gradient(values: list[np.ndarray]) -> list[np.ndarray] | None:
+    """d loss / d output per sample for a classifier output, with the float model's top-1 class as the label.
+
+    Logits ([N, classes], 2-D): cross-entropy, ``softmax - onehot``;
+    probabilities: ``-onehot / p``; log-probabilities: ``-onehot``. Other
+    outputs (embeddings, boxes) admit no such loss: None.
+    """
+    kind = output_kind(values)
+    if kind is None or any(v.shape[-1] < 2 for v in values):
+        return None
+    if kind is OutputKind.VALUES and any(v.ndim != 2 for v in values):
+        return None
+    out = []
+    for v in values:
+        a = v.astype(np.float64)
+        onehot = (np.arange(a.shape[-1]) == a.argmax(-1)[..., None]).astype(np.float64)
+        if kind is OutputKind.PROBABILITIES:
+            g = -onehot / np.maximum(a, 1e-12)
+        elif kind is OutputKind.LOG_PROBABILITIES:
+            g = -onehot
+        else:
+            e = np.exp(a - a.max(-1, keepdims=True))
+            g = e / e.sum(-1, keepdims=True) - onehot
+        out.append(g.astype(np.float32))
+    return out
+
+
+def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats: dict[str, np.ndarray],
+            weight_infos: dict[str, tuple[int, Shape]], store: _Store) -> tuple[_Store | None, str]:
+    """Squared gradients of the pseudo-label loss at every block output, per sample, or (None, why not).
+
+    The float model runs block by block in ONNX Runtime, keeping every block
+    output; the loss gradient at the classifier outputs is then carried
+    backwards one converted block at a time (vector-Jacobian products), so no
+    whole-model conversion is needed. If a block cannot be converted, blocks
+    before it get no weights (plain MSE) and the note says so.
+    """
+    import torch
+
+    n = len(samples)
+    acts: dict[str, list[np.ndarray]] = {i.name: [s[i.name] for s in samples] for i in model.graph.input
+                                         if all(i.name in s for s in samples)}
+    models = []
+    for block in part.blocks:
+        infos = {**weight_infos, **{i: _info(acts[i]) for i in block.inputs}}
+        bm = _with_single_outputs(block_model(model, block, infos, block.weights))
+        sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        outs = [sess.run(None, {**{i: acts[i][s] for i in block.inputs}, **{w: floats[w] for w in block.weights}})
+                for s in range(n)]
+        for k, name in enumerate(block.outputs):
+            acts[name] = [o[k] for o in outs]
+        models.append(bm)
+    grads: dict[str, list[np.ndarray | None]] = {}
+    for o in model.graph.output:
+        g = _loss_gradient(acts[o.name]) if o.name in acts else None
+        if g is not None:
+            grads[o.name] = list(g)
+    if not grads:
+        return None, ("no output admits a loss (Fisher weighting needs a classifier output: N x classes logits, "
+                      "probabilities or log-probabilities); used the plain block-output error")
+    env = lambda i, s: acts[i][s]  # noqa: E731
+    note = ""
+    for block in reversed(part.blocks):
+        if not any(name in grads for name in block.outputs):
+            continue
+        for name in block.outputs:
+            if name in grads:
+                store.put(name, [np.square(g) for g in grads[name]])
+        try:
+            tb = _TorchBlock(models[block.index], block, floats, env, n)
+        except _Unconvertible as exc:
+            note = f"gradients stop at block {block.index + 1} ({exc}); the blocks before it use the plain error"
+            break
+        weights = {w: _tensor(floats[w]) for w in block.weights}
+        for b0 in range(0, n, 16):
+            for ys, members, args in tb.run(range(b0, min(b0 + 16, n)), weights, env, grad_inputs=True):
+                pairs = [(y, _tensor(np.concatenate([grads[name][s] for s in members])))
+                         for y, name in zip(ys, block.outputs) if name in grads and y.requires_grad]
+                if not pairs:
+                    continue
+                torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
+                for name, a in zip(tb.inputs, args):
+                    if a.grad is None:
+                        continue
+                    parts = np.split(a.grad.numpy(), len(members)) if len(members) > 1 else [a.grad.numpy()]
+                    have = grads.setdefault(name, [None] * n)
+                    for s, g in zip(members, parts):
+                        have[s] = g if have[s] is None else have[s] + g
+        for name in block.inputs:
+            if name in grads and any(g is None for g in grads[name]):
+                grads[name] = [g if g is not None else np.zeros_like(acts[name][s]) for s, g in enumerate(grads[name])]
+        for name in block.outputs:
+            grads.pop(name, None)
+    return store, note
 
 
 def _info(arrays: list[np.ndarray]) -> tuple[int, Shape]:
@@ -262,81 +379,58 @@ def _with_single_outputs(bm: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _optimise(bm: onnx.ModelProto, block: Block, owned: list[str], start: dict[str, QuantizedTensor],
-              floats: dict[str, np.ndarray], targets: list[list[np.ndarray]], samples: list[Feed], env_q: _Store,
-              options: Reconstruction, progress: Progress | None, total: int
+              floats: dict[str, np.ndarray], targets: list[list[np.ndarray]], fisher: list[list[np.ndarray]] | None,
+              samples: list[Feed], env_q: _Store, options: Reconstruction, progress: Progress | None, total: int
               ) -> tuple[dict[str, QuantizedTensor], BlockOutcome]:
-    import torch
+    """Learn the rounding of the weights ``owned`` by this block against its float outputs ``targets``.
 
-    from .torch_convert import to_torch
+    ``fisher`` (per output, per sample) weighs each output element by the
+    squared gradient of the model's loss there, or None for plain MSE.
+    """
+    import torch
 
     for w in block.weights:
         if floats[w].dtype != np.float32:
             raise _Unconvertible(f"weight {w} is {floats[w].dtype}; reconstruction runs float32 blocks")
-    try:
-        module = to_torch(bm)
-    except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError... for ops it cannot convert
-        raise _Unconvertible(f"onnx2torch cannot convert it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
-    module.train(False)
-    inputs = list(block.inputs)
     n = len(samples)
-    tens = lambda a: torch.from_numpy(np.array(a))  # noqa: E731  (a copy: stored arrays may be read-only maps)
-    floats_t = {w: tens(floats[w]) for w in block.weights}
+    quant_env = lambda i, s: env_q.values[i][s]  # noqa: E731
+    tb = _TorchBlock(bm, block, floats, quant_env, n)
+    tens = _tensor
     fixed = {w: tens(start[w].dequantize().astype(np.float32)) for w in block.weights if w not in owned}
     params = {w: _SoftWeight(start[w], floats[w], options.learn_scales) for w in owned}
 
-    def forward(idx: Sequence[int], weights: dict[str, "torch.Tensor"], env: Callable[[str, int], np.ndarray]
-                ) -> Iterator[tuple[list["torch.Tensor"], list[int]]]:
-        """Outputs for the samples ``idx``, run in groups of equal input shapes (concatenated on the sample axis)."""
-        groups: dict[tuple, list[int]] = {}
-        for s in idx:
-            key = tuple(env(i, s).shape for i in inputs)
-            # Samples concatenate only where every input and output has the sample axis first (shape vectors do not).
-            groups.setdefault(key if stackable else (s,), []).append(s)
-        for members in groups.values():
-            args = [tens(np.concatenate([env(i, s) for s in members])) for i in inputs]
-            args += [weights[w] for w in block.weights]
-            y = module(*args)
-            yield (list(y) if isinstance(y, (tuple, list)) else [y], members)
-
-    def error_sum(idx: Sequence[int], weights: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-        """Summed squared block-output error over the samples ``idx``, and how many elements it covers."""
-        total_err, count = torch.zeros((), dtype=torch.float64), 0
-        for ys, members in forward(idx, weights, quant_env):
+    def error_sum(idx: Sequence[int], weights: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", float]:
+        """Summed squared block-output error over the samples ``idx`` (Fisher-weighted where given), and its weight."""
+        total_err, count = torch.zeros((), dtype=torch.float64), 0.0
+        for ys, members in tb.run(idx, weights, quant_env):
             for k, y in enumerate(ys):
                 if not torch.is_floating_point(y):
                     continue
                 t = tens(np.concatenate([targets[s][k] for s in members]))
-                total_err = total_err + ((y - t) ** 2).sum().double()
-                count += t.numel()
+                sq = (y - t) ** 2
+                if fisher is not None:
+                    f = tens(np.concatenate([fisher[k][s] for s in members]))
+                    total_err = total_err + (sq * f).sum().double()
+                    count += float(f.sum())
+                else:
+                    total_err = total_err + sq.sum().double()
+                    count += t.numel()
         return total_err, count
 
     def error(idx: Sequence[int], weights: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        """Mean squared block-output error over the samples ``idx`` (outputs weighted equally per element)."""
+        """Mean squared block-output error over the samples ``idx``."""
         total_err, count = error_sum(idx, weights)
-        return total_err / max(count, 1)
+        return total_err / max(count, 1e-30)
 
     def evaluate(weights: dict[str, "torch.Tensor"]) -> float:
         """``error`` over every sample, a batch at a time (a whole-set batch would hold every activation at once)."""
-        total_err, count = 0.0, 0
+        total_err, count = 0.0, 0.0
         with torch.no_grad():
             for b0 in range(0, n, options.batch):
                 e, c = error_sum(range(b0, min(b0 + options.batch, n)), weights)
                 total_err, count = total_err + float(e), count + c
-        return total_err / max(count, 1)
+        return total_err / max(count, 1e-30)
 
-    quant_env = lambda i, s: env_q.values[i][s]  # noqa: E731
-    stackable = all(env_q.values[i][s].ndim and env_q.values[i][s].shape[0] == 1 for i in inputs for s in range(n)) and \
-        all(t.ndim and t.shape[0] == 1 for ts in targets for t in ts)
-    check = list(range(min(CHECK_SAMPLES, n)))
-    ort_sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    try:
-        _check_conversion(forward, check, floats_t, quant_env, ort_sess, inputs, block, floats, env_q)
-    except _Unconvertible:
-        if not stackable or len(check) < 2:
-            raise
-        # Some graphs bake the batch size into a Reshape; run such blocks one sample at a time.
-        stackable = False
-        _check_conversion(forward, check, floats_t, quant_env, ort_sess, inputs, block, floats, env_q)
     start_w = {**fixed, **{w: tens(start[w].dequantize().astype(np.float32)) for w in owned}}
     before = evaluate(start_w)
     nearest = evaluate({**fixed, **{w: p.nearest() for w, p in params.items()}})
@@ -377,29 +471,80 @@ def _optimise(bm: onnx.ModelProto, block: Block, owned: list[str], start: dict[s
     return {w: p.result() for w, p in params.items()}, outcome
 
 
-def _check_conversion(forward, check: list[int], floats_t: dict, env, ort_sess: ort.InferenceSession, inputs: list[str],
-                      block: Block, floats: dict[str, np.ndarray], env_q: _Store) -> None:
-    """The converted block, with float weights, against ONNX Runtime's on the same inputs; raise if they differ."""
+def _tensor(a: np.ndarray):
+    """A torch tensor holding a copy (stored arrays may be read-only memory maps)."""
     import torch
 
-    with torch.no_grad():
+    return torch.from_numpy(np.array(a))
+
+
+class _TorchBlock:
+    """A block converted to PyTorch, checked against ONNX Runtime on a few samples, run over groups of samples."""
+
+    def __init__(self, bm: onnx.ModelProto, block: Block, floats: dict[str, np.ndarray],
+                 env: Callable[[str, int], np.ndarray], n: int) -> None:
+        from .torch_convert import to_torch
+
         try:
-            got = list(forward(check, floats_t, env))
-        except Exception as exc:  # a converted module can still fail at run time (shapes, dtypes)
-            raise _Unconvertible(f"the converted block fails in PyTorch ({type(exc).__name__}: "
+            self.module = to_torch(bm)
+        except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError... for ops it cannot convert
+            raise _Unconvertible(f"onnx2torch cannot convert it ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:160]})") from None
-        for ys, members in got:
-            ref = [ort_sess.run(None, {**{i: env_q.values[i][s] for i in inputs}, **{w: floats[w] for w in block.weights}})
-                   for s in members]
-            for k, y in enumerate(ys):
-                r = np.concatenate([o[k] for o in ref])
-                yv = y.detach().numpy()
-                if yv.shape != r.shape:
-                    raise _Unconvertible(f"the converted block's output {k} has shape {yv.shape}, ONNX Runtime's {r.shape}")
-                if np.issubdtype(r.dtype, np.floating) and r.size:
-                    rel = float(np.max(np.abs(yv - r))) / max(float(np.max(np.abs(r))), 1e-12)
-                    if not rel <= CONVERSION_TOLERANCE:
-                        raise _Unconvertible(f"the converted block differs from ONNX Runtime by {rel:.2g} (relative)")
+        self.module.train(False)
+        self.block, self.inputs = block, list(block.inputs)
+        # Samples concatenate on the first axis only where every input has it (shape vectors do not).
+        self.stackable = all(env(i, s).ndim and env(i, s).shape[0] == 1 for i in self.inputs for s in range(n))
+        check = list(range(min(CHECK_SAMPLES, n)))
+        ort_sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        floats_t = {w: _tensor(floats[w]) for w in block.weights}
+        try:
+            self._check(check, floats_t, env, ort_sess, floats)
+        except _Unconvertible:
+            if not self.stackable or len(check) < 2:
+                raise
+            # Some graphs bake the batch size into a Reshape; run such blocks one sample at a time.
+            self.stackable = False
+            self._check(check, floats_t, env, ort_sess, floats)
+
+    def run(self, idx: Sequence[int], weights: dict, env: Callable[[str, int], np.ndarray], grad_inputs: bool = False
+            ) -> Iterator[tuple[list, list[int]]]:
+        """Outputs for the samples ``idx``, in groups of equal input shapes; with ``grad_inputs`` also the inputs."""
+        groups: dict[tuple, list[int]] = {}
+        for s in idx:
+            key = tuple(env(i, s).shape for i in self.inputs) if self.stackable else (s,)
+            groups.setdefault(key, []).append(s)
+        for members in groups.values():
+            args = [_tensor(np.concatenate([env(i, s) for s in members])) for i in self.inputs]
+            if grad_inputs:
+                for a in args:
+                    if a.is_floating_point():
+                        a.requires_grad_(True)
+            y = self.module(*args, *[weights[w] for w in self.block.weights])
+            ys = list(y) if isinstance(y, (tuple, list)) else [y]
+            yield (ys, members, args) if grad_inputs else (ys, members)
+
+    def _check(self, check: list[int], floats_t: dict, env, ort_sess: ort.InferenceSession, floats: dict[str, np.ndarray]
+               ) -> None:
+        import torch
+
+        with torch.no_grad():
+            try:
+                got = list(self.run(check, floats_t, env))
+            except Exception as exc:  # a converted module can still fail at run time (shapes, dtypes)
+                raise _Unconvertible(f"the converted block fails in PyTorch ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:160]})") from None
+            for ys, members in got:
+                ref = [ort_sess.run(None, {**{i: env(i, s) for i in self.inputs},
+                                           **{w: floats[w] for w in self.block.weights}}) for s in members]
+                for k, y in enumerate(ys):
+                    r = np.concatenate([o[k] for o in ref])
+                    yv = y.detach().numpy()
+                    if yv.shape != r.shape:
+                        raise _Unconvertible(f"the converted block's output {k} has shape {yv.shape}, ONNX Runtime's {r.shape}")
+                    if np.issubdtype(r.dtype, np.floating) and r.size:
+                        rel = float(np.max(np.abs(yv - r))) / max(float(np.max(np.abs(r))), 1e-12)
+                        if not rel <= CONVERSION_TOLERANCE:
+                            raise _Unconvertible(f"the converted block differs from ONNX Runtime by {rel:.2g} (relative)")
 
 
 class _SoftWeight:

@@ -263,6 +263,8 @@ def check(model: Path, target: str, quiet: bool) -> None:
               f"(a residual block or layer that has more stays whole). [default: {Reconstruction.block_weights}]")
 @click.option("--brecq-lr", type=float, help=f"Block reconstruction: Adam step size of the rounding variables. [default: {Reconstruction.lr}]")
 @click.option("--brecq-learn-scales", is_flag=True, help="Block reconstruction: also learn each weight scale (LSQ-style) with the rounding.")
+@click.option("--brecq-fisher", is_flag=True, help="Block reconstruction: weigh the block-output error by the squared gradient of "
+              "the model's loss there (the float model's top-1 class as label; needs a classifier output).")
 @click.option("--brecq-memory", "brecq_memory_mb", type=int, help="Block reconstruction: MB of block activations kept in memory; "
               f"the rest spills to temporary memory-mapped files. [default: {Reconstruction.memory_mb}]")
 @click.option("--brecq-fallback", type=click.Choice(["mse", "gptq", "adaround"]), help="Block reconstruction: the layer-wise method "
@@ -292,7 +294,7 @@ def quantize(
     max_size: str | None, max_loss: float | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
     literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
     method: str, brecq_iters: int | None, brecq_batch: int | None, brecq_samples: int | None, brecq_block_weights: int | None,
-    brecq_lr: float | None, brecq_learn_scales: bool, brecq_memory_mb: int | None, brecq_fallback: str | None,
+    brecq_lr: float | None, brecq_learn_scales: bool, brecq_fisher: bool, brecq_memory_mb: int | None, brecq_fallback: str | None,
     search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
     min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
@@ -321,7 +323,7 @@ def quantize(
                               method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples, smooth,
                               quantize_attention, build_reconstruction(
                                   method, iters=brecq_iters, batch=brecq_batch, samples=brecq_samples,
-                                  block_weights=brecq_block_weights, lr=brecq_lr, learn_scales=brecq_learn_scales,
+                                  block_weights=brecq_block_weights, lr=brecq_lr, learn_scales=brecq_learn_scales, fisher=brecq_fisher,
                                   memory_mb=brecq_memory_mb, fallback=brecq_fallback))
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None

@@ -134,6 +134,8 @@ class Reconstruction:
     block_weights: int = 8
     lr: float = 0.1
     learn_scales: bool = False
+    # Weigh the block-output error by the squared gradient of a pseudo-label loss at the model's classifier output.
+    fisher: bool = False
     memory_mb: int = 1024
     fallback: Method = Method.GPTQ
     seed: int = 0

@@ -238,3 +238,56 @@ def test_cli_runs_brecq_and_reports_the_blocks(tmp_path):
 def test_reconstruction_options_are_validated(kw):
     with pytest.raises(ConfigError):
         Reconstruction(**kw)
+
+
+def _two_layer_classifier():
+    r = rng(5)
+    w1 = r.standard_normal((12, 16)).astype(np.float32) / 3
+    w2 = r.standard_normal((16, 5)).astype(np.float32) / 3
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
+    model = make_model(nodes, [vi("x", ["n", 12])], [vi("logits", ["n", 5])], [init("w1", w1), init("w2", w2)])
+    return model, w1, w2
+
+
+def test_fisher_weights_are_the_squared_loss_gradients_at_each_block_output(tmp_path):
+    """The Fisher weights of both blocks equal (d CE / d output)^2 with the float top-1 class as label, worked out by hand."""
+    from mixq_onnx import brecq
+
+    model, w1, w2 = _two_layer_classifier()
+    x = rng(6).standard_normal((6, 12)).astype(np.float32)
+    samples = [{"x": x[i : i + 1]} for i in range(6)]
+    part = partition(model, ["w1", "w2"], 1)
+    # The weightless Relu joins the first block.
+    assert [b.outputs for b in part.blocks] == [("a",), ("logits",)]
+    infos = {w: (onnx.TensorProto.FLOAT, a.shape) for w, a in (("w1", w1), ("w2", w2))}
+    store, note = brecq._fisher(model, part, samples, {"w1": w1, "w2": w2}, infos, brecq._Store(2**20, tmp_path))
+    assert note == ""
+    h = x.astype(np.float64) @ w1
+    z = np.maximum(h, 0) @ w2
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g_z = p - (np.arange(5) == z.argmax(1)[:, None])
+    g_a = g_z @ w2.T
+    np.testing.assert_allclose(np.concatenate(store.values["logits"]), g_z**2, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.concatenate(store.values["a"]), g_a**2, rtol=1e-4, atol=1e-7)
+
+
+def test_fisher_runs_end_to_end_and_says_when_no_output_admits_a_loss():
+    model, _, _ = _two_layer_classifier()
+    feeds = [{"x": rng(7).standard_normal((32, 12)).astype(np.float32)}]
+    result = quantize(model, QuantConfig(search=Uniform(3), method=Method.BRECQ, min_elements=0,
+                                  reconstruction=Reconstruction(fisher=True, iters=30)), calibration=feeds)
+    rec = result.report.reconstruction
+    assert rec["fisher_note"] == "" and all(b["fisher"] for b in rec["blocks"] if b["status"] == "reconstructed")
+    tiny = quantize(onnx.load(TINY), _brecq(samples=16, iters=10, fisher=True), calibration=_tiny_feeds(16))
+    assert tiny.report.reconstruction["fisher_note"] == ""  # logits [batch, 8]
+    # A model whose only output is 3-D (token states) admits no classification loss.
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    states = make_model(nodes, [vi("x", ["n", 4, 12])], [vi("y", ["n", 4, 16])],
+                        [init("w", rng(8).standard_normal((12, 16)).astype(np.float32))])
+    res = quantize(states, QuantConfig(search=Uniform(3), method=Method.BRECQ, min_elements=0,
+                                       reconstruction=Reconstruction(fisher=True, iters=10)),
+                   calibration=[{"x": rng(9).standard_normal((8, 4, 12)).astype(np.float32)}])
+    assert "no output admits a loss" in res.report.reconstruction["fisher_note"]
+    assert not any(b["fisher"] for b in res.report.reconstruction["blocks"])
