@@ -116,15 +116,18 @@ class _Store:
     def __init__(self, budget_bytes: int, folder: Path) -> None:
         self.budget = budget_bytes
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.in_memory = 0
         self.spilled = 0
         self.values: dict[str, list[np.ndarray]] = {}
+        self._held: dict[str, int] = {}  # bytes this store holds in memory, by name
         self._files = 0
 
     def put(self, name: str, arrays: list[np.ndarray]) -> None:
         size = sum(a.nbytes for a in arrays)
         if self.in_memory + size <= self.budget:
             self.in_memory += size
+            self._held[name] = size
             self.values[name] = arrays
             return
         path = self.folder / f"{self._files}.npy"
@@ -144,9 +147,8 @@ class _Store:
         self.values[name] = other.values[name]
 
     def drop(self, name: str) -> None:
-        arrays = self.values.pop(name, None)
-        if arrays is not None and arrays and not isinstance(arrays[0], np.memmap) and arrays[0].base is None:
-            self.in_memory -= sum(a.nbytes for a in arrays)
+        self.values.pop(name, None)
+        self.in_memory -= self._held.pop(name, 0)
 
 
 def split_samples(feeds: Sequence[Feed], limit: int) -> list[Feed]:
@@ -185,16 +187,19 @@ def reconstruct(
             later_reads[name] = b.index
     with tempfile.TemporaryDirectory(prefix="mixq-brecq-") as tmp:
         budget = options.memory_mb * 2**20
-        env_f, env_q = _Store(budget // 2, Path(tmp)), _Store(budget // 2, Path(tmp) / "q")
-        (Path(tmp) / "q").mkdir()
+        env_f, env_q = _Store(budget // 2, Path(tmp) / "float"), _Store(budget // 2, Path(tmp) / "quantized")
         for i in model.graph.input:
             if all(i.name in s for s in samples):
                 env_f.put(i.name, [s[i.name] for s in samples])
                 env_q.share(i.name, env_f)
-        fisher, fisher_note = None, ""
+        fisher, fisher_note, fisher_scratch = None, "", 0
         if options.fisher:
-            (Path(tmp) / "fisher").mkdir()
-            fisher, fisher_note = _fisher(model, part, samples, floats, weight_infos, _Store(budget, Path(tmp) / "fisher"))
+            # The float outputs of every block (only while the gradients are computed) and the squared gradients each
+            # take up to half the budget; both spill beyond it.
+            scratch = _Store(budget // 2, Path(tmp) / "all")
+            fisher, fisher_note = _fisher(model, part, samples, floats, weight_infos,
+                                          _Store(budget // 2, Path(tmp) / "fisher"), scratch)
+            fisher_scratch = scratch.spilled
             if fisher_note:
                 log.warning("Fisher weighting: %s", fisher_note)
         tensors: dict[str, QuantizedTensor] = {}
@@ -205,11 +210,13 @@ def reconstruct(
                                  options, progress, len(part.blocks))
             outcomes.append(replace(outcome, seconds=time.perf_counter() - t0))
             log.info("block %d/%d: %s %s", block.index + 1, len(part.blocks), outcome.status, outcome.reason)
+            for name in block.outputs if fisher is not None else ():
+                fisher.drop(name)
             for name in list(env_f.values):
                 if later_reads.get(name, -1) <= block.index and name not in graph_outputs:
                     env_f.drop(name)
                     env_q.drop(name)
-        spilled = env_f.spilled + env_q.spilled + (fisher.spilled if fisher is not None else 0)
+        spilled = env_f.spilled + env_q.spilled + (fisher.spilled if fisher is not None else 0) + fisher_scratch
     return ReconstructionResult(tensors, tuple(outcomes), len(samples), spilled, fisher_note)
 
 
@@ -284,7 +291,7 @@ def _loss_gradient(values: list[np.ndarray]) -> list[np.ndarray] | None:
 
 
 def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats: dict[str, np.ndarray],
-            weight_infos: dict[str, tuple[int, Shape]], store: _Store) -> tuple[_Store | None, str]:
+            weight_infos: dict[str, tuple[int, Shape]], store: _Store, scratch: _Store) -> tuple[_Store | None, str]:
     """Squared gradients of the pseudo-label loss at every block output, per sample, or (None, why not).
 
     The float model runs block by block in ONNX Runtime, keeping every block
@@ -296,8 +303,10 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
     import torch
 
     n = len(samples)
-    acts: dict[str, list[np.ndarray]] = {i.name: [s[i.name] for s in samples] for i in model.graph.input
-                                         if all(i.name in s for s in samples)}
+    acts = scratch.values  # every block output of the float model, spilling to disk beyond the scratch budget
+    for i in model.graph.input:
+        if all(i.name in s for s in samples):
+            scratch.put(i.name, [s[i.name] for s in samples])
     models = []
     for block in part.blocks:
         infos = {**weight_infos, **{i: _info(acts[i]) for i in block.inputs}}
@@ -306,7 +315,7 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
         outs = [sess.run(None, {**{i: acts[i][s] for i in block.inputs}, **{w: floats[w] for w in block.weights}})
                 for s in range(n)]
         for k, name in enumerate(block.outputs):
-            acts[name] = [o[k] for o in outs]
+            scratch.put(name, [o[k] for o in outs])
         models.append(bm)
     grads: dict[str, list[np.ndarray | None]] = {}
     for o in model.graph.output:
@@ -349,6 +358,8 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
                 grads[name] = [g if g is not None else np.zeros_like(acts[name][s]) for s, g in enumerate(grads[name])]
         for name in block.outputs:
             grads.pop(name, None)
+    for name in list(acts):
+        scratch.drop(name)
     return store, note
 
 
@@ -433,7 +444,7 @@ def _optimise(bm: onnx.ModelProto, block: Block, owned: list[str], start: dict[s
 
     start_w = {**fixed, **{w: tens(start[w].dequantize().astype(np.float32)) for w in owned}}
     before = evaluate(start_w)
-    nearest = evaluate({**fixed, **{w: p.nearest() for w, p in params.items()}})
+    nearest = evaluate({**fixed, **{w: p.nearest for w, p in params.items()}})
     # The loss is relative to round-to-nearest's error on this grid, so one step size and regulariser fit every block.
     den = nearest if nearest > 0 else (before if before > 0 else 1.0)
     rng = np.random.default_rng(options.seed + block.index)
@@ -561,14 +572,15 @@ class _SoftWeight:
         zp = qt.zero_point.astype(np.float32) if qt.zero_point is not None else np.zeros((), np.float32)
         zero = np.broadcast_to(broadcast(zp, shape, axis, block), shape)
         # Warm start from the layer-wise integers q0: each weight may stay at q0 or move one step towards its float
-        # value; the soft value starts a quarter step from q0 on that side, where the gradients are still alive.
+        # value; the soft value starts WARM_START of a step from q0 on that side, where the gradients are still alive.
         ratio = w.astype(np.float64) / scale + zero
         q0 = qt.values.astype(np.float64)
         floor = np.where(ratio >= q0, q0, q0 - 1) - zero
         p = np.where(ratio >= q0, WARM_START, 1 - WARM_START)
         p = np.clip((p - GAMMA) / (ZETA - GAMMA), 1e-3, 1 - 1e-3)
         self.floor = torch.from_numpy(floor.astype(np.float32))
-        self.nearest_value = torch.from_numpy(((np.clip(np.rint(ratio), self.lo, self.hi) - zero) * scale).astype(np.float32))
+        # Round-to-nearest on this grid: the scale of the loss.
+        self.nearest = torch.from_numpy(((np.clip(np.rint(ratio), self.lo, self.hi) - zero) * scale).astype(np.float32))
         self.zero = torch.from_numpy(np.ascontiguousarray(zero))
         self.scale0 = torch.from_numpy(np.ascontiguousarray(scale))
         self.v = torch.nn.Parameter(torch.from_numpy(np.log(p / (1 - p)).astype(np.float32)))
@@ -605,10 +617,6 @@ class _SoftWeight:
 
         with torch.no_grad():
             return ((self._integers() - self.zero) * self._scale()).detach()
-
-    def nearest(self):
-        """Round-to-nearest on this grid: the scale of the loss."""
-        return self.nearest_value
 
     def regulariser(self, beta: float):
         import torch

@@ -261,7 +261,8 @@ def test_fisher_weights_are_the_squared_loss_gradients_at_each_block_output(tmp_
     # The weightless Relu joins the first block.
     assert [b.outputs for b in part.blocks] == [("a",), ("logits",)]
     infos = {w: (onnx.TensorProto.FLOAT, a.shape) for w, a in (("w1", w1), ("w2", w2))}
-    store, note = brecq._fisher(model, part, samples, {"w1": w1, "w2": w2}, infos, brecq._Store(2**20, tmp_path))
+    store, note = brecq._fisher(model, part, samples, {"w1": w1, "w2": w2}, infos, brecq._Store(2**20, tmp_path / "g"),
+                                brecq._Store(0, tmp_path / "a"))  # the float outputs all go to disk
     assert note == ""
     h = x.astype(np.float64) @ w1
     z = np.maximum(h, 0) @ w2
