@@ -69,8 +69,9 @@ INSTALL_HINT = "pip install 'mixq-onnx[brecq]' (PyTorch and onnx2torch)"
 def require_torch() -> None:
     """Raise a one-line ConfigError when the ``[brecq]`` extra is missing."""
     try:
-        import onnx2torch  # noqa: F401  (imported to see that it is there)
         import torch  # noqa: F401
+
+        from . import torch_convert  # noqa: F401  (imports onnx2torch, whatever state torchvision is in)
     except ImportError as exc:
         raise ConfigError(f"block reconstruction needs PyTorch and onnx2torch ({exc.name} is not installed): "
                           f"{INSTALL_HINT}") from None

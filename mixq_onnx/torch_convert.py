@@ -15,17 +15,58 @@ is trusted (:func:`mixq_onnx.brecq.reconstruct`).
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import types
 
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx2torch import convert as _onnx2torch_convert
-from onnx2torch.node_converters import registry
-from onnx2torch.onnx_graph import OnnxGraph
-from onnx2torch.onnx_node import OnnxNode
-from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
-from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _guard_torchvision() -> None:
+    """Let onnx2torch import even when torchvision is installed but unusable.
+
+    onnx2torch imports torchvision for its NonMaxSuppression and RoiAlign
+    converters only. A torchvision built for another PyTorch (a CUDA build
+    beside a CPU one, say) raises at import ("operator torchvision::nms does
+    not exist"), which would make every block unconvertible. Then a stand-in
+    module takes its place whose ops raise, so only blocks with those two ops
+    fall back, with the reason.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # RuntimeError from its C++ ops, or ImportError
+        reason = f"torchvision is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+        def unavailable(*args: object, **kwargs: object) -> None:
+            raise NotImplementedError(reason)
+
+        stub, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+        ops.nms = ops.box_convert = ops.roi_align = unavailable  # type: ignore[attr-defined]
+        stub.ops = ops  # type: ignore[attr-defined]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, ops
+        log.info("%s; NonMaxSuppression and RoiAlign blocks will fall back", reason)
+
+
+_guard_torchvision()
+
+from onnx2torch import convert as _onnx2torch_convert  # noqa: E402
+from onnx2torch.node_converters import registry  # noqa: E402
+from onnx2torch.onnx_graph import OnnxGraph  # noqa: E402
+from onnx2torch.onnx_node import OnnxNode  # noqa: E402
+from onnx2torch.utils.common import (  # noqa: E402
+    OnnxMapping,
+    OnnxToTorchModule,
+    OperationConverterResult,
+    onnx_mapping_from_node,
+)
+from torch import nn  # noqa: E402
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}

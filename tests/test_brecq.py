@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,21 @@ def test_fisher_runs_end_to_end_and_says_when_no_output_admits_a_loss():
                    calibration=[{"x": rng(9).standard_normal((8, 4, 12)).astype(np.float32)}])
     assert "no output admits a loss" in res.report.reconstruction["fisher_note"]
     assert not any(b["fisher"] for b in res.report.reconstruction["blocks"])
+
+
+def test_a_broken_torchvision_does_not_stop_conversion(tmp_path):
+    """A torchvision built for another PyTorch raises at import; onnx2torch only needs it for NMS and RoiAlign."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    code = (
+        "import onnx\n"
+        "from mixq_onnx.torch_convert import to_torch\n"
+        "import torchvision\n"
+        "assert not hasattr(torchvision, '__file__')  # the stand-in\n"
+        f"to_torch(onnx.load({str(MODELS / 'digits_cnn.onnx')!r}))\n"
+        "print('converted')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "converted" in proc.stdout, proc.stderr[-800:]
