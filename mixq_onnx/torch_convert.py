@@ -72,8 +72,8 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-class DynamicConv(nn.Module, OnnxToTorchModule):
-    """ONNX Conv with the weight (and bias) as inputs and every padding mode, including auto_pad SAME_*."""
+class _ConvBase(nn.Module, OnnxToTorchModule):
+    """The attributes Conv and ConvTranspose share, with ONNX's defaults for a weight of a given rank."""
 
     def __init__(self, attrs: dict) -> None:
         super().__init__()
@@ -81,14 +81,23 @@ class DynamicConv(nn.Module, OnnxToTorchModule):
         self.dilations = attrs.get("dilations")
         self.group = int(attrs.get("group", 1))
         self.pads = attrs.get("pads")
+
+    def _common(self, rank: int) -> tuple[list[int], list[int], list[int]]:
+        """Strides, dilations and pads (begins then ends) for ``rank`` spatial axes."""
+        return (list(self.strides or [1] * rank), list(self.dilations or [1] * rank),
+                list(self.pads or [0] * (2 * rank)))
+
+
+class DynamicConv(_ConvBase):
+    """ONNX Conv with the weight (and bias) as inputs and every padding mode, including auto_pad SAME_*."""
+
+    def __init__(self, attrs: dict) -> None:
+        super().__init__(attrs)
         self.auto_pad = attrs.get("auto_pad", "NOTSET")
-        if isinstance(self.auto_pad, bytes):
-            self.auto_pad = self.auto_pad.decode()
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         rank = w.dim() - 2
-        strides = list(self.strides or [1] * rank)
-        dil = list(self.dilations or [1] * rank)
+        strides, dil, pads = self._common(rank)
         if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             begin, end = [], []
             for d in range(rank):
@@ -101,7 +110,6 @@ class DynamicConv(nn.Module, OnnxToTorchModule):
         elif self.auto_pad == "VALID":
             begin = end = [0] * rank
         else:
-            pads = list(self.pads or [0] * (2 * rank))
             begin, end = pads[:rank], pads[rank:]
         if begin == end:
             return _CONV[rank](x, w, b, strides, begin, dil, self.group)
@@ -110,22 +118,16 @@ class DynamicConv(nn.Module, OnnxToTorchModule):
         return _CONV[rank](F.pad(x, flat), w, b, strides, 0, dil, self.group)
 
 
-class DynamicConvTranspose(nn.Module, OnnxToTorchModule):
+class DynamicConvTranspose(_ConvBase):
     """ONNX ConvTranspose with the weight as an input (explicit pads and output_padding; no auto_pad, no output_shape)."""
 
     def __init__(self, attrs: dict) -> None:
-        super().__init__()
-        self.strides = attrs.get("strides")
-        self.dilations = attrs.get("dilations")
-        self.group = int(attrs.get("group", 1))
-        self.pads = attrs.get("pads")
+        super().__init__(attrs)
         self.output_padding = attrs.get("output_padding")
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         rank = w.dim() - 2
-        strides = list(self.strides or [1] * rank)
-        dil = list(self.dilations or [1] * rank)
-        pads = list(self.pads or [0] * (2 * rank))
+        strides, dil, pads = self._common(rank)
         extra = list(self.output_padding or [0] * rank)
         y = _CONV_T[rank](x, w, b, strides, 0, extra, self.group, dil)
         index = [slice(None), slice(None)] + [slice(pads[d], y.shape[2 + d] - pads[rank + d]) for d in range(rank)]
@@ -259,9 +261,8 @@ class Recurrent(nn.Module, OnnxToTorchModule):
 
 def _recurrent_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     attrs = _attrs(node)
-    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
     defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}[node.operation_type]
-    acts = [text(a) for a in attrs.get("activations", [])]
+    acts = list(attrs.get("activations", []))
     if acts and acts != defaults * (len(acts) // len(defaults)):
         raise NotImplementedError(f"{node.operation_type} with activations {acts}")
     if "clip" in attrs or int(attrs.get("input_forget", 0)):
@@ -271,16 +272,14 @@ def _recurrent_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverter
         raise NotImplementedError(f"{node.operation_type} with sequence_lens")
     if node.operation_type == "LSTM" and len(inputs) > 7 and inputs[7]:
         raise NotImplementedError("LSTM with peepholes")
-    module = Recurrent(node.operation_type, int(attrs["hidden_size"]), text(attrs.get("direction", "forward")),
+    module = Recurrent(node.operation_type, int(attrs["hidden_size"]), attrs.get("direction", "forward"),
                        int(attrs.get("layout", 0)), int(attrs.get("linear_before_reset", 0)))
     return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
         inputs=tuple(inputs[:7]), outputs=tuple(node.output_values)))
 
 
 def _gelu_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    approximate = _attrs(node).get("approximate", "none")
-    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
-    return OperationConverterResult(torch_module=Gelu(approximate), onnx_mapping=onnx_mapping_from_node(node))
+    return OperationConverterResult(torch_module=Gelu(_attrs(node).get("approximate", "none")), onnx_mapping=onnx_mapping_from_node(node))
 
 
 class _Compare(nn.Module, OnnxToTorchModule):
@@ -293,7 +292,9 @@ class _Compare(nn.Module, OnnxToTorchModule):
 
 
 def _attrs(node: OnnxNode) -> dict:
-    return dict(node.attributes)
+    """The node's attributes, with byte strings (auto_pad, activations, approximate) decoded."""
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+    return {k: [text(x) for x in v] if isinstance(v, (list, tuple)) else text(v) for k, v in node.attributes.items()}
 
 
 def _wrap_conv(original, dynamic_cls, auto_pad_ok: bool):
@@ -302,7 +303,6 @@ def _wrap_conv(original, dynamic_cls, auto_pad_ok: bool):
     def converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         attrs = _attrs(node)
         pad = attrs.get("auto_pad", "NOTSET")
-        pad = pad.decode() if isinstance(pad, bytes) else pad
         constant = node.input_values[1] in graph.initializers and all(v in graph.initializers for v in node.input_values[2:])
         if constant and pad in ("NOTSET", "VALID"):
             return original(node, graph)

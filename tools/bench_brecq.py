@@ -72,7 +72,7 @@ def run_case(case, work: Path, methods: list[str], settings: list[str], log) -> 
 
 
 def main() -> None:
-    from bench_cases import CASES, efficientnet, minilm
+    from bench_cases import case_with_calibration
 
     ap = bench_arguments(__doc__.splitlines()[0], ROOT)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -84,12 +84,7 @@ def main() -> None:
     parts, summary = [], {}
     for name in args.cases.split(","):
         print(f"case {name}", flush=True)
-        if name == "efficientnet":
-            case = efficientnet(args.cache, n_calib=SAMPLES)
-        elif name == "minilm":
-            case = minilm(args.cache, n_calib=SAMPLES)
-        else:
-            case = CASES[name](args.cache)
+        case = case_with_calibration(name, args.cache, SAMPLES)
         text, data = run_case(case, work, args.methods.split(","), args.settings.split(","), lambda s: print(s, flush=True))
         parts.append(text)
         summary[name] = data

@@ -246,3 +246,10 @@ def efficientnet_pad(cache: Path) -> Case:
 
 
 CASES = {"digits": digits, "efficientnet": efficientnet, "efficientnet_pad": efficientnet_pad, "minilm": minilm}
+
+
+def case_with_calibration(name: str, cache: Path, n_calib: int) -> Case:
+    """A case with ``n_calib`` calibration samples where the case makes them (digits ships its own 256)."""
+    if name in ("efficientnet", "minilm"):
+        return CASES[name](cache, n_calib=n_calib)
+    return CASES[name](cache)

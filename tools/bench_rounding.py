@@ -138,18 +138,13 @@ def memory_case(case, work: Path, log) -> list[str]:
 
 
 def main() -> None:
-    from bench_cases import CASES, efficientnet, minilm
+    from bench_cases import case_with_calibration
 
     args, work, t0 = bench_setup(__doc__, ROOT)
     parts, memory, summary = [], [], {}
     for name in args.cases.split(","):
         print(f"case {name}", flush=True)
-        if name == "efficientnet":
-            case = efficientnet(args.cache, n_calib=MEMORY_SAMPLES)
-        elif name == "minilm":
-            case = minilm(args.cache, n_calib=MEMORY_SAMPLES)
-        else:
-            case = CASES[name](args.cache)
+        case = case_with_calibration(name, args.cache, MEMORY_SAMPLES)
         text, data = run_case(case, work, lambda s: print(s, flush=True))
         parts.append(text)
         summary[name] = data
