@@ -228,7 +228,7 @@ def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dic
     """Float targets, the optimisation where possible, then the quantized outputs for the next block."""
     infos = {**weight_infos, **{i: _info(env_f.values[i]) for i in block.inputs}}
     bm = _with_single_outputs(block_model(model, block, infos, block.weights))
-    sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     names = [o.name for o in sess.get_outputs()]
     n = len(samples)
     float_w = {w: floats[w] for w in block.weights}
@@ -312,7 +312,7 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
     for block in part.blocks:
         infos = {**weight_infos, **{i: _info(acts[i]) for i in block.inputs}}
         bm = _with_single_outputs(block_model(model, block, infos, block.weights))
-        sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         outs = [sess.run(None, {**{i: acts[i][s] for i in block.inputs}, **{w: floats[w] for w in block.weights}})
                 for s in range(n)]
         for k, name in enumerate(block.outputs):
@@ -507,7 +507,7 @@ class _TorchBlock:
         # Samples concatenate on the first axis only where every input has it (shape vectors do not).
         self.stackable = all(env(i, s).ndim and env(i, s).shape[0] == 1 for i in self.inputs for s in range(n))
         check = list(range(min(CHECK_SAMPLES, n)))
-        ort_sess = session(bm.SerializeToString(), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        ort_sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         floats_t = {w: _tensor(floats[w]) for w in block.weights}
         try:
             self._check(check, floats_t, env, ort_sess, floats)

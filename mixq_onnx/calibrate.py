@@ -36,7 +36,7 @@ from .activation_ranges import RangeHistogram
 from .config import CalibMethod
 from .layer_stats import InputStats
 from .numerics import QType
-from .inputs import ORT_TYPES
+from .inputs import ORT_TYPES, session
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,7 @@ def stream_tensors(model: onnx.ModelProto, wanted: list[str], feeds: list[Feed])
     for name in dict.fromkeys(wanted):
         if name not in have and name not in inputs:
             exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = session(exposed, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     names = [o.name for o in sess.get_outputs()]
     for feed in feeds:
         values = dict(zip(names, sess.run(None, feed)))

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .config import Target
 from .graph import default_opset, node_label
+from .io import read_tensor
 
 # ONNX Runtime 1.32 has no DequantizeLinear kernel for opset 28 or for FLOAT4E2M1 (shared/runtime-facts.md).
 ORT_MAX_DQ_OPSET = 27
@@ -94,10 +95,10 @@ def _qnodes(model: onnx.ModelProto, malformed: list[Violation] | None = None) ->
             dtype_id = data.data_type if data is not None else (zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8)
         else:
             dtype_id = zp_t.data_type if zp_t is not None else attrs.get("output_dtype") or onnx.TensorProto.UINT8
-        scale = numpy_helper.to_array(sc_t).astype(np.float64) if sc_t is not None else None
+        scale = read_tensor(sc_t).astype(np.float64) if sc_t is not None else None
         out.append(_QNode(
             n, node_label(n, idx), onnx.TensorProto.DataType.Name(dtype_id),
-            numpy_helper.to_array(zp_t).astype(np.int64) if zp_t is not None else None,
+            read_tensor(zp_t).astype(np.int64) if zp_t is not None else None,
             scale, int(attrs.get("axis", 1)) if scale is not None and scale.size > 1 else None,
             int(attrs.get("block_size", 0)), n.input[0] in consts,
             tuple(consts[n.input[0]].dims) if n.input[0] in consts else (), readers.get(n.output[0], []),

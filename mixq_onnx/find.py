@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .config import Activations, QuantConfig
 from .graph import MAIN, GraphScope, iter_scopes, node_label, resolve
+from .io import read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class WeightSite:
     name: str
     graph: str
     source: Source
-    array: np.ndarray = field(compare=False, repr=False)
+    # The tensor as stored: data is read on demand (see ``array``), so sites cost no memory for the weights.
+    tensor: onnx.TensorProto = field(compare=False, repr=False)
     uses: tuple[Use, ...]
     via: tuple[str, ...]
     channel_axis: int | None
@@ -75,16 +76,25 @@ class WeightSite:
     notes: tuple[str, ...] = ()
 
     @property
+    def array(self) -> np.ndarray:
+        """The weight's values, read afresh from the model (or its data file) at each call: callers drop it when done."""
+        return read_tensor(self.tensor)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.array.shape)
+        return tuple(int(d) for d in self.tensor.dims)
 
     @property
     def params(self) -> int:
-        return int(self.array.size)
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
 
     @property
     def dtype(self) -> str:
-        return str(self.array.dtype)
+        return str(self.np_dtype)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -213,12 +223,12 @@ class _Finder:
             return None
         for init in d.graph.initializer:
             if init.name == name:
-                return numpy_helper.to_array(init)
+                return read_tensor(init)
         for n in d.graph.node:
             if n.op_type == "Constant" and n.output[0] == name:
                 for a in n.attribute:
                     if a.name == "value":
-                        return numpy_helper.to_array(a.t)
+                        return read_tensor(a.t)
         return None
 
     def trace(
@@ -345,14 +355,15 @@ class _Finder:
             notes.append("consumers disagree on the channel or reduction axis; using layouts all of them accept")
         if any(c is None for _, c, _ in uses) and via and "Reshape" in via:
             notes.append("a Reshape hides the channel axis; only per-tensor scales are possible")
-        array = numpy_helper.to_array(tensor)
+        array = read_tensor(tensor)
         finite = np.isfinite(array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array)
+        del array
         if not finite.all():
-            bad = int(array.size - np.count_nonzero(finite))
+            bad = int(finite.size - np.count_nonzero(finite))
             log.warning("weight '%s' has %d NaN or infinite values; it stays float", name, bad)
             return skip(f"{bad} NaN or infinite values: a quantization range cannot hold them, so it stays float")
         return WeightSite(
-            name, scope.path, source, array, tuple(u for u, _, _ in uses), tuple(dict.fromkeys(via)), ch, red, tuple(notes)
+            name, scope.path, source, tensor, tuple(u for u, _, _ in uses), tuple(dict.fromkeys(via)), ch, red, tuple(notes)
         )
 
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .check import FUSED_OPS, Violation, fusion_findings
 from .errors import ModelError
-from .io import EXTERNAL_THRESHOLD
+from .io import EXTERNAL_THRESHOLD, model_bytes, ort_model
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ def integer_inputs(model: onnx.ModelProto) -> set[str] | None:
     None when the model is too large to hand to ONNX Runtime from memory (the
     caller then keeps its conservative choice).
     """
-    if model.ByteSize() > EXTERNAL_THRESHOLD:
+    if model_bytes(model) > EXTERNAL_THRESHOLD:
         return None
-    with tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path))
+    with ort_model(model) as src, tempfile.TemporaryDirectory(prefix="mixq-ort-") as tmp:
+        path = src if isinstance(src, Path) else Path(tmp) / "model.onnx"
+        if not isinstance(src, Path):
+            path.write_bytes(src)
         optimized = ort_optimized(path)
     return {i for n in optimized.graph.node if n.op_type in FUSED_OPS for i in n.input}
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import ConfigError
+from .io import ort_model
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,17 @@ class GeneratedInputs:
         return ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in self.shapes.items())
 
 
-def session(model: bytes | Path, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+def session(model: bytes | Path | onnx.ModelProto,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             config: dict[str, str] | None = None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
-    """A quiet ONNX Runtime session from a path or serialized bytes."""
+    """A quiet ONNX Runtime session from a path, serialized bytes or a model in memory.
+
+    A model whose weights stay on disk is handed over as a file beside its
+    linked data (see :func:`mixq_onnx.io.ort_model`): never serialized whole.
+    """
+    if isinstance(model, onnx.ModelProto):
+        with ort_model(model) as src:
+            return session(src, level, config, provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 3
@@ -120,7 +130,7 @@ def _runs(sess: ort.InferenceSession, feed: Feed) -> str:
 
 
 def generate_inputs(
-    model: bytes | Path, given: dict[str, tuple[int, ...]], bounds: dict[str, int], samples: int, seed: int
+    model: bytes | Path | onnx.ModelProto, given: dict[str, tuple[int, ...]], bounds: dict[str, int], samples: int, seed: int
 ) -> GeneratedInputs:
     """``samples`` seeded feeds of one sample each that the float model runs on.
 

@@ -7,14 +7,18 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 import numpy as np
-from onnx import TensorProto, external_data_helper, helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from .errors import ModelError, OutputError
 
@@ -125,7 +129,15 @@ def _dedupe_opsets(model: onnx.ModelProto, path: Path) -> None:
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read a model and its external data, refusing data locations outside its folder."""
+    """Read a model's graph, leaving its external data on disk.
+
+    Data locations outside the model's folder are refused. External tensors
+    keep pointing at their file, with the location made absolute so that
+    they stay readable wherever the model goes: :func:`read_tensor` reads
+    one at a time, :func:`stage_model` copies them into the output, and
+    :func:`ort_model` lets ONNX Runtime map them. Memory stays at the size
+    of the graph, not of the weights.
+    """
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{p}: no such file; check the path")
@@ -144,13 +156,82 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     external = [t for t in tensors if external_data_helper.uses_external_data(t)]
     for t in external:
         _check_external_location(p, t)
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except Exception as exc:  # truncated data files surface as assorted errors
-            raise ModelError(f"{p}: could not read external data ({exc}); is the .data file complete?") from exc
+    sizes: dict[Path, int] = {}
+    for t in external:
+        info = _external_info(t)
+        target = (p.parent / info["location"]).resolve()
+        size = sizes.setdefault(target, target.stat().st_size)
+        offset, length = int(info.get("offset", 0)), _declared_length(t, info)
+        if length is not None and offset + length > size:
+            raise ModelError(f"{p}: could not read external data for tensor '{t.name}' ({target.name} holds {size} bytes, "
+                             f"the tensor needs bytes {offset} to {offset + length}); is the .data file complete?")
+        _set_location(t, str(target), offset, length)  # absolute: in memory only
     log.info("loaded %s (%d nodes, external data: %s)", p, len(model.graph.node), bool(external))
     return LoadedModel(model, p, bool(external))
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _declared_length(t: onnx.TensorProto, info: dict[str, str]) -> int | None:
+    if "length" in info and info["length"].isdigit():
+        return int(info["length"])
+    count = int(np.prod([int(d) for d in t.dims], dtype=object)) if t.dims else 1
+    return _expected_bytes(t, count)
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return external_data_helper.uses_external_data(t)
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of the tensor's data, wherever it lives."""
+    if is_external(t):
+        return _declared_length(t, _external_info(t)) or 0
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return t.ByteSize()
+
+
+def _read_bytes(t: onnx.TensorProto) -> bytes:
+    info = _external_info(t)
+    length = _declared_length(t, info)
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        raw = f.read() if length is None else f.read(length)
+    if length is not None and len(raw) != length:
+        raise ModelError(f"tensor '{t.name}': its data file {info['location']} ends early; is the .data file complete?")
+    return raw
+
+
+def read_tensor(t: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values as a fresh numpy array, read from its data file if it has one.
+
+    Plain numeric types are read straight into the array (one copy);
+    others go through onnx's decoder.
+    """
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    shape = tuple(int(d) for d in t.dims)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, ValueError, TypeError):
+        dtype = None
+    plain = dtype is not None and _expected_bytes(t, count) == count * dtype.itemsize and t.data_type != TensorProto.STRING
+    if plain and sys.byteorder == "little":
+        a = np.fromfile(info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+        if a.size != count:
+            raise ModelError(f"tensor '{t.name}': its data file {info['location']} ends early; is the .data file complete?")
+        return a.reshape(shape)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(t)
+    inline.ClearField("external_data")
+    inline.data_location = TensorProto.DEFAULT
+    inline.raw_data = _read_bytes(t)
+    return numpy_helper.to_array(inline)
 
 
 def model_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -281,15 +362,178 @@ class StagedModel:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+# Tensors of at least this many bytes go to the data file (onnx's default), and big ones start on a page boundary
+# so that ONNX Runtime can map them.
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN_FROM = 65536
+_COPY_CHUNK = 64 * 2**20
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes:
+    """An inline tensor's data as raw_data would hold it (typed fields converted)."""
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+
+
+def _copy_range(src: Path, offset: int, length: int, dst: "os.PathLike[str] | object") -> None:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(_COPY_CHUNK, left))
+            if not chunk:
+                raise OutputError(f"{src}: ends early while copying tensor data; is the input's .data file complete?")
+            dst.write(chunk)  # type: ignore[attr-defined]
+            left -= len(chunk)
+
+
+def write_tensor_data(model: onnx.ModelProto, folder: Path, data_name: str, link: bool = False) -> None:
+    """Move every tensor's data of ``model`` (a copy, edited in place) into files in ``folder``.
+
+    Inline tensors of 1 KiB or more and external tensors are written one at
+    a time, in the model's order, into ``data_name``; with ``link``, an
+    external tensor's whole file is hard-linked into ``folder`` instead
+    (for ONNX Runtime sessions: no copy). Memory stays at one chunk.
+    """
+    linked: dict[str, str] = {}
+    with open(folder / data_name, "wb") as out:
+        for t in _all_tensors(model):
+            if is_external(t):
+                info = _external_info(t)
+                src = Path(info["location"])
+                if link:
+                    name = linked.get(str(src))
+                    if name is None:
+                        name = linked[str(src)] = _link_or_copy(src, folder, f"linked{len(linked)}.data")
+                    _set_location(t, name, int(info.get("offset", 0)), _declared_length(t, info))
+                    continue
+                offset, length = int(info.get("offset", 0)), _declared_length(t, info)
+                if length is None:
+                    length = src.stat().st_size - offset
+                start = _pad_to(out, length)
+                _copy_range(src, offset, length, out)
+                _set_location(t, data_name, start, length)
+            elif t.data_type != TensorProto.STRING and t.ByteSize() >= _EXTERNAL_MIN_BYTES:
+                raw = _raw_bytes(t)
+                start = _pad_to(out, len(raw))
+                out.write(raw)
+                for f in ("raw_data", *_TYPED_FIELDS):
+                    t.ClearField(f)
+                _set_location(t, data_name, start, len(raw))
+
+
+def _pad_to(f: "object", length: int) -> int:
+    """Pad the file to the next boundary for a big tensor; returns where it starts."""
+    pos = f.tell()  # type: ignore[attr-defined]
+    if length >= _ALIGN_FROM and pos % _ALIGN_FROM:
+        f.write(b"\0" * (_ALIGN_FROM - pos % _ALIGN_FROM))  # type: ignore[attr-defined]
+        pos = f.tell()  # type: ignore[attr-defined]
+    return pos
+
+
+def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int | None) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    t.external_data.add(key="offset", value=str(offset))
+    if length is not None:
+        t.external_data.add(key="length", value=str(length))
+
+
+def _link_or_copy(src: Path, folder: Path, name: str) -> str:
+    try:
+        os.link(src, folder / name)
+    except OSError:  # another file system, or links not allowed: a copy costs time, not memory
+        log.info("cannot hard-link %s into %s; copying it", src, folder)
+        shutil.copyfile(src, folder / name)
+    return name
+
+
+class Spill:
+    """A scratch data file that takes big new tensors out of memory while a model is being built.
+
+    :meth:`take` appends a tensor's bytes to the file and leaves the tensor
+    pointing there (an absolute location, like those of :func:`load_model`),
+    so a rewrite holds one quantized tensor at a time. The folder lives
+    beside the output (``.mixq-PID-*``, removed by :meth:`close`, at exit,
+    or by a later run if this one is killed).
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        parent = folder if folder is not None else Path(tempfile.gettempdir())
+        self.dir = _temp_dir(parent)
+        self.path = self.dir / "spilled.data"
+        self._file = open(self.path, "wb")  # noqa: SIM115 - kept open for appends, closed by close()
+        self._finalizer = weakref.finalize(self, _remove_spill, self._file, self.dir)
+        self.bytes = 0
+
+    def take(self, t: onnx.TensorProto) -> None:
+        """Move ``t``'s data to the scratch file if it is at least 64 KiB (small tensors stay inline)."""
+        if is_external(t) or t.data_type == TensorProto.STRING or t.ByteSize() < _ALIGN_FROM:
+            return
+        raw = _raw_bytes(t)
+        start = _pad_to(self._file, len(raw))
+        self._file.write(raw)
+        self._file.flush()
+        for f in ("raw_data", *_TYPED_FIELDS):
+            t.ClearField(f)
+        _set_location(t, str(self.path), start, len(raw))
+        self.bytes += len(raw)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _remove_spill(f: "object", folder: Path) -> None:
+    f.close()  # type: ignore[attr-defined]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in _all_tensors(model))
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's size with all its tensor data, including what stays on disk."""
+    return model.ByteSize() + sum(tensor_nbytes(t) for t in _all_tensors(model) if is_external(t))
+
+
+@contextmanager
+def ort_model(model: onnx.ModelProto) -> Iterator[bytes | Path]:
+    """What ONNX Runtime should load for an in-memory model: its bytes, or a file beside its linked data.
+
+    Models whose weights stay on disk (see :func:`load_model`), or that are
+    too big to serialize, are written to a temporary folder with their data
+    files hard-linked, so ONNX Runtime maps the weights instead of receiving
+    a copy. The folder is removed on exit; a session made inside keeps working.
+    """
+    if not has_external_data(model) and model.ByteSize() <= EXTERNAL_THRESHOLD:
+        yield model.SerializeToString()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-ort-"))
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        write_tensor_data(copy, tmp, "inline.data", link=True)
+        path = tmp / "model.onnx"
+        path.write_bytes(copy.SerializeToString())
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external: bool) -> StagedModel:
     """Check the model and write it (and its .data file) into a temporary folder next to the output.
 
+    Tensor data is streamed into the data file one tensor at a time, so a
+    model whose weights stay on disk is written without loading them.
     Nothing reaches ``output`` until :meth:`StagedModel.commit`; on any
     failure here the temporary folder is removed.
     """
     out = Path(output)
     parent = out.parent if str(out.parent) else Path(".")
-    external = external or model.ByteSize() > EXTERNAL_THRESHOLD
+    external = external or has_external_data(model) or model.ByteSize() > EXTERNAL_THRESHOLD
     try:
         tmpdir = _temp_dir(parent)
     except OSError as exc:
@@ -300,13 +544,9 @@ def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external
         if external:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            model = copy
             data_name = out.name + ".data"
-            external_data_helper.convert_model_to_external_data(
-                model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-            )
-            external_data_helper.write_external_data_tensors(model, str(tmpdir))
-            tmp_model.write_bytes(model.SerializeToString(deterministic=True))
+            write_tensor_data(copy, tmpdir, data_name)
+            tmp_model.write_bytes(copy.SerializeToString(deterministic=True))
             staged.names.insert(0, data_name)
             # In-memory models were checked by the pipeline; large ones can only be checked on disk.
             try:

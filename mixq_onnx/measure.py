@@ -109,13 +109,13 @@ class ErrorTable:
 FP16_DQ_OPSET = 19
 
 
-def scale_dtype_for(array: np.ndarray, opset: int) -> np.dtype:
+def scale_dtype_for(dtype: np.dtype, opset: int) -> np.dtype:
     """float16 weights keep float16 scales where DequantizeLinear allows it.
 
     bfloat16 weights (no bf16 DequantizeLinear kernel in ONNX Runtime) and
     float16 ones below opset 19 get float32 scales and a Cast after the DQ.
     """
-    return np.dtype(np.float16) if array.dtype == np.float16 and opset >= FP16_DQ_OPSET else np.dtype(np.float32)
+    return np.dtype(np.float16) if dtype == np.float16 and opset >= FP16_DQ_OPSET else np.dtype(np.float32)
 
 
 def layout_axis(site: WeightSite, layout: Layout) -> int | None:
@@ -168,7 +168,7 @@ def option_specs(site: WeightSite, config: QuantConfig, caps: Capabilities, bits
     Cheap enough to run before any calibration, so budgets are checked first.
     """
     symmetric = config.scheme is Scheme.SYMMETRIC
-    sdt = scale_dtype_for(site.array, caps.opset)
+    sdt = scale_dtype_for(site.np_dtype, caps.opset)
     out = []
     for layout, axis in valid_layouts(site, config.layouts, caps, symmetric):
         for bits in bits_list:
@@ -186,7 +186,7 @@ def uniform_bytes(site: WeightSite, bits: int, config: QuantConfig, caps: Capabi
     of uniform B-bit per-channel quantization of the same tensors.
     """
     symmetric = config.scheme is Scheme.SYMMETRIC
-    sdt = scale_dtype_for(site.array, caps.opset)
+    sdt = scale_dtype_for(site.np_dtype, caps.opset)
     layout, axis = valid_layouts(site, (Layout(Granularity.CHANNEL),), caps, symmetric)[0]
     qtype = caps.container(bits, symmetric)
     assert qtype is not None, "callers only ask for widths the opset can store"
@@ -203,7 +203,7 @@ def measure_tensor(
     """
     symmetric = config.scheme is Scheme.SYMMETRIC
     w = site.array
-    sdt = scale_dtype_for(w, caps.opset)
+    sdt = scale_dtype_for(w.dtype, caps.opset)
     if w.dtype == ml_dtypes.bfloat16:
         w = w.astype(np.float32)
     w32 = w.astype(np.float32, copy=False)

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from .errors import BudgetError, ConfigError, ModelError
 from .fusion import integer_inputs, ort_fusion
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
-from .io import EXTERNAL_THRESHOLD, check_output_path, load_model, stage_model
+from .io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
 from .inputs import Feed, generate_inputs, session
 from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, uniform_bytes
-from .numerics import QTYPES, activation_params, container_for, required_opset
+from .numerics import QTYPES, QuantizedTensor, activation_params, container_for, required_opset
 from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
 from .report import Report, build_report
 from .placement import Placement, place_activations
@@ -72,9 +73,21 @@ class CalibrationOptions:
 
 @dataclass
 class QuantizeResult:
+    """The quantized model, its report and plan.
+
+    ``spill`` holds the scratch file the new weights of a model with
+    external data were written to; ``model`` reads from it until
+    :meth:`close` (or garbage collection) removes it.
+    """
+
     model: onnx.ModelProto
     report: Report
     plan: Plan
+    spill: Spill | None = None
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
 
 
 def _needed_opset(config: QuantConfig) -> int:
@@ -184,13 +197,17 @@ def quantize(
     calibration: list[dict[str, np.ndarray]] | None = None,
     evaluation: list[dict[str, np.ndarray]] | None = None,
     evaluation_source: str = "",
+    scratch: Path | None = None,
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
 
     ``calibration`` (feeds for the float model, see :func:`load_calibration`)
     enables output-aware sensitivity and the data-aware methods.
     ``evaluation`` are the samples the end-to-end measurements run on
-    (default: the calibration samples, else generated inputs). Never
+    (default: the calibration samples, else generated inputs). A model
+    whose weights live in external data is never loaded whole: its new
+    weights go to a scratch file in ``scratch`` (default: the system's
+    temporary folder), removed by :meth:`QuantizeResult.close`. Never
     modifies the input. Raises a :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
@@ -248,7 +265,7 @@ def quantize(
         evaluation, evaluation_source = _generated(model, path, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
     result = _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
-                          notes, original, opset_note, where, path)
+                          notes, original, opset_note, where, path, scratch)
     if smoothing is not None and result.report.activations is not None:
         result.report.activations["smoothing"] = smoothing.describe()
     return result
@@ -270,7 +287,7 @@ def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]
 def _quantize_at(
     base: onnx.ModelProto, model: onnx.ModelProto, inventory: Inventory, config: QuantConfig, progress: Progress | None,
     calibration: list[Feed] | None, evaluation: list[Feed] | None, evaluation_source: str, notes: list[str],
-    original: int, opset_note: str, where: str, path: Path | None,
+    original: int, opset_note: str, where: str, path: Path | None, scratch: Path | None,
 ) -> QuantizeResult:
     """The pipeline at the opset the output will have: budget check, statistics, errors, search, rounding, rewrite."""
     rules = rules_for(config.target)
@@ -324,8 +341,17 @@ def _quantize_at(
             log.warning(msg)
             notes.append(msg)
     uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
-    rounder.prefetch((d.table, d.option) for d in plan.decisions)
-    rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
+    # A model whose weights stay on disk is rewritten one weight at a time: each is rounded when the rewrite
+    # reaches it and its integers go straight to a scratch file. Bias correction and reconstruction need every
+    # rounded weight at once, so they keep the whole list.
+    spill = Spill(scratch) if has_external_data(base) else None
+    streamed = spill is not None and config.method is not Method.BRECQ and not config.bias_correction
+    if streamed:
+        rounding = _Rounding(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
+    rounded: list[Rounded] = []
+    if not streamed:
+        rounder.prefetch((d.table, d.option) for d in plan.decisions)
+        rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
     reconstruction = None
     if config.method is Method.BRECQ:
         rounded, reconstruction = _reconstruct(base, plan, rounded, calibration, config, progress)  # type: ignore[arg-type]
@@ -338,7 +364,9 @@ def _quantize_at(
         source, bias = corrected.model, corrected.outcome
     # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
     zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-    out = apply_plan(source, plan.decisions, [r.tensor for r in rounded], uses_int2, zero_point_ops, rules.gather_rows)
+    if not streamed:
+        rounding = _Rounding(len(rounded), rounded.__getitem__)
+    out = apply_plan(source, plan.decisions, rounding, uses_int2, zero_point_ops, rules.gather_rows, spill)
     activation_info = None
     if acts:
         out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]
@@ -359,16 +387,38 @@ def _quantize_at(
             f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
             f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
         )
-    rounding = {d.table.site.name: {"method": r.method.value, "note": r.note, "bias_correction": bias.get(d.table.site.name)}
-                for d, r in zip(plan.decisions, rounded)}
-    fallbacks = sum(bool(r.note) for r in rounded)
+    methods = {d.table.site.name: {"method": m.value, "note": note, "bias_correction": bias.get(d.table.site.name)}
+               for d, (m, note) in zip(plan.decisions, rounding.done)}
+    fallbacks = sum(bool(note) for _, note in rounding.done)
     if fallbacks:
         all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
     inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
     report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
-                          rounding, activation_info, e2e_info)
+                          methods, activation_info, e2e_info)
     report.reconstruction = reconstruction.describe() if reconstruction is not None else None
-    return QuantizeResult(out, report, plan)
+    return QuantizeResult(out, report, plan, spill)
+
+
+class _Rounding(Sequence[QuantizedTensor]):
+    """The plan's quantized tensors, made on demand, remembering how each was rounded (for the report)."""
+
+    def __init__(self, count: int, produce: Callable[[int], Rounded]) -> None:
+        self._count = count
+        self._produce = produce
+        self._done: dict[int, tuple[Method, str]] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> QuantizedTensor:  # type: ignore[override]
+        r = self._produce(i)
+        self._done[i] = (r.method, r.note)
+        return r.tensor
+
+    @property
+    def done(self) -> list[tuple[Method, str]]:
+        """(method, note) per decision, in order; every tensor must have been made."""
+        return [self._done[i] for i in range(self._count)]
 
 
 def _reconstruct(model: onnx.ModelProto, plan: Plan, rounded: list[Rounded], calibration: list[Feed], config: QuantConfig,
@@ -466,8 +516,8 @@ def _error(d: Decision, r: Rounded) -> np.ndarray:
 
 
 def _check(model: onnx.ModelProto, full: bool = True) -> str:
-    """onnx.checker's (full) check, or '' when it passes; models over 2 GB are checked when saved."""
-    if model.ByteSize() > EXTERNAL_THRESHOLD:
+    """onnx.checker's (full) check, or '' when it passes; models with data on disk are checked when saved."""
+    if has_external_data(model) or model.ByteSize() > EXTERNAL_THRESHOLD:
         return ""
     try:
         onnx.checker.check_model(model, full_check=full)
@@ -480,11 +530,9 @@ def _generated(model: onnx.ModelProto, path: Path | None, shapes: dict[str, tupl
                ) -> tuple[list[Feed] | None, str]:
     """Generated feeds and how they were made, or (None, why not) when the model does not run on them.
 
-    ORT reads the model from ``path`` when there is one (no serialization, no 2 GB limit).
+    ORT reads the model from ``path`` when there is one.
     """
-    if path is None and model.ByteSize() > EXTERNAL_THRESHOLD:
-        return None, "the model is over 2 GB in memory; quantize it from its file (quantize_file) to generate inputs"
-    src = path if path is not None else model.SerializeToString()
+    src = path if path is not None else model
     bounds = gather_index_bounds(model)
     try:
         gen = generate_inputs(src, shapes, bounds, samples, seed)
@@ -528,7 +576,7 @@ def quantize_file(
     if not feeds and _uses_e2e(config):
         evaluation, evaluation_source = _generated(loaded.model, Path(input_path), shapes, config.e2e_samples, verify_options.seed)
         evaluation = evaluation or []
-    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source)
+    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source, out.parent if out is not None else None)
     result.report.input = str(input_path)
     if out is None:
         return result
@@ -563,7 +611,8 @@ def _runtime_info(path: Path) -> dict[str, object]:
 def check_runs_in_ort(path: Path) -> None:
     """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...)."""
     try:
-        session(path)
+        # Without pre-packing ORT maps the weights instead of copying them: loading costs no memory.
+        session(path, config={"session.disable_prepacking": "1"})
     except Exception as exc:  # ORT raises its own exception types
         raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
                          "fix or re-export the model first") from exc

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .graph import node_label
+from .io import read_tensor
 from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, SPLIT_OPS, TargetRules
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _zero_constants(g: onnx.GraphProto) -> set[str]:
     """Names of constants that are a single 0 (a Pad's constant_value as exporters write it)."""
     pairs = [(t.name, t) for t in g.initializer]
     pairs += [(n.output[0], a.t) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return {name for name, t in pairs if t.data_type in FLOAT_ELEMS and np.prod(t.dims) <= 1 and not numpy_helper.to_array(t).any()}
+    return {name for name, t in pairs if t.data_type in FLOAT_ELEMS and np.prod(t.dims) <= 1 and not read_tensor(t).any()}
 
 
 def _is_zero_pad(n: onnx.NodeProto, zeros: set[str]) -> bool:

@@ -40,7 +40,8 @@ class Rounder:
         self.stats = stats
         self._cache: dict[tuple[str, str, int, str, str], Rounded] = {}
 
-    def get(self, table: ErrorTable, option: Option, method: Method | None = None) -> Rounded:
+    def get(self, table: ErrorTable, option: Option, method: Method | None = None, keep: bool = True) -> Rounded:
+        """The weight rounded with ``method`` (default: the configured one); ``keep=False`` does not cache it."""
         method = method or self.config.layer_method
         key = (table.site.graph, table.site.name, option.bits, option.layout.name, method.value)
         hit = self._cache.get(key)
@@ -50,7 +51,7 @@ class Rounder:
             grid = Grid(option.bits, self.config.scheme is Scheme.SYMMETRIC, option.layout, option.axis, option.qtype, table.scale_dtype)
             hit = round_weight(w, grid, method, self.stats.get(table.site.name))
             # Round-to-nearest is cheap to redo; only the costly methods are worth the memory.
-            if method is not Method.RTN:
+            if method is not Method.RTN and keep:
                 self._cache[key] = hit
         return hit
 
@@ -64,7 +65,7 @@ class Rounder:
 
     def dequantized(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray:
         """The option's weight as the DequantizeLinear output, in the weight's own dtype."""
-        return self.get(table, option, method).tensor.dequantize().astype(table.site.array.dtype)
+        return self.get(table, option, method).tensor.dequantize().astype(table.site.np_dtype)
 
     def search_value(self, table: ErrorTable, option: Option) -> np.ndarray:
         """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""

@@ -9,6 +9,7 @@ outputs, names, metadata, producer fields, doc strings) is kept as it was.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 import logging
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from .find import Source, WeightSite
 from .graph import MAIN, Namer, all_names, default_opset, iter_scopes, node_label
+from .io import Spill, read_tensor
 from .numerics import QuantizedTensor
 from .search import Decision
 
@@ -142,11 +144,11 @@ def _nodes_for(
         attrs["axis"] = qt.axis
     if qt.block_size:
         attrs["block_size"] = qt.block_size
-    needs_cast = site.array.dtype != qt.scale.dtype
+    needs_cast = site.np_dtype != qt.scale.dtype
     dq_out = namer(f"{base}_dequantized") if needs_cast else base
     nodes = [helper.make_node("DequantizeLinear", [t.name for t in tensors], [dq_out], name=namer(f"{base}_DequantizeLinear"), **attrs)]
     if needs_cast:
-        to = helper.np_dtype_to_tensor_dtype(site.array.dtype)
+        to = helper.np_dtype_to_tensor_dtype(site.np_dtype)
         nodes.append(helper.make_node("Cast", [dq_out], [base], name=namer(f"{base}_Cast"), to=to))
     return tensors, nodes
 
@@ -160,7 +162,7 @@ def _gather_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]) -> 
     return readers if ok else []
 
 
-def gathers_rows(qt: QuantizedTensor) -> bool:
+def gathers_rows(d: Decision) -> bool:
     """Whether an embedding table's layout lets each looked-up row be dequantized alone.
 
     Rows can be gathered with their own scales when the scales are per tensor,
@@ -168,8 +170,9 @@ def gathers_rows(qt: QuantizedTensor) -> bool:
     are; 4-bit tables as packed bytes (see :func:`packed_rows`). 2-bit tables
     keep the whole-table DequantizeLinear.
     """
-    return qt.values.ndim == 2 and qt.qtype.bits in (4, 8) and (qt.layout.granularity.value == "tensor" or
-                                                                 (qt.axis == 0 and not qt.block_size) or (qt.axis == 1 and qt.block_size > 0))
+    o = d.option
+    return len(d.table.site.shape) == 2 and o.qtype.bits in (4, 8) and (
+        o.layout.granularity.value == "tensor" or (o.axis == 0 and not o.layout.block_size) or (o.axis == 1 and o.layout.block_size > 0))
 
 
 def packed_rows(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
@@ -266,23 +269,28 @@ def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[on
 
 
 def apply_plan(
-    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: list[QuantizedTensor], uses_int2: bool,
-    zero_point_ops: frozenset[str] = frozenset(), gather_rows: bool = False,
+    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: Sequence[QuantizedTensor], uses_int2: bool,
+    zero_point_ops: frozenset[str] = frozenset(), gather_rows: bool = False, spill: Spill | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``.
 
     With ``gather_rows``, an embedding table read only by Gather nodes is
     looked up as integers and only the gathered rows are dequantized (see
     :func:`_gathered_rows`), instead of dequantizing the whole table per run.
+    ``tensors`` is read once per decision, in graph order; with ``spill``,
+    each new initializer's data goes to the scratch file as soon as it is
+    made, so a lazy ``tensors`` keeps one quantized weight in memory at a time.
     """
     out = copy.deepcopy(model)
     if uses_int2:
         out.ir_version = max(out.ir_version, INT2_IR_VERSION)
     namer = Namer(all_names(out))
     scopes = {s.path: s.graph for s in iter_scopes(out.graph)}
-    by_graph: dict[str, list[tuple[Decision, QuantizedTensor]]] = {}
-    for d, qt in zip(decisions, tensors, strict=True):
-        by_graph.setdefault(d.table.site.graph, []).append((d, qt))
+    if len(decisions) != len(tensors):
+        raise ValueError(f"{len(decisions)} decisions but {len(tensors)} quantized tensors")
+    by_graph: dict[str, list[int]] = {}
+    for i, d in enumerate(decisions):
+        by_graph.setdefault(d.table.site.graph, []).append(i)
     # Subgraphs first: rebuilding a parent's node list copies its subgraphs,
     # so edits made through older references would be lost.
     for path in reversed(list(scopes)):
@@ -296,28 +304,32 @@ def apply_plan(
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
         replaced_nodes: dict[int, list[onnx.NodeProto]] = {}
         # Only tables whose every use is a Gather are candidates; the graph is scanned once for them.
-        tables = {d.table.site.name for d, qt in ds if gather_rows and gathers_rows(qt)
-                  and all(u.op_type == "Gather" for u in d.table.site.uses)}
+        tables = {decisions[i].table.site.name for i in ds if gather_rows and gathers_rows(decisions[i])
+                  and all(u.op_type == "Gather" for u in decisions[i].table.site.uses)}
         outer = _outer_references(graph) if tables else set()
-        for d, qt in ds:
-            tensors, nodes = _nodes_for(d, qt, namer, zero_point_ops)
+        for k in ds:
+            d, qt = decisions[k], tensors[k]
+            made, nodes = _nodes_for(d, qt, namer, zero_point_ops)
             gathers = _gather_readers(graph, d.table.site.name, outer) if d.table.site.name in tables else []
             if gathers and qt.qtype.bits == 4:
                 packed, zp = packed_rows(qt)
-                tensors = [numpy_helper.from_array(packed, tensors[0].name), tensors[1],
-                           numpy_helper.from_array(zp, tensors[2].name if len(tensors) > 2 else namer(f"{d.table.site.name}_zero_point"))]
+                made = [numpy_helper.from_array(packed, made[0].name), made[1],
+                           numpy_helper.from_array(zp, made[2].name if len(made) > 2 else namer(f"{d.table.site.name}_zero_point"))]
             if gathers:
-                out_type = helper.np_dtype_to_tensor_dtype(d.table.site.array.dtype) if d.table.site.array.dtype != qt.scale.dtype else None
+                out_type = helper.np_dtype_to_tensor_dtype(d.table.site.np_dtype) if d.table.site.np_dtype != qt.scale.dtype else None
                 for i, g in gathers:
-                    extra, nodes = _gathered_rows(g, qt, tensors, out_type, namer)
-                    tensors = tensors + extra
+                    extra, nodes = _gathered_rows(g, qt, made, out_type, namer)
+                    made = made + extra
                     replaced_nodes[i] = nodes
                 nodes = []
+            del qt  # with a lazy ``tensors`` this frees the integers before the next weight is rounded
             if d.table.site.source is Source.INITIALIZER:
-                replaced_inits[inits[d.table.site.name]] = tensors
+                for t in made if spill is not None else ():
+                    spill.take(t)
+                replaced_inits[inits[d.table.site.name]] = made
                 front.extend(nodes)
             else:
-                consts = [helper.make_node("Constant", [], [t.name], name=namer(f"{t.name}_Constant"), value=t) for t in tensors]
+                consts = [helper.make_node("Constant", [], [t.name], name=namer(f"{t.name}_Constant"), value=t) for t in made]
                 replaced_consts[d.table.site.name] = consts + nodes
         if replaced_inits:
             new_inits: list[onnx.TensorProto] = []
@@ -401,12 +413,12 @@ def correct_biases(model: onnx.ModelProto, sites: tuple[WeightSite, ...], shifts
                 continue
             delta = -slot.factor * shift
             if slot.tensor is None:
-                bias = numpy_helper.from_array(delta.astype(site.array.dtype), namer(f"{use.node}_bias"))
+                bias = numpy_helper.from_array(delta.astype(site.np_dtype), namer(f"{use.node}_bias"))
                 graph.initializer.append(bias)
                 del slot.reader.input[2:]
                 slot.reader.input.append(bias.name)
             else:
-                old = numpy_helper.to_array(slot.tensor)
+                old = read_tensor(slot.tensor)
                 new = (old.astype(np.float64) + delta.reshape(old.shape)).astype(old.dtype)
                 if len(readers.get(slot.tensor.name, [])) > 1:
                     fresh = numpy_helper.from_array(new, namer(f"{slot.tensor.name}_corrected"))

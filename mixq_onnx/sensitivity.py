@@ -19,10 +19,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,7 +31,6 @@ from .errors import ConfigError
 from .find import WeightSite
 from .graph import iter_scopes
 from .inputs import Feed, session
-from .io import EXTERNAL_THRESHOLD
 from .measure import ErrorTable, Option
 
 log = logging.getLogger(__name__)
@@ -91,8 +88,8 @@ def eligibility(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> Eligibil
     main_inputs = {i.name for i in model.graph.input}
     ok, reasons = [], {}
     for s in sites:
-        if s.array.dtype not in (np.float32, np.float16):
-            reasons[s.name] = f"{s.array.dtype} weights cannot be fed to ONNX Runtime"
+        if s.np_dtype not in (np.float32, np.float16):
+            reasons[s.name] = f"{s.np_dtype} weights cannot be fed to ONNX Runtime"
         elif counts[s.name] > 1:
             reasons[s.name] = "the name is defined in several subgraphs"
         elif s.name in main_inputs:
@@ -121,7 +118,7 @@ def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> on
             del g.node[:]
             g.node.extend(nodes)
     for s in sites:
-        elem = helper.np_dtype_to_tensor_dtype(s.array.dtype)
+        elem = helper.np_dtype_to_tensor_dtype(s.np_dtype)
         out.graph.input.append(helper.make_tensor_value_info(s.name, elem, list(s.shape)))
     return out
 
@@ -137,7 +134,6 @@ class EndToEnd:
         chosen = [s for s in sites if s.name in names]
         self.weights = {s.name: s.array for s in chosen}
         evaluated = weights_as_inputs(model, chosen)
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.session = self._session(evaluated)
         model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
         self.feeds = [{k: f[k] for k in model_inputs} for f in feeds]
@@ -152,14 +148,7 @@ class EndToEnd:
         self.evaluations = 0
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if model.ByteSize() < EXTERNAL_THRESHOLD:
-            return session(model.SerializeToString(), level)
-        # Protobuf cannot serialize 2 GB; ORT reads the weights from a file beside the model.
-        self._tmp = tempfile.TemporaryDirectory(prefix="mixq-e2e-")
-        path = Path(self._tmp.name) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-        return session(path, level)
+        return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
     def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {**feed, **self.weights, **replace_weights})

@@ -37,6 +37,7 @@ from onnx import numpy_helper
 from .activation_ranges import RangeHistogram
 from .config import PER_CHANNEL, CalibMethod
 from .graph import Namer, all_names, node_label
+from .io import read_tensor
 from .numerics import QType, activation_params, dequantize_linear, quantize_linear, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -278,17 +279,17 @@ def apply_smoothing(model: onnx.ModelProto, chosen: list[GroupScales]) -> onnx.M
         s = gs.scales
         for r in gs.group.readers:
             t = consts[r.weight]
-            w = numpy_helper.to_array(t)
+            w = read_tensor(t)
             scaled = (w * s[None, :]) if r.transposed else (w * s[:, None])
             t.CopyFrom(numpy_helper.from_array(scaled.astype(w.dtype), t.name))
         x = gs.group.tensor
         if gs.group.fold:
             for name, how in gs.group.fold:
                 t = consts[name]
-                v = numpy_helper.to_array(t)
+                v = read_tensor(t)
                 d = s.astype(v.dtype)
                 v = v / d[:, None] if how == "rows" else v / d
-                t.CopyFrom(numpy_helper.from_array(v.astype(numpy_helper.to_array(t).dtype), t.name))
+                t.CopyFrom(numpy_helper.from_array(v.astype(read_tensor(t).dtype), t.name))
             continue
         inv_name, out_name = namer(f"{x}_smooth_inverse"), namer(f"{x}_smoothed")
         dtype = np.float16 if any(consts[r.weight].data_type == onnx.TensorProto.FLOAT16 for r in gs.group.readers) else np.float32
@@ -331,7 +332,7 @@ def smooth_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alp
     for gr in groups:
         rows = np.concatenate(batches.pop(gr.tensor))
         rows = rows[np.linspace(0, len(rows) - 1, min(SEARCH_ROWS, len(rows))).astype(np.int64)] if len(rows) > SEARCH_ROWS else rows
-        weights = [_weight_rows(numpy_helper.to_array(consts[r.weight]).astype(np.float32), r.transposed) for r in gr.readers]
+        weights = [_weight_rows(read_tensor(consts[r.weight]).astype(np.float32), r.transposed) for r in gr.readers]
         gs = choose_scales(gr, rows.astype(np.float32), amax[gr.tensor], weights, alpha, act, weight_qtype)
         log.info("smoothing %s: alpha %s, quantized output error %.3g -> %.3g", gr.tensor, gs.alpha, gs.error_plain, gs.error_smoothed)
         chosen.append(gs)

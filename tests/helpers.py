@@ -8,6 +8,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from mixq_onnx import QuantConfig, Uniform, quantize
+from mixq_onnx.io import ort_model
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
@@ -38,7 +39,8 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level=ort.GraphOpt
     so.log_severity_level = 3
     if exact_nbits:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with ort_model(model) as src:  # weights left on disk by load_model reach ORT as a file
+        sess = ort.InferenceSession(src if isinstance(src, bytes) else str(src), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 
