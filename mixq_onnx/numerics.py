@@ -154,8 +154,17 @@ def group_reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> n
     if layout.granularity is Granularity.CHANNEL:
         others = tuple(i for i in range(w.ndim) if i != axis)
         return ufunc.reduce(w, axis=others) if others else w.copy()
-    starts = np.arange(0, w.shape[axis], layout.block_size)
-    return ufunc.reduceat(w, starts, axis=axis)
+    # Whole blocks reduce as one more axis of a reshaped view (reduceat is several times slower); a short last
+    # block is reduced on its own.
+    size, block = w.shape[axis], layout.block_size
+    whole = size - size % block
+    parts = []
+    if whole:
+        head = np.take(w, np.arange(whole), axis=axis) if whole != size else w
+        parts.append(ufunc.reduce(head.reshape(w.shape[:axis] + (whole // block, block) + w.shape[axis + 1:]), axis=axis + 1))
+    if whole != size:
+        parts.append(ufunc.reduce(np.take(w, np.arange(whole, size), axis=axis), axis=axis, keepdims=True))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 @dataclass(frozen=True)

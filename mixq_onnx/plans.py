@@ -90,7 +90,7 @@ def plan_bytes(decisions: Iterable[Decision]) -> int:
 
 def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> float:
     """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap)."""
-    ds = [d for d in decisions if d.table.site.name in evaluator.weights]
+    ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
     rounder.prefetch((d.table, d.option) for d in ds)
     return evaluator.distance({d.table.site.name: rounder.dequantized(d.table, d.option) for d in ds})
 

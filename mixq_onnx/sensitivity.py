@@ -28,8 +28,8 @@ import onnxruntime as ort
 from onnx import helper
 
 from .errors import ConfigError
-from .find import WeightSite
-from .graph import iter_scopes
+from .find import Source, WeightSite
+from .graph import MAIN, iter_scopes
 from .inputs import Feed, session
 from .measure import ErrorTable, Option
 
@@ -102,11 +102,16 @@ def eligibility(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> Eligibil
 def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> onnx.ModelProto:
     """A copy of ``model`` in which each site is a main-graph input of the same name, type and shape.
 
-    Subgraphs keep reading it by name from the outer scope, which ONNX allows.
+    Main-graph initializers stay as the input's default value (an
+    overridable initializer: ONNX Runtime uses it unless a run feeds the
+    name), so a run only feeds the weights it swaps and the float ones stay
+    in the model, mapped from disk where they live there. Others (Constant
+    nodes, subgraph weights) are removed and must be fed; subgraphs keep
+    reading them by name from the outer scope, which ONNX allows.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    wanted = {(s.graph, s.name): s for s in sites}
+    wanted = {(s.graph, s.name): s for s in sites if not overridable(s)}
     for scope in iter_scopes(out.graph):
         g = scope.graph
         inits = [t for t in g.initializer if (scope.path, t.name) not in wanted]
@@ -123,6 +128,11 @@ def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> on
     return out
 
 
+def overridable(site: WeightSite) -> bool:
+    """Whether the evaluator can leave the weight in the model as an overridable initializer."""
+    return site.graph == MAIN and site.source is Source.INITIALIZER
+
+
 class EndToEnd:
     """The float model with its searched weights as inputs, its reference outputs and a distance function."""
 
@@ -132,7 +142,9 @@ class EndToEnd:
         self.eligibility = eligibility(model, sites)
         names = set(self.eligibility.names)
         chosen = [s for s in sites if s.name in names]
-        self.weights = {s.name: s.array for s in chosen}
+        self.swappable = frozenset(names)
+        # Only weights that had to leave the model are fed on every run; the rest stay in it.
+        self.weights = {s.name: s.array for s in chosen if not overridable(s)}
         evaluated = weights_as_inputs(model, chosen)
         self.session = self._session(evaluated)
         model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
@@ -141,6 +153,7 @@ class EndToEnd:
         self.samples = sum(_rows(f) for f in self.feeds)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.references = [self._run(f, {}) for f in self.feeds]
+        self.batched = self._batches_agree()
         kinds = {n: output_kind([r[k] for r in self.references]) for k, n in enumerate(self.output_names)}
         self.kinds = {n: k for n, k in kinds.items() if k is not None}
         if not self.kinds:
@@ -152,6 +165,48 @@ class EndToEnd:
 
     def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {**feed, **self.weights, **replace_weights})
+
+    def _batches_agree(self) -> bool:
+        """Whether samples of one shape can run as one batch with the same outputs, stacked along axis 0.
+
+        One run of 32 rows reads the weights once instead of 32 times; on
+        models whose outputs are not batch-major (or that fix the batch size)
+        the check fails and samples run one at a time.
+        """
+        group = self._groups(range(len(self.feeds)))[0]
+        if len(group) < 2:
+            return False
+        try:
+            outs = self._run(_stack([self.feeds[i] for i in group]), {})
+        except Exception:  # ORT refuses a batch the model fixes to 1: run one sample at a time
+            return False
+        for k, out in enumerate(outs):
+            ref = np.concatenate([np.asarray(self.references[i][k]) for i in group]) \
+                if all(np.ndim(self.references[i][k]) for i in group) else None
+            out = np.asarray(out)
+            if ref is None or ref.shape != out.shape or ref.dtype != out.dtype:
+                return False
+            if np.issubdtype(ref.dtype, np.floating):
+                scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+                if not np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1e-12), equal_nan=True):
+                    return False
+            elif not np.array_equal(out, ref):
+                return False
+        return True
+
+    def _groups(self, chosen: Sequence[int]) -> list[list[int]]:
+        """Consecutive runs of same-shaped samples of up to ``BATCH_ROWS`` rows (one sample each when not batched)."""
+        groups: list[list[int]] = []
+        rows = 0
+        for i in chosen:
+            r = _rows(self.feeds[i])
+            if groups and rows + r <= BATCH_ROWS and _signature(self.feeds[i]) == _signature(self.feeds[groups[-1][0]]):
+                groups[-1].append(i)
+                rows += r
+            else:
+                groups.append([i])
+                rows = r
+        return groups
 
     def subsample(self, count: int) -> tuple[int, ...]:
         """``count`` feeds spread evenly over all of them (every k-th), so a sorted sample set is still covered."""
@@ -167,8 +222,11 @@ class EndToEnd:
         chosen = range(len(self.feeds)) if feeds is None else feeds
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
-        for i in chosen:
-            feed, ref = self.feeds[i], self.references[i]
+        groups = self._groups(chosen) if self.batched else [[i] for i in chosen]
+        for group in groups:
+            feed = _stack([self.feeds[i] for i in group])
+            ref = [np.concatenate([self.references[i][k] for i in group]) if len(group) > 1 else self.references[group[0]][k]
+                   for k in range(len(self.output_names))]
             outs = self._run(feed, replace_weights)
             for k, name in enumerate(self.output_names):
                 kind = self.kinds.get(name)
@@ -196,6 +254,21 @@ class EndToEnd:
         return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
                 "weights_measured": len(self.eligibility.names),
                 "not_measured": dict(sorted(self.eligibility.reasons.items()))}
+
+
+# Samples per run when they can be stacked: large enough that a run reads the weights once for many rows.
+BATCH_ROWS = 32
+
+
+def _signature(feed: Feed) -> tuple:
+    """What must match for two feeds to stack along axis 0: names, trailing shapes and dtypes."""
+    return tuple((k, np.shape(v)[1:], np.asarray(v).dtype.str, np.ndim(v) > 0) for k, v in sorted(feed.items()))
+
+
+def _stack(feeds: list[Feed]) -> Feed:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in feeds[0]}
 
 
 def _rows(feed: Feed) -> int:

@@ -1,0 +1,133 @@
+"""Peak memory and time of mixq-onnx on generated decoder stacks of growing size, against ONNX Runtime's MatMulNBits.
+
+    python tools/bench_memory.py                         # 0.7, 2, 4 and 8 GB stacks -> docs/RESULTS.md "memory"
+    python tools/bench_memory.py --sizes 0.7 --repeats 1 --no-write   # a quick look
+
+Stacks come from tools/make_stack.py (fp32, external data, hidden 2048: the
+largest weight is 2048 x 8192 fp32 = 64 MiB) and are cached in --dir. Every
+run is its own process; its peak RSS is the kernel's ``ru_maxrss`` for that
+process (file-backed pages it touched included), its time the wall clock
+around it; the median of --repeats is reported (one run from 3 GB up). The goal for mixq's runs is
+1.5 GB plus three times the largest weight. ORT's quantizer
+(``MatMulNBitsQuantizer``, 4 bits, block 32, symmetric) runs in the same
+session, so time ratios compare runs on the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from _table import markdown_table, replace_section  # noqa: E402
+from make_stack import build, layer_params  # noqa: E402
+
+HIDDEN = 2048
+LARGEST = 4 * HIDDEN * 4 * HIDDEN
+GOAL = 1.5e9 + 3 * LARGEST
+
+RUNS = {
+    "mixq default (int8)": ["--no-verify"],
+    "mixq --bits 4 block32": ["--bits", "4", "--granularity", "block32", "--no-verify"],
+    "mixq --target-bits 4 (weight error)": ["--target-bits", "4", "--sensitivity", "weight", "--no-verify"],
+    "mixq --target-bits 4 (end to end)": ["--target-bits", "4", "--no-verify"],
+    "mixq --bits 4 block32, verified (4 samples)": ["--bits", "4", "--granularity", "block32", "--verify-samples", "4"],
+}
+# End-to-end search runs every weight's options through the whole model: its cost grows with size x tensor count.
+E2E_MAX_GB = 2.5
+VERIFY_SIZES = (4.0,)
+# Stacks from this size run once per cell (minutes each).
+BIG = 3e9
+
+ORT_SCRIPT = """
+import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+m = onnx.load(sys.argv[1])
+q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=True)
+q.process()
+onnx.save_model(q.model.model, sys.argv[2], save_as_external_data=True, all_tensors_to_one_file=True,
+                location=sys.argv[2].split("/")[-1] + ".data")
+"""
+
+
+def measured(cmd: list[str]) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, exit status) of one process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"  exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}", flush=True)
+    return seconds, usage.ru_maxrss * 1024, code
+
+
+def stack(folder: Path, gb: float) -> tuple[Path, int]:
+    layers = max(1, round(gb * 1e9 / (4 * layer_params(HIDDEN))))
+    path = folder / f"stack_{layers}x{HIDDEN}.onnx"
+    if not path.exists() or not (folder / (path.name + ".data")).exists():
+        print(f"making {path} ({layers} layers)", flush=True)
+        build(path, layers, HIDDEN)
+    return path, 4 * layers * layer_params(HIDDEN)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[0.7, 2.0, 4.0, 8.0], help="stack sizes in GB")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
+    ap.add_argument("--dir", type=Path, default=ROOT / ".cache" / "bench" / "stacks")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    rows, raw = [], []
+    for gb in args.sizes:
+        path, nbytes = stack(args.dir, gb)
+        out = args.dir / "out.onnx"
+        cells: dict[str, tuple[float, int] | None] = {}
+        jobs = [("ORT MatMulNBits 4-bit block32", [sys.executable, "-c", ORT_SCRIPT, str(path), str(out)])]
+        for name, extra in RUNS.items():
+            if "end to end" in name and nbytes / 1e9 > E2E_MAX_GB:
+                continue
+            if "verified" in name and not any(abs(nbytes / 1e9 - v) < 0.5 for v in VERIFY_SIZES):
+                continue
+            jobs.append((name, [sys.executable, "-m", "mixq_onnx.cli", str(path), "-o", str(out), *extra]))
+        for name, cmd in jobs:
+            results = [measured(cmd) for _ in range(args.repeats if nbytes < BIG else 1)]
+            ok = [r for r in results if r[2] == 0]
+            cells[name] = (statistics.median(r[0] for r in ok), int(statistics.median(r[1] for r in ok))) if ok else None
+            cell = cells[name]
+            print(f"{nbytes / 1e9:.2f} GB  {name:45s} " + (f"{cell[0]:7.1f} s  {cell[1] / 1e9:6.2f} GB" if cell else "failed"),
+                  flush=True)
+            raw.append({"gb": nbytes / 1e9, "run": name, "runs": [list(r) for r in results]})
+        for f in (out, args.dir / "out.onnx.data"):
+            f.unlink(missing_ok=True)
+        ort_cell = cells.get("ORT MatMulNBits 4-bit block32")
+        for name, cell in cells.items():
+            ratio = f"{cell[0] / ort_cell[0]:.2f}x" if cell and ort_cell and not name.startswith("ORT") else ""
+            within = "" if name.startswith("ORT") or cell is None else ("yes" if cell[1] <= GOAL else "**no**")
+            rows.append([f"{nbytes / 1e9:.2f}", name, f"{cell[0]:.1f}" if cell else "failed", ratio,
+                         f"{cell[1] / 1e9:.2f}" if cell else "", within])
+    table = markdown_table(["model GB", "run", "seconds", "time vs ORT", "peak RSS GB", f"<= {GOAL / 1e9:.2f} GB"], rows)
+    command = "python tools/bench_memory.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(table)
+    if args.no_write:
+        return
+    (ROOT / "docs" / "results-memory.json").write_text(json.dumps({"command": command, "machine": machine, "runs": raw}, indent=1) + "\n")
+    text = (f"## Memory and time on models bigger than memory\n\nGenerated by `{command}` ({machine}; medians of "
+            f"{args.repeats} runs below {BIG / 1e9:g} GB, one run above; goal: peak RSS at most 1.5 GB + 3 x the largest weight = {GOAL / 1e9:.2f} GB).\n\n{table}\n")
+    replace_section(ROOT / "docs" / "RESULTS.md", "memory", text)
+
+
+if __name__ == "__main__":
+    main()
