@@ -41,6 +41,7 @@ from .config import (
     Uniform,
 )
 from .errors import ConfigError, MixqError
+from .executor import ExecutionOptions, ExecutorKind, make_executor
 from .check import check_model
 from .io import check_output_path, load_model, stale_temp_dirs, write_text_atomic
 from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
@@ -110,6 +111,17 @@ def build_config(
         quantize_attention=quantize_attention,
         reconstruction=reconstruction or Reconstruction(),
     )
+
+
+def build_execution(jobs: int, kind: str, ray_address: str | None) -> ExecutionOptions:
+    """ExecutionOptions from --jobs, --executor and --ray-address, with errors that name the flags."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if kind == ExecutorKind.RAY.value and jobs != 1:
+        raise ConfigError("--jobs sets local processes; with --executor ray the cluster decides its workers (drop --jobs)")
+    if ray_address is not None and kind != ExecutorKind.RAY.value:
+        raise ConfigError("--ray-address needs --executor ray")
+    return ExecutionOptions(ExecutorKind(kind), jobs, ray_address)
 
 
 def build_reconstruction(method: str, **given: object) -> Reconstruction | None:
@@ -279,6 +291,9 @@ def check(model: Path, target: str, quiet: bool) -> None:
 @click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
 @click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
 @click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Run the per-weight work (error tables, gptq/adaround rounding) in N local processes; 1 uses threads in this process. The output is the same.")
+@click.option("--executor", "executor_kind", type=click.Choice([k.value for k in ExecutorKind]), default="local", show_default=True, help="Where the per-weight work runs: local (see --jobs) or ray (a Ray cluster; needs the [ray] extra).")
+@click.option("--ray-address", help="Ray cluster to connect to with --executor ray (default: the RAY_ADDRESS environment variable, else a new local instance).")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full per-tensor report as JSON here.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison with the float model.")
@@ -296,7 +311,7 @@ def quantize(
     method: str, brecq_iters: int | None, brecq_batch: int | None, brecq_samples: int | None, brecq_block_weights: int | None,
     brecq_lr: float | None, brecq_learn_scales: bool, brecq_fisher: bool, brecq_memory_mb: int | None, brecq_fallback: str | None,
     search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
-    min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], plan_only: bool, report_path: Path | None, no_verify: bool,
+    min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], jobs: int, executor_kind: str, ray_address: str | None, plan_only: bool, report_path: Path | None, no_verify: bool,
     input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
 ) -> None:
     """Quantize the weights of MODEL (.onnx) with a per-tensor bit-width search and write a QDQ model.
@@ -326,6 +341,7 @@ def quantize(
                                   block_weights=brecq_block_weights, lr=brecq_lr, learn_scales=brecq_learn_scales, fisher=brecq_fisher,
                                   memory_mb=brecq_memory_mb, fallback=brecq_fallback))
         verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
+        execution = build_execution(jobs, executor_kind, ray_address)
         calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
         if calib_samples is not None and calibration is None:
             raise ConfigError("--calib-samples needs --calib")
@@ -340,8 +356,9 @@ def quantize(
             if output is not None:
                 reads += (output, output.parent / (output.name + ".data"))
             check_output_path(report_path, model, reads, what="report path")
-        result = quantize_file(model, None if plan_only else output, config, verify_options,
-                               _Progress(not quiet and sys.stderr.isatty()), calibration)
+        with make_executor(execution) as executor:
+            result = quantize_file(model, None if plan_only else output, config, verify_options,
+                                   _Progress(not quiet and sys.stderr.isatty()), calibration, executor)
         # The model is in place: an interrupt now would only hide that it succeeded.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)

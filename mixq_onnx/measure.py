@@ -10,9 +10,9 @@ error, together with the exact bytes the option takes on disk.
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -20,9 +20,11 @@ import numpy as np
 
 from .layer_stats import InputStats
 from .config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
-from .find import WeightSite
+from .executor import Executor, threads
+from .find import Skipped, WeightSite
 from .numerics import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 from .rounding import round_weight
+from .targets import TargetRules
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,13 @@ def measure_tensor(
     return ErrorTable(site, tuple(options), sdt)
 
 
+def _measure_task(task: tuple[WeightSite, QuantConfig, Capabilities, tuple[int, ...], InputStats | None]
+                  ) -> tuple[tuple[Option, ...], np.dtype]:
+    """One tensor's options (the site itself is not sent back: the caller has it)."""
+    table = measure_tensor(*task)
+    return table.options, table.scale_dtype
+
+
 def measure(
     sites: tuple[WeightSite, ...],
     config: QuantConfig,
@@ -243,21 +252,41 @@ def measure(
     bits: tuple[int, ...],
     progress: Progress | None = None,
     stats: dict[str, InputStats] | None = None,
+    executor: Executor | None = None,
 ) -> list[ErrorTable]:
-    """Error tables for every weight at each of ``bits``."""
+    """Error tables for every weight at each of ``bits``.
+
+    Each tensor is an independent task on ``executor`` (default: threads in
+    this process; numpy releases the GIL in its array loops); results come
+    back in order, so the tables do not depend on where tasks ran.
+    """
     bits_list = tuple(sorted(set(bits)))
-    # numpy releases the GIL in its array loops, so threads use every core;
-    # each tensor is independent, so the result does not depend on scheduling.
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        stats = stats or {}
-        futures = [pool.submit(measure_tensor, site, config, caps, bits_list, stats.get(site.name)) for site in sites]
+    stats = stats or {}
+    tasks = [(site, config, caps, bits_list, stats.get(site.name)) for site in sites]
+    with (threads() if executor is None else nullcontext(executor)) as run:
         tables = []
-        for i, (site, fut) in enumerate(zip(sites, futures)):
-            tables.append(fut.result())
+        for i, (site, (options, sdt)) in enumerate(zip(sites, run.map(_measure_task, tasks))):
+            tables.append(ErrorTable(site, options, sdt))
             if progress is not None:
                 progress(i + 1, len(sites), "measuring error")
     log.info("measured %d tensors at bits %s", len(tables), bits_list)
     return tables
 
 
-__all__ = ["Capabilities", "ErrorTable", "Option", "Spec", "measure", "measure_tensor", "option_specs", "uniform_bytes", "valid_layouts"]
+def restrict(tables: list[ErrorTable], rules: TargetRules, activations: bool) -> tuple[list[ErrorTable], list[Skipped]]:
+    """Each table with only the options the target allows; a weight with none left stays float, with the reason."""
+    kept, dropped = [], []
+    for t in tables:
+        site = t.site
+        problems = {o: rules.option_problem(site, o.qtype.bits, o.layout.granularity, o.axis, activations) for o in t.options}
+        ok = tuple(o for o in t.options if not problems[o])
+        if ok:
+            kept.append(dataclasses.replace(t, options=ok))
+        else:
+            # The widest option's problem says what else is wrong once the width is settled.
+            reason = problems[max(t.options, key=lambda o: o.qtype.bits)] if t.options else "no option measured"
+            dropped.append(Skipped(site.name, site.graph, site.shape, site.dtype, site.params, reason))
+    return kept, dropped
+
+
+__all__ = ["Capabilities", "ErrorTable", "Option", "Spec", "measure", "restrict", "measure_tensor", "option_specs", "uniform_bytes", "valid_layouts"]

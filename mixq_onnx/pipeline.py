@@ -20,18 +20,19 @@ from .brecq import ReconstructionResult, reconstruct, require_torch
 from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
+from .executor import Executor
 from .fusion import integer_inputs, ort_fusion
 from .find import Inventory, WeightSite, find_weights, gather_index_bounds
 from .graph import MAIN, default_opset
 from .io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
 from .inputs import Feed, generate_inputs, session
-from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, uniform_bytes
+from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics import QTYPES, QuantizedTensor, activation_params, container_for, required_opset
 from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
 from .report import Report, build_report
 from .placement import Placement, place_activations
 from .rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
-from .targets import TargetRules, restrict, rules_for
+from .targets import TargetRules, rules_for
 from .rounding import Rounded
 from .search import Decision, Plan, effective_bits, search
 from .sensitivity import EndToEnd, attach_e2e, limit_feeds
@@ -198,6 +199,7 @@ def quantize(
     evaluation: list[dict[str, np.ndarray]] | None = None,
     evaluation_source: str = "",
     scratch: Path | None = None,
+    executor: Executor | None = None,
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
 
@@ -207,8 +209,10 @@ def quantize(
     (default: the calibration samples, else generated inputs). A model
     whose weights live in external data is never loaded whole: its new
     weights go to a scratch file in ``scratch`` (default: the system's
-    temporary folder), removed by :meth:`QuantizeResult.close`. Never
-    modifies the input. Raises a :class:`MixqError` subclass on bad input.
+    temporary folder), removed by :meth:`QuantizeResult.close`.
+    ``executor`` runs the per-weight tasks (default: threads in this
+    process); the output is the same wherever they run. Never modifies the
+    input. Raises a :class:`MixqError` subclass on bad input.
     """
     config = config or QuantConfig()
     if config.method is Method.BRECQ:
@@ -265,7 +269,7 @@ def quantize(
         evaluation, evaluation_source = _generated(model, path, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
     result = _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
-                          notes, original, opset_note, where, path, scratch)
+                          notes, original, opset_note, where, path, scratch, executor)
     if smoothing is not None and result.report.activations is not None:
         result.report.activations["smoothing"] = smoothing.describe()
     return result
@@ -287,7 +291,7 @@ def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]
 def _quantize_at(
     base: onnx.ModelProto, model: onnx.ModelProto, inventory: Inventory, config: QuantConfig, progress: Progress | None,
     calibration: list[Feed] | None, evaluation: list[Feed] | None, evaluation_source: str, notes: list[str],
-    original: int, opset_note: str, where: str, path: Path | None, scratch: Path | None,
+    original: int, opset_note: str, where: str, path: Path | None, scratch: Path | None, executor: Executor | None,
 ) -> QuantizeResult:
     """The pipeline at the opset the output will have: budget check, statistics, errors, search, rounding, rewrite."""
     rules = rules_for(config.target)
@@ -299,11 +303,11 @@ def _quantize_at(
     stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration and _needs_stats(config) else ({}, {})
     if calibration and not _needs_stats(config):
         no_stats = {s.name: "not collected: nothing in this run uses layer statistics" for s in inv.weights}
-    tables = measure(inv.weights, config, caps, bits, progress, stats)
+    tables = measure(inv.weights, config, caps, bits, progress, stats, executor)
     tables, not_allowed = restrict(tables, rules, acts)
     if not tables:
         raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
-    rounder = Rounder(config, stats)
+    rounder = Rounder(config, stats, executor)
     evaluator, why_not = _evaluator(base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
         if _uses_e2e(config) else (None, "")
     e2e_info: dict[str, object] | None = None
@@ -548,6 +552,7 @@ def quantize_file(
     verify_options: VerifyOptions | None = None,
     progress: Progress | None = None,
     calibration: CalibrationOptions | None = None,
+    executor: Executor | None = None,
 ) -> QuantizeResult:
     """Quantize ``input_path``, write ``output_path`` atomically and verify it in ONNX Runtime.
 
@@ -576,7 +581,8 @@ def quantize_file(
     if not feeds and _uses_e2e(config):
         evaluation, evaluation_source = _generated(loaded.model, Path(input_path), shapes, config.e2e_samples, verify_options.seed)
         evaluation = evaluation or []
-    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source, out.parent if out is not None else None)
+    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source,
+                      out.parent if out is not None else None, executor)
     result.report.input = str(input_path)
     if out is None:
         return result

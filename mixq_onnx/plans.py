@@ -12,9 +12,8 @@ cache), so what is compared is what is written.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -22,6 +21,8 @@ import numpy as np
 
 from .config import PER_CHANNEL, Budget, Method, QuantConfig, Scheme
 from .errors import BudgetError
+from .executor import Executor, threads
+from .find import WeightSite
 from .layer_stats import InputStats
 from .measure import ErrorTable, Option
 from .numerics import Grid
@@ -32,36 +33,56 @@ from .sensitivity import EndToEnd
 log = logging.getLogger(__name__)
 
 
+_RoundTask = tuple[WeightSite, Grid, Method, "InputStats | None"]
+
+
+def _round_task(task: _RoundTask) -> Rounded:
+    """Round one weight (read from the model here, so a worker process reads its own tensor)."""
+    site, grid, method, stats = task
+    w = site.array
+    w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
+    return round_weight(w, grid, method, stats)
+
+
 class Rounder:
     """Rounds (weight, option) pairs with a method and remembers the result, so each is rounded once."""
 
-    def __init__(self, config: QuantConfig, stats: dict[str, InputStats]) -> None:
+    def __init__(self, config: QuantConfig, stats: dict[str, InputStats], executor: Executor | None = None) -> None:
         self.config = config
         self.stats = stats
+        self.executor = executor
         self._cache: dict[tuple[str, str, int, str, str], Rounded] = {}
+
+    def _task(self, table: ErrorTable, option: Option, method: Method) -> _RoundTask:
+        grid = Grid(option.bits, self.config.scheme is Scheme.SYMMETRIC, option.layout, option.axis, option.qtype, table.scale_dtype)
+        return table.site, grid, method, self.stats.get(table.site.name)
+
+    @staticmethod
+    def _key(table: ErrorTable, option: Option, method: Method) -> tuple[str, str, int, str, str]:
+        return table.site.graph, table.site.name, option.bits, option.layout.name, method.value
 
     def get(self, table: ErrorTable, option: Option, method: Method | None = None, keep: bool = True) -> Rounded:
         """The weight rounded with ``method`` (default: the configured one); ``keep=False`` does not cache it."""
         method = method or self.config.layer_method
-        key = (table.site.graph, table.site.name, option.bits, option.layout.name, method.value)
+        key = self._key(table, option, method)
         hit = self._cache.get(key)
         if hit is None:
-            w = table.site.array
-            w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
-            grid = Grid(option.bits, self.config.scheme is Scheme.SYMMETRIC, option.layout, option.axis, option.qtype, table.scale_dtype)
-            hit = round_weight(w, grid, method, self.stats.get(table.site.name))
+            hit = _round_task(self._task(table, option, method))
             # Round-to-nearest is cheap to redo; only the costly methods are worth the memory.
             if method is not Method.RTN and keep:
                 self._cache[key] = hit
         return hit
 
     def prefetch(self, pairs: Iterable[tuple[ErrorTable, Option]]) -> None:
-        """Round many pairs in threads (numpy releases the GIL); later ``get`` calls hit the cache."""
-        todo = list({(t.site.graph, t.site.name, o.key): (t, o) for t, o in pairs}.values())
-        if self.config.layer_method is Method.RTN or len(todo) < 2:
+        """Round many pairs as parallel tasks (see :mod:`mixq_onnx.executor`); later ``get`` calls hit the cache."""
+        method = self.config.layer_method
+        todo = list({self._key(t, o, method): (t, o) for t, o in pairs if self._key(t, o, method) not in self._cache}.items())
+        if method is Method.RTN or len(todo) < 2:
             return
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda p: self.get(*p), todo))
+        tasks = [self._task(t, o, method) for _, (t, o) in todo]
+        with (threads() if self.executor is None else nullcontext(self.executor)) as run:
+            for (key, _), rounded in zip(todo, run.map(_round_task, tasks)):
+                self._cache[key] = rounded
 
     def dequantized(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray:
         """The option's weight as the DequantizeLinear output, in the weight's own dtype."""

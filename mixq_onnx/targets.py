@@ -11,13 +11,33 @@ ONNX Runtime's QDQ selectors and FAQ, and TensorRT's QDQ rules; see docs/targets
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from .config import Activations, Granularity, Scheme, Target
 from .errors import ConfigError
-from .find import Skipped, WeightSite
-from .measure import ErrorTable
+from .kinds import Activations, Granularity, Scheme, Target
+
+
+class _Use(Protocol):
+    @property
+    def op_type(self) -> str: ...
+
+
+class WeightFacts(Protocol):
+    """What the rules read of a weight (a :class:`mixq_onnx.find.WeightSite` has it): pure data, no graph."""
+
+    @property
+    def uses(self) -> Sequence[_Use]: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def channel_axis(self) -> int | None: ...
+
+    @property
+    def via(self) -> tuple[str, ...]: ...
 
 # Ops whose weight input a target may run as an integer (or fused low-bit) kernel.
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
@@ -97,7 +117,7 @@ class TargetRules:
                 f"use --activations {allowed}"
             )
 
-    def option_problem(self, site: WeightSite, bits: int, granularity: Granularity, axis: int, activations: bool) -> str:
+    def option_problem(self, site: WeightFacts, bits: int, granularity: Granularity, axis: int, activations: bool) -> str:
         """Why this weight option breaks the target's rules, or '' if it is allowed."""
         name = self.target.value
         sub_byte = bits <= 4
@@ -169,20 +189,4 @@ def rules_for(target: Target) -> TargetRules:
     return RULES[target]
 
 
-def restrict(tables: list[ErrorTable], rules: TargetRules, activations: bool) -> tuple[list[ErrorTable], list[Skipped]]:
-    """Each table with only the options the target allows; a weight with none left stays float, with the reason."""
-    kept, dropped = [], []
-    for t in tables:
-        site = t.site
-        problems = {o: rules.option_problem(site, o.qtype.bits, o.layout.granularity, o.axis, activations) for o in t.options}
-        ok = tuple(o for o in t.options if not problems[o])
-        if ok:
-            kept.append(dataclasses.replace(t, options=ok))
-        else:
-            # The widest option's problem says what else is wrong once the width is settled.
-            reason = problems[max(t.options, key=lambda o: o.qtype.bits)] if t.options else "no option measured"
-            dropped.append(Skipped(site.name, site.graph, site.shape, site.dtype, site.params, reason))
-    return kept, dropped
-
-
-__all__ = ["RULES", "TargetRules", "rules_for"]
+__all__ = ["RULES", "TargetRules", "WeightFacts", "rules_for"]

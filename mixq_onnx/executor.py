@@ -1,0 +1,146 @@
+"""Where per-tensor work runs: in this process, in a local process pool, or on a Ray cluster.
+
+The pipeline hands independent tasks (one weight's error table, one
+weight's gptq/adaround rounding) to an :class:`Executor` and reads the
+results back in submission order, so the output does not depend on where
+or in which order the tasks ran. Tasks are module-level functions with
+picklable arguments; a weight travels as its TensorProto, which for models
+with external data is only a reference to the data file (each worker reads
+its own tensor from disk).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor as _PoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ExecutorKind(enum.Enum):
+    LOCAL = "local"
+    RAY = "ray"
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How to run per-tensor work: ``jobs`` local processes (1: threads in this process), or Ray.
+
+    ``ray_address`` (default: the ``RAY_ADDRESS`` environment variable, else
+    a Ray instance started on this machine) is passed to ``ray.init``.
+    """
+
+    kind: ExecutorKind = ExecutorKind.LOCAL
+    jobs: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"the number of jobs must be at least 1, got {self.jobs}")
+        if self.ray_address is not None and self.kind is not ExecutorKind.RAY:
+            raise ConfigError("a Ray address needs the Ray executor")
+
+
+class Executor:
+    """Runs ``fn`` over items and yields the results in the items' order."""
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers; the executor cannot be used afterwards."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PoolExecutor(Executor):
+    """A concurrent.futures pool: threads in this process (numpy releases the GIL) or worker processes."""
+
+    def __init__(self, pool: _PoolExecutor, workers: int) -> None:
+        self._pool = pool
+        self.workers = workers
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+        futures = [self._pool.submit(fn, item) for item in items]
+        for f in futures:
+            yield f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def threads(workers: int | None = None) -> PoolExecutor:
+    """Threads in this process: the default (min(4, cores) threads)."""
+    n = workers or min(4, os.cpu_count() or 1)
+    return PoolExecutor(ThreadPoolExecutor(max_workers=n), n)
+
+
+def processes(jobs: int) -> PoolExecutor:
+    """``jobs`` worker processes, started fresh (spawn), so no lock or ORT thread pool is inherited."""
+    import multiprocessing
+
+    return PoolExecutor(ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")), jobs)
+
+
+class RayExecutor(Executor):
+    """Tasks on a Ray cluster (``ray.init(address=...)``); needs the ``[ray]`` extra."""
+
+    def __init__(self, address: str | None = None) -> None:
+        ray = require_ray()
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            where = address or os.environ.get("RAY_ADDRESS")
+            log.info("connecting to Ray at %s", where or "a new local instance")
+            try:
+                ray.init(address=where, include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(f"cannot connect to Ray at {where or 'a new local instance'} ({exc}); check "
+                                  "the address or start a cluster with 'ray start --head'") from exc
+        self._remote: dict[Callable[..., Any], Any] = {}
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+        task = self._remote.get(fn)
+        if task is None:
+            task = self._remote[fn] = self._ray.remote(fn)
+        refs = [task.remote(item) for item in items]
+        for ref in refs:
+            yield self._ray.get(ref)
+
+    def close(self) -> None:
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("the Ray executor needs Ray: pip install 'mixq-onnx[ray]'") from exc
+    return ray
+
+
+def make_executor(options: ExecutionOptions) -> Executor:
+    """The executor ``options`` describe (threads for one job)."""
+    if options.kind is ExecutorKind.RAY:
+        return RayExecutor(options.ray_address)
+    return processes(options.jobs) if options.jobs > 1 else threads()
+
+
+__all__ = ["ExecutionOptions", "Executor", "ExecutorKind", "RayExecutor", "make_executor", "processes", "threads"]
