@@ -105,7 +105,7 @@ class RayExecutor(Executor):
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            where = address or os.environ.get("RAY_ADDRESS")
+            where = address or os.environ.get("RAY_ADDRESS") or None
             log.info("connecting to Ray at %s", where or "a new local instance")
             try:
                 ray.init(address=where, include_dashboard=False, log_to_driver=False,

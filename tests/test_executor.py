@@ -1,0 +1,94 @@
+"""Executors: the per-weight work gives the same bytes in this process, in worker processes and on Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from mixq_onnx import QuantConfig
+from mixq_onnx.config import Method, Uniform
+from mixq_onnx.executor import ExecutionOptions, ExecutorKind, processes, threads
+from mixq_onnx.errors import ConfigError
+from mixq_onnx.pipeline import CalibrationOptions, VerifyOptions, quantize_file
+
+from .helpers import run
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "tiny_transformer.onnx"
+CALIB = ROOT / "models" / "tiny_transformer_calib.npz"
+TEST = ROOT / "models" / "tiny_transformer_test.npz"
+
+
+def _files(out: Path) -> bytes:
+    return out.read_bytes() + (out.with_name(out.name + ".data").read_bytes() if out.with_name(out.name + ".data").exists() else b"")
+
+
+def _quantize(out: Path, executor, config: QuantConfig) -> bytes:
+    quantize_file(MODEL, out, config, VerifyOptions(enabled=False), calibration=CalibrationOptions(CALIB, 64), executor=executor)
+    return _files(out)
+
+
+def test_worker_processes_give_the_same_bytes_as_threads(tmp_path):
+    """gptq rounding and a 3-bit search's error tables run in two spawned processes: same file, and it runs."""
+    config = QuantConfig(search=Uniform(3), method=Method.GPTQ)
+    with threads() as local:
+        a = _quantize(tmp_path / "a.onnx", local, config)
+    with processes(2) as pool:
+        b = _quantize(tmp_path / "b.onnx", pool, config)
+    assert a == b
+    feeds = {"input_ids": np.load(TEST)["input_ids"][:16]}
+    got = run(onnx.load(str(tmp_path / "b.onnx")), feeds)[0]
+    ref = run(onnx.load(str(MODEL)), feeds)[0]
+    cos = float(np.dot(got.ravel(), ref.ravel()) / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.9
+
+
+def test_execution_options_are_checked():
+    with pytest.raises(ConfigError):
+        ExecutionOptions(jobs=0)
+    with pytest.raises(ConfigError):
+        ExecutionOptions(ExecutorKind.LOCAL, ray_address="ray://head:10001")
+
+
+def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixq_onnx.cli", str(MODEL), "--no-verify", "-q", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})})
+
+
+def test_cli_refuses_contradictory_executor_flags(tmp_path):
+    for args, words in ((("--jobs", "0"), "--jobs"), (("--ray-address", "auto"), "--executor ray"),
+                        (("--executor", "ray", "--jobs", "2"), "--jobs")):
+        proc = _cli(tmp_path, "-o", "q.onnx", *args)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_without_ray_names_the_extra(tmp_path):
+    """With Ray missing, --executor ray fails at once with the pip command, writing nothing."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "ray.py").write_text("raise ImportError('no ray here')\n")
+    proc = _cli(tmp_path, "-o", "q.onnx", "--executor", "ray", env={"PYTHONPATH": str(hide)})
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'mixq-onnx[ray]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_instance_gives_the_same_bytes(tmp_path):
+    """`--executor ray` on a local Ray instance (started by the run) writes the same file as the local executor."""
+    pytest.importorskip("ray")
+    args = ("--bits", "4", "--method", "gptq", "--calib", str(CALIB), "--calib-samples", "64")
+    local = _cli(tmp_path, "-o", "local.onnx", *args)
+    assert local.returncode == 0, local.stderr
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    remote = _cli(tmp_path, "-o", "ray.onnx", *args, "--executor", "ray", env=env)
+    assert remote.returncode == 0, remote.stderr
+    assert _files(tmp_path / "local.onnx") == _files(tmp_path / "ray.onnx")
