@@ -101,7 +101,7 @@ def _validate(where: Path, arrays: dict[str, np.ndarray], inputs: list) -> int:
     return count or 0
 
 
-def load_calibration(path: str | Path, model: bytes | Path, samples: int | None, batch: int = 8) -> list[Feed]:
+def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, samples: int | None, batch: int = 8) -> list[Feed]:
     """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
 
     The first axis of every array is the sample axis. ``samples`` keeps the
@@ -113,8 +113,7 @@ def load_calibration(path: str | Path, model: bytes | Path, samples: int | None,
     if samples is not None and samples < 1:
         raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
     parts = _parts_from(p)
-    sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
+    inputs = session(model, config={"session.disable_prepacking": "1"}).get_inputs()
     # A fixed batch dimension of 1 in the model forces one sample per run.
     fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
     step = 1 if fixed and fixed[0] == 1 else batch

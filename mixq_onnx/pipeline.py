@@ -564,8 +564,8 @@ def quantize_file(
     out = check_output_path(output_path, input_path, reads) if output_path is not None else None
     shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
-    check_runs_in_ort(Path(input_path))
-    feeds = load_calibration(calibration.path, Path(input_path), calibration.samples) if calibration else None
+    check_runs_in_ort(Path(input_path), loaded.model)
+    feeds = load_calibration(calibration.path, loaded.model, calibration.samples) if calibration else None
     config = config or QuantConfig()
     # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
     verify_feeds, verify_source = None, ""
@@ -574,12 +574,12 @@ def quantize_file(
             verify_feeds, verify_source = load_inputs(verify_options.inputs), f"from {verify_options.inputs}"
         else:
             bounds = gather_index_bounds(loaded.model)
-            gen = generate_inputs(Path(input_path), shapes, bounds, verify_options.samples, verify_options.seed)
+            gen = generate_inputs(loaded.model, shapes, bounds, verify_options.samples, verify_options.seed)
             verify_feeds, verify_source = gen.feeds, f"seeded random (seed {verify_options.seed}, {gen.describe()})"
             shapes = gen.shapes
     evaluation, evaluation_source = None, ""
     if not feeds and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(loaded.model, Path(input_path), shapes, config.e2e_samples, verify_options.seed)
+        evaluation, evaluation_source = _generated(loaded.model, None, shapes, config.e2e_samples, verify_options.seed)
         evaluation = evaluation or []
     result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source,
                       out.parent if out is not None else None, executor)
@@ -591,7 +591,7 @@ def quantize_file(
     staged = stage_model(result.model, out, loaded.had_external_data)
     try:
         if verify_feeds is not None:
-            result.report.verification = verify(Path(input_path), staged.path, verify_feeds, verify_source)
+            result.report.verification = verify(loaded.model, staged.path, verify_feeds, verify_source)
         if config.target is Target.ORT_CPU or config.activations is not Activations.NONE:
             result.report.runtime = _runtime_info(staged.path)
         staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
@@ -614,11 +614,15 @@ def _runtime_info(path: Path) -> dict[str, object]:
             "not_fused": [{"node": f.node, "rule": f.rule, "message": f.message} for f in fusion.findings]}
 
 
-def check_runs_in_ort(path: Path) -> None:
-    """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...)."""
+def check_runs_in_ort(path: Path, model: onnx.ModelProto) -> None:
+    """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...).
+
+    ``model`` is the input as :func:`load_model` read it (its small external tensors inline, which ORT's
+    shape inference needs).
+    """
     try:
         # Without pre-packing ORT maps the weights instead of copying them: loading costs no memory.
-        session(path, config={"session.disable_prepacking": "1"})
+        session(model, config={"session.disable_prepacking": "1"})
     except Exception as exc:  # ORT raises its own exception types
         raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
                          "fix or re-export the model first") from exc

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import ConfigError, VerificationError
@@ -80,9 +81,10 @@ def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _session(model: bytes | Path, level: ort.GraphOptimizationLevel, accuracy: str | None, provider: str = CPU) -> ort.InferenceSession:
-    config = {"session.qdq_matmulnbits_accuracy_level": accuracy} if accuracy is not None else None
-    return session(model, level, config, provider)
+def _session(model: bytes | Path | onnx.ModelProto, level: ort.GraphOptimizationLevel, accuracy: str | None,
+             provider: str = CPU, config: dict[str, str] | None = None) -> ort.InferenceSession:
+    config = {**(config or {}), **({"session.qdq_matmulnbits_accuracy_level": accuracy} if accuracy is not None else {})}
+    return session(model, level, config or None, provider)
 
 
 def load_inputs(path: Path) -> list[dict[str, np.ndarray]]:
@@ -144,11 +146,18 @@ def _split_for_fixed_batch(feeds: list[dict[str, np.ndarray]], sess: ort.Inferen
 
 
 def verify(
-    float_model: bytes | Path, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], source: str
+    float_model: bytes | Path | onnx.ModelProto, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], source: str
 ) -> Verification:
-    """Run both models on ``feeds`` at each setting and compare every output."""
+    """Run both models on ``feeds`` at each setting and compare every output.
+
+    One session lives at a time: the float outputs are computed first and
+    the float session is released before any quantized one is made, so a
+    model near the memory's size can still be verified. The float session
+    maps its weights instead of pre-packing copies of them.
+    """
     runs = []
-    ref_sess = _session(float_model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)
+    ref_sess = _session(float_model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None,
+                        config={"session.disable_prepacking": "1"})
     wanted = [i.name for i in ref_sess.get_inputs()]
     missing = [n for n in wanted if n not in feeds[0]]
     if missing:
@@ -163,6 +172,7 @@ def verify(
         refs = [ref_sess.run(None, f) for f in feeds]
     except Exception as exc:
         raise ConfigError(f"the float model does not run on the verification inputs ({str(exc).splitlines()[0][:200]}); pass --input-shape or --inputs") from exc
+    del ref_sess
     available = ort.get_available_providers()
     settings = list(SETTINGS) + [(f"{p} (ORT_ENABLE_ALL)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None, p)
                                  for p in GPU_PROVIDERS if p in available]
@@ -180,6 +190,7 @@ def verify(
             raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label}: {str(exc).splitlines()[0][:300]}") from exc
         if provider != CPU:
             statuses.append(ProviderStatus(provider, True))
+        del sess
         comps = []
         for k, name in enumerate(names):
             ref = np.concatenate([np.asarray(r[k]).reshape(1, -1) if np.asarray(r[k]).ndim == 0 else np.asarray(r[k]) for r in refs])
