@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **{name: "config" for name in ("Budget", "ForceBits", "Granularity", "LayerWeighting", "Layout", "MaxLoss", "Metric",
                                    "MixQuantRule", "QuantConfig", "Method", "Scheme", "Sensitivity", "Uniform")},
-    "load_calibration": "calibrate",
+    "load_calibration": "runtime.calibrate",
     **{name: "errors" for name in ("BudgetError", "ConfigError", "MixqError", "ModelError", "OutputError", "VerificationError")},
     **{name: "pipeline" for name in ("CalibrationOptions", "QuantizeResult", "VerifyOptions", "quantize", "quantize_file")},
 }

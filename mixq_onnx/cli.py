@@ -42,8 +42,8 @@ from .config import (
 )
 from .errors import ConfigError, MixqError
 from .executor import ExecutionOptions, ExecutorKind, make_executor
-from .check import check_model
-from .io import check_output_path, load_model, stale_temp_dirs, write_text_atomic
+from .graph.check import check_model
+from .graph.io import check_output_path, load_model, stale_temp_dirs, write_text_atomic
 from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
 from .report import format_table
 
@@ -219,7 +219,7 @@ def check(model: Path, target: str, quiet: bool) -> None:
     try:
         violations = check_model(load_model(model).model, Target(target))
         if Target(target) is Target.ORT_CPU:
-            from .fusion import ort_fusion
+            from .runtime.fusion import ort_fusion
 
             fusion = ort_fusion(model)
             warnings = list(fusion.findings)

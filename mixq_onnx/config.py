@@ -72,7 +72,7 @@ class Budget:
 
     Exactly one of ``target_bits`` (the bytes of uniform ``target_bits``-bit
     per-channel quantization of the same tensors, see
-    :func:`mixq_onnx.plans.budget_limit`) and ``max_bytes`` (on-disk bytes of
+    :func:`mixq_onnx.runtime.plans.budget_limit`) and ``max_bytes`` (on-disk bytes of
     the weight tensors) is set.
     """
 

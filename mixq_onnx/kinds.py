@@ -106,7 +106,7 @@ class Method(enum.Enum):
     MSE = "mse"
     GPTQ = "gptq"
     ADAROUND = "adaround"
-    # Block reconstruction (BRECQ): not a per-weight rule; see Reconstruction and mixq_onnx.brecq.
+    # Block reconstruction (BRECQ): not a per-weight rule; see Reconstruction and mixq_onnx.runtime.brecq.
     BRECQ = "brecq"
 
     @property

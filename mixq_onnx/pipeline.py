@@ -9,35 +9,34 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .brecq import ReconstructionResult, reconstruct, require_torch
-from .calibrate import collect_activation_ranges, collect_input_stats, load_calibration
+from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
+from .runtime.calibrate import collect_activation_ranges, collect_input_stats, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError
 from .executor import Executor
-from .fusion import integer_inputs, ort_fusion
-from .find import Inventory, WeightSite, find_weights, gather_index_bounds
-from .graph import MAIN, default_opset
-from .io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
-from .inputs import Feed, generate_inputs, session
-from .measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
-from .numerics import QTYPES, QuantizedTensor, activation_params, container_for, required_opset
-from .plans import Rounder, budget_limit, never_worse_than_uniform, smallest_within_loss
+from .runtime.fusion import integer_inputs, ort_fusion
+from .graph.find import Inventory, WeightSite, find_weights, gather_index_bounds
+from .graph.scopes import MAIN, default_opset
+from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
+from .runtime.inputs import Feed, generate_inputs, session
+from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
+from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
+from .runtime.plans import Rounder, RoundedSequence, budget_limit, never_worse_than_uniform, smallest_within_loss
 from .report import Report, build_report
-from .placement import Placement, place_activations
-from .rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
+from .graph.placement import Placement, place_activations
+from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
-from .rounding import Rounded
-from .search import Decision, Plan, effective_bits, search
-from .sensitivity import EndToEnd, attach_e2e, limit_feeds
-from .smoothing import ActivationGrid, SmoothingResult, smooth_model
-from .verify import load_inputs, parse_input_shapes, verify
+from .numerics.rounding import Rounded
+from .planning.search import Decision, Plan, effective_bits, search
+from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
+from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
+from .runtime.verify import load_inputs, parse_input_shapes, verify
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +350,7 @@ def _quantize_at(
     spill = Spill(scratch) if has_external_data(base) else None
     streamed = spill is not None and config.method is not Method.BRECQ and not config.bias_correction
     if streamed:
-        rounding = _Rounding(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
+        rounding = RoundedSequence(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
     rounded: list[Rounded] = []
     if not streamed:
         rounder.prefetch((d.table, d.option) for d in plan.decisions)
@@ -369,8 +368,9 @@ def _quantize_at(
     # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
     zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
     if not streamed:
-        rounding = _Rounding(len(rounded), rounded.__getitem__)
-    out = apply_plan(source, plan.decisions, rounding, uses_int2, zero_point_ops, rules.gather_rows, spill)
+        rounding = RoundedSequence(len(rounded), rounded.__getitem__)
+    weights = [(d.table.site, d.table.grid(d.option, config.scheme is Scheme.SYMMETRIC)) for d in plan.decisions]
+    out = apply_plan(source, weights, rounding, uses_int2, zero_point_ops, rules.gather_rows, spill)
     activation_info = None
     if acts:
         out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]
@@ -401,28 +401,6 @@ def _quantize_at(
                           methods, activation_info, e2e_info)
     report.reconstruction = reconstruction.describe() if reconstruction is not None else None
     return QuantizeResult(out, report, plan, spill)
-
-
-class _Rounding(Sequence[QuantizedTensor]):
-    """The plan's quantized tensors, made on demand, remembering how each was rounded (for the report)."""
-
-    def __init__(self, count: int, produce: Callable[[int], Rounded]) -> None:
-        self._count = count
-        self._produce = produce
-        self._done: dict[int, tuple[Method, str]] = {}
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, i: int) -> QuantizedTensor:  # type: ignore[override]
-        r = self._produce(i)
-        self._done[i] = (r.method, r.note)
-        return r.tensor
-
-    @property
-    def done(self) -> list[tuple[Method, str]]:
-        """(method, note) per decision, in order; every tensor must have been made."""
-        return [self._done[i] for i in range(self._count)]
 
 
 def _reconstruct(model: onnx.ModelProto, plan: Plan, rounded: list[Rounded], calibration: list[Feed], config: QuantConfig,

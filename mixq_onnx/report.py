@@ -8,9 +8,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .find import Inventory
-from .search import Plan
-from .verify import Verification
+from .graph.find import Inventory
+from .planning.search import Plan
+from .runtime.verify import Verification
 
 SCHEMA = "mixq-onnx/report/v1"
 

@@ -3,7 +3,7 @@
 The rules decide three things: which weight options the search may choose
 (:meth:`TargetRules.option_problem`), how activations are quantized and where
 their Q/DQ pairs go (the placement fields), and what ``mixq-onnx check``
-verifies in a finished model (:mod:`mixq_onnx.check` reads the same table).
+verifies in a finished model (:mod:`mixq_onnx.graph.check` reads the same table).
 Sources, re-measured where a CPU can measure them: ``shared/runtime-facts.md``,
 ONNX Runtime's QDQ selectors and FAQ, and TensorRT's QDQ rules; see docs/targets.md,
 "Targets".
@@ -25,7 +25,7 @@ class _Use(Protocol):
 
 
 class WeightFacts(Protocol):
-    """What the rules read of a weight (a :class:`mixq_onnx.find.WeightSite` has it): pure data, no graph."""
+    """What the rules read of a weight (a :class:`mixq_onnx.graph.find.WeightSite` has it): pure data, no graph."""
 
     @property
     def uses(self) -> Sequence[_Use]: ...

@@ -8,7 +8,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from mixq_onnx import QuantConfig, Uniform, quantize
-from mixq_onnx.io import ort_model
+from mixq_onnx.graph.io import ort_model
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
@@ -68,6 +68,6 @@ def quantize_and_compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray], c
 
 
 def count_ops(model: onnx.ModelProto, op: str) -> int:
-    from mixq_onnx.graph import iter_scopes
+    from mixq_onnx.graph.scopes import iter_scopes
 
     return sum(1 for s in iter_scopes(model.graph) for n in s.graph.node if n.op_type == op)

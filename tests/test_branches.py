@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from mixq_onnx import Budget, QuantConfig, quantize
-from mixq_onnx.check import check_model
+from mixq_onnx.graph.check import check_model
 from mixq_onnx.config import ForceBits, Target
 from mixq_onnx.errors import ModelError
 from mixq_onnx.pipeline import VerifyOptions, quantize_file
@@ -45,7 +45,7 @@ def test_models_below_opset_10_are_converted_and_keep_their_metadata(opset):
 
 
 def test_an_opset_below_10_that_cannot_be_converted_fails_with_one_clear_error(monkeypatch):
-    import mixq_onnx.rewrite as rewrite
+    import mixq_onnx.graph.rewrite as rewrite
 
     def refuse(model, target):
         raise RuntimeError("no adapter for this op")
@@ -69,7 +69,7 @@ def test_the_full_checker_falls_back_to_the_structural_check_for_inputs_it_alrea
 
 def test_over_2gb_models_are_written_with_external_data_and_checked_on_disk(tmp_path, monkeypatch):
     """The >2 GB path, with the threshold lowered so that a small model takes it."""
-    import mixq_onnx.io as io
+    import mixq_onnx.graph.io as io
     import mixq_onnx.pipeline as pipeline
 
     monkeypatch.setattr(io, "EXTERNAL_THRESHOLD", 10_000)

@@ -14,16 +14,16 @@ import pytest
 from onnx import helper
 
 from mixq_onnx import QuantConfig, Uniform, quantize
-from mixq_onnx.blocks import block_model, partition
-from mixq_onnx.calibrate import load_calibration
+from mixq_onnx.graph.blocks import block_model, partition
+from mixq_onnx.runtime.calibrate import load_calibration
 from mixq_onnx.config import Method, Reconstruction
 from mixq_onnx.errors import ConfigError
-from mixq_onnx.find import find_weights
+from mixq_onnx.graph.find import find_weights
 
 from .helpers import init, make_model, rng, run, vi
 
 torch = pytest.importorskip("torch")  # the [brecq] extra; '.[test]' installs it
-from mixq_onnx.torch_convert import to_torch  # noqa: E402
+from mixq_onnx.runtime.torch_convert import to_torch  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TINY = MODELS / "tiny_transformer.onnx"
@@ -253,7 +253,7 @@ def _two_layer_classifier():
 
 def test_fisher_weights_are_the_squared_loss_gradients_at_each_block_output(tmp_path):
     """The Fisher weights of both blocks equal (d CE / d output)^2 with the float top-1 class as label, worked out by hand."""
-    from mixq_onnx import brecq
+    from mixq_onnx.runtime import brecq
 
     model, w1, w2 = _two_layer_classifier()
     x = rng(6).standard_normal((6, 12)).astype(np.float32)
@@ -302,7 +302,7 @@ def test_a_broken_torchvision_does_not_stop_conversion(tmp_path):
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     code = (
         "import onnx\n"
-        "from mixq_onnx.torch_convert import to_torch\n"
+        "from mixq_onnx.runtime.torch_convert import to_torch\n"
         "import torchvision\n"
         "assert not hasattr(torchvision, '__file__')  # the stand-in\n"
         f"to_torch(onnx.load({str(MODELS / 'digits_cnn.onnx')!r}))\n"

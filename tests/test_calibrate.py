@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from onnx import helper
 
 from mixq_onnx import MixQuantRule, QuantConfig, Sensitivity, quantize
-from mixq_onnx.calibrate import collect_input_stats, load_calibration
+from mixq_onnx.runtime.calibrate import collect_input_stats, load_calibration
 from mixq_onnx.cli import main
-from mixq_onnx.find import find_weights
+from mixq_onnx.graph.find import find_weights
 from tests.helpers import init, make_model, rng, run, vi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,9 @@ def test_matmul_and_gemm_second_moment_matches_numpy(op, trans_a):
     feeds = [{"x": (r.normal(size=xs) * np.arange(1, 17).reshape((16, 1) if trans_a else (1, 16))).astype(np.float32)} for _ in range(3)]
     _, stats, _ = _stats(m, feeds)
     rows = np.concatenate([f["x"].T if trans_a else f["x"] for f in feeds]).astype(np.float64)
-    np.testing.assert_allclose(stats["w"].mean()[0], rows.T @ rows / len(rows), rtol=1e-10)
+    # Each batch's x^T x is a float32 BLAS product (summed across batches in float64): float32 accuracy, on purpose.
+    ref = rows.T @ rows / len(rows)
+    np.testing.assert_allclose(stats["w"].mean()[0], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize(
@@ -189,4 +191,5 @@ def test_calibration_folder_with_different_sequence_lengths_needs_no_padding(tmp
     assert [f["x"].shape for f in feeds] == [(3, 5, 16), (3, 9, 16), (1, 2, 16)]
     _, stats, _ = _stats(m, feeds)
     rows = np.concatenate([xs[0].reshape(-1, 16), xs[1].reshape(-1, 16), xs[2][:1].reshape(-1, 16)]).astype(np.float64)
-    np.testing.assert_allclose(stats["w"].mean()[0], rows.T @ rows / len(rows), rtol=1e-6)
+    ref = rows.T @ rows / len(rows)  # float32 products, as in the test above
+    np.testing.assert_allclose(stats["w"].mean()[0], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from mixq_onnx import quantize
-from mixq_onnx.activation_ranges import RangeHistogram
-from mixq_onnx.check import check_model
+from mixq_onnx.numerics.ranges import RangeHistogram
+from mixq_onnx.graph.check import check_model
 from mixq_onnx.cli import main
 from mixq_onnx.config import Activations, CalibMethod, Granularity, Layout, QuantConfig, Scheme, Target, Uniform
 from mixq_onnx.errors import ConfigError
-from mixq_onnx.numerics import QTYPES
+from mixq_onnx.numerics.qdq import QTYPES
 from tests.helpers import init, make_model, rng, run, vi
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from mixq_onnx import Budget, BudgetError, QuantConfig, Uniform, quantize
 from mixq_onnx.cli import main
 from mixq_onnx.config import PER_CHANNEL, MaxLoss, Method, MixQuantRule, Sensitivity
 from mixq_onnx.errors import ConfigError
-from mixq_onnx.inputs import generate_inputs
-from mixq_onnx.sensitivity import OutputKind, output_kind
+from mixq_onnx.runtime.inputs import generate_inputs
+from mixq_onnx.runtime.sensitivity import OutputKind, output_kind
 from tests.helpers import init, make_model, rng, run, vi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_stale_value_info_does_not_block_the_opset_upgrade():
 
 
 def test_searches_refuse_an_int8_fallback(monkeypatch):
-    import mixq_onnx.rewrite as rw
+    import mixq_onnx.graph.rewrite as rw
 
     def broken(model, target):
         raise RuntimeError("no adapter")

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from mixq_onnx import quantize
-from mixq_onnx.check import check_model, fusion_findings
+from mixq_onnx.graph.check import check_model, fusion_findings
 from mixq_onnx.cli import main
 from mixq_onnx.config import Activations, CalibMethod, QuantConfig, Target, Uniform
-from mixq_onnx.fusion import ort_fusion, ort_optimized
+from mixq_onnx.runtime.fusion import ort_fusion, ort_optimized
 from mixq_onnx.targets import MOVE_OPS, rules_for
 from tests.helpers import run
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mixq_onnx import ModelError, QuantConfig, Uniform, quantize, quantize_file
-from mixq_onnx.io import load_model
+from mixq_onnx.graph.io import load_model
 from tests.helpers import count_ops, init, make_model, quantize_and_compare, rng, run, vi
 
 F = TensorProto.FLOAT
@@ -143,7 +143,7 @@ def test_weight_that_is_also_a_graph_input_or_output_stays_float():
     m = make_model([mm, mm2], [vi("x", [4, 64]), vi("w", [64, 32])], [vi("y", [4, 32]), vi("y2", [4, 32]), vi("w2", [64, 32])], [w, w2])
     with pytest.raises(ModelError, match="nothing to quantize"):
         quantize(m, CFG8)
-    inv_reasons = {s.name: s.reason for s in __import__("mixq_onnx.find", fromlist=["x"]).find_weights(m, CFG8).skipped}
+    inv_reasons = {s.name: s.reason for s in __import__("mixq_onnx.graph.find", fromlist=["x"]).find_weights(m, CFG8).skipped}
     assert "graph input" in inv_reasons["w"] and "graph output" in inv_reasons["w2"]
 
 
@@ -236,7 +236,7 @@ def _mm_model(opset: int):
 
 @pytest.mark.parametrize("opset,granularity", [(13, "channel"), (11, "tensor")])
 def test_failed_opset_conversion_falls_back_to_int8(monkeypatch, opset, granularity):
-    import mixq_onnx.rewrite as rw
+    import mixq_onnx.graph.rewrite as rw
 
     def broken(model, target):
         raise RuntimeError("no adapter")

@@ -71,7 +71,7 @@ def test_light_model_target_bits_4_end_to_end(name):
 
 def test_tensorrt_w8a8_on_a_weight_read_through_a_reshape_follows_the_rules():
     """inception_v1's classifier weight reaches its Gemm through a Reshape: per-channel would sit on the wrong axis."""
-    from mixq_onnx.check import check_model
+    from mixq_onnx.graph.check import check_model
     from mixq_onnx.config import Activations, Target
 
     m = build("inception_v1")

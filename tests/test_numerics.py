@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from mixq_onnx.config import PER_CHANNEL, PER_TENSOR, Layout
-from mixq_onnx.numerics import (
+from mixq_onnx.numerics.qdq import (
     QTYPES,
     GroupRange,
     dequantize_linear,

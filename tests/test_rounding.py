@@ -9,13 +9,13 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from mixq_onnx import Method, QuantConfig, Uniform, quantize
-from mixq_onnx.calibrate import collect_input_stats
+from mixq_onnx.runtime.calibrate import collect_input_stats
 from mixq_onnx.cli import main
 from mixq_onnx.config import Granularity, Layout
-from mixq_onnx.find import find_weights
-from mixq_onnx.layer_stats import InputStats
-from mixq_onnx.numerics import Grid, container_for
-from mixq_onnx.rounding import round_weight
+from mixq_onnx.graph.find import find_weights
+from mixq_onnx.numerics.statistics import InputStats
+from mixq_onnx.numerics.qdq import Grid, container_for
+from mixq_onnx.numerics.rounding import round_weight
 from tests.helpers import init, make_model, rng, run, vi
 from tests.test_ops import rnn_model
 
@@ -145,7 +145,8 @@ def test_recurrent_input_weight_statistics_match_numpy():
     inv = find_weights(model, QuantConfig(min_elements=0))
     stats, skipped = collect_input_stats(model, inv.weights, [feeds, feeds])
     x = feeds["x"].reshape(-1, feeds["x"].shape[-1]).astype(np.float64)
-    np.testing.assert_allclose(stats["W"].mean()[0], x.T @ x / len(x), rtol=1e-6)
+    ref = x.T @ x / len(x)  # float32 products summed in float64: float32 accuracy relative to the matrix
+    np.testing.assert_allclose(stats["W"].mean()[0], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
     assert "R" in skipped and "R" not in stats
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from mixq_onnx import Budget, BudgetError, ForceBits, Layout, MixQuantRule, QuantConfig, Uniform, quantize
 from mixq_onnx.config import PER_CHANNEL, Sensitivity
-from mixq_onnx.numerics import QTYPES, GroupRange, fake_quantize, quantize_weight
-from mixq_onnx.search import _lagrangian, solve_mckp
+from mixq_onnx.numerics.qdq import QTYPES, GroupRange, fake_quantize, quantize_weight
+from mixq_onnx.planning.search import _lagrangian, solve_mckp
 from onnx import helper
 from tests.helpers import init, make_model, quantize_and_compare, rng, vi
 

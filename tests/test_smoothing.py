@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from mixq_onnx import quantize
-from mixq_onnx.check import check_model
+from mixq_onnx.graph.check import check_model
 from mixq_onnx.cli import main
 from mixq_onnx.config import Activations, CalibMethod, QuantConfig, Smooth, Target, Uniform
 from mixq_onnx.errors import ConfigError
-from mixq_onnx.numerics import QTYPES
-from mixq_onnx.smoothing import ActivationGrid, GroupScales, apply_smoothing, smooth_model, smoothing_factors, smoothing_groups
+from mixq_onnx.numerics.qdq import QTYPES
+from mixq_onnx.runtime.smoothing import ActivationGrid, GroupScales, apply_smoothing, smooth_model, smoothing_factors, smoothing_groups
 from tests.helpers import run, sqnr_db
 
 ROOT = Path(__file__).resolve().parents[1]

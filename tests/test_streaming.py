@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from mixq_onnx import QuantConfig
 from mixq_onnx.config import Granularity, Layout, Uniform
-from mixq_onnx.io import is_external, load_model, ort_model, read_tensor
+from mixq_onnx.graph.io import is_external, load_model, ort_model, read_tensor
 from mixq_onnx.pipeline import VerifyOptions, quantize, quantize_file
 
 from .helpers import run

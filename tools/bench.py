@@ -422,8 +422,8 @@ def observations(case, rows: list[Row], fp32: Row) -> list[str]:
 def error_table_speed(repeats: int) -> str:
     """Time to find every weight and measure bits 2-8 on a 25.5M-parameter topology (ResNet-50)."""
     from mixq_onnx import Layout, MixQuantRule, QuantConfig
-    from mixq_onnx.find import find_weights
-    from mixq_onnx.measure import Capabilities, measure
+    from mixq_onnx.graph.find import find_weights
+    from mixq_onnx.planning.measure import Capabilities, measure
     from tests.light_models import build
 
     model = build("resnet50")

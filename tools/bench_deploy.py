@@ -120,10 +120,10 @@ def _peer(case, calib_feeds, out: Path, work: Path) -> None:
 
 
 def run_case(case, work: Path, runs: int, log) -> tuple[str, dict]:
-    from mixq_onnx.check import check_model
+    from mixq_onnx.graph.check import check_model
     from mixq_onnx.cli import main as cli
     from mixq_onnx.config import Target
-    from mixq_onnx.fusion import ort_fusion
+    from mixq_onnx.runtime.fusion import ort_fusion
     import onnx
 
     calib = write_calib_folder(case.calib_feeds, work / f"{case.name}_deploy_calib")

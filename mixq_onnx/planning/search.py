@@ -13,8 +13,8 @@ from functools import reduce
 
 import numpy as np
 
-from .config import Budget, LayerWeighting, MixQuantRule, QuantConfig, Uniform
-from .errors import BudgetError
+from ..config import Budget, LayerWeighting, MixQuantRule, QuantConfig, Uniform
+from ..errors import BudgetError
 from .measure import ErrorTable, Option, Spec
 
 log = logging.getLogger(__name__)

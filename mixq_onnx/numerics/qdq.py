@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .config import Granularity, Layout
+from ..config import Granularity, Layout
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 import numpy as np
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from .errors import ModelError, OutputError
+from ..errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Method
-from .layer_stats import InputStats
-from .numerics import Grid, GroupRange, QuantizedTensor, broadcast, group_reduce, logical_range
+from ..config import Method
+from .statistics import InputStats
+from .qdq import Grid, GroupRange, QuantizedTensor, broadcast, group_reduce, logical_range
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ConfigError
-from .io import ort_model
+from ..errors import ConfigError
+from ..graph.io import ort_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def session(model: bytes | Path | onnx.ModelProto,
     """A quiet ONNX Runtime session from a path, serialized bytes or a model in memory.
 
     A model whose weights stay on disk is handed over as a file beside its
-    linked data (see :func:`mixq_onnx.io.ort_model`): never serialized whole.
+    linked data (see :func:`mixq_onnx.graph.io.ort_model`): never serialized whole.
     """
     if isinstance(model, onnx.ModelProto):
         with ort_model(model) as src:

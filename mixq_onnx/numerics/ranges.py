@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import CalibMethod
-from .numerics import QType, activation_params
+from ..config import CalibMethod
+from .qdq import QType, activation_params
 
 BINS = 2048
 PERCENTILE = 99.99

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .config import Target
-from .graph import default_opset, node_label
+from ..config import Target
+from .scopes import default_opset, node_label
 from .io import read_tensor
 
 # ONNX Runtime 1.32 has no DequantizeLinear kernel for opset 28 or for FLOAT4E2M1 (shared/runtime-facts.md).
@@ -236,7 +236,7 @@ def fusion_findings(optimized: onnx.ModelProto) -> list[Violation]:
     """Where ONNX Runtime's optimised graph of a QDQ model still computes in float between integer ops.
 
     ``optimized`` is the graph ORT wrote after its QDQ fusions (see
-    :func:`mixq_onnx.fusion.ort_optimized`). Two patterns are reported: a
+    :func:`mixq_onnx.runtime.fusion.ort_optimized`). Two patterns are reported: a
     DequantizeLinear -> op -> QuantizeLinear round trip around an op that has an
     integer path (a float island), and a Conv, MatMul or Gemm whose activation
     input is still dequantized (it did not become an integer kernel).

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ConfigError, VerificationError
+from ..errors import ConfigError, VerificationError
 from .inputs import session
 
 log = logging.getLogger(__name__)

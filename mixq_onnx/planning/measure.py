@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .layer_stats import InputStats
-from .config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
-from .executor import Executor, threads
-from .find import Skipped, WeightSite
-from .numerics import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
-from .rounding import round_weight
-from .targets import TargetRules
+from ..numerics.statistics import InputStats
+from ..config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
+from ..executor import Executor, threads
+from ..graph.find import Skipped, WeightSite
+from ..numerics.qdq import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
+from ..numerics.rounding import round_weight
+from ..targets import TargetRules
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,10 @@ class ErrorTable:
             if o.bits == bits and o.layout == layout:
                 return o
         return None
+
+    def grid(self, option: Option, symmetric: bool) -> Grid:
+        """The grid an option stores this weight on: what rounding and the rewrite both use."""
+        return Grid(option.bits, symmetric, option.layout, option.axis, option.qtype, self.scale_dtype)
 
 
 # DequantizeLinear outputs float16 from opset 19.

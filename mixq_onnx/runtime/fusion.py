@@ -2,7 +2,7 @@
 
 The answer comes from the runtime itself (the graph ORT writes after its
 optimisations), not from a restatement of its rules, so it stays true as ORT
-changes. :func:`mixq_onnx.check.fusion_findings` reads the graph.
+changes. :func:`mixq_onnx.graph.check.fusion_findings` reads the graph.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .check import FUSED_OPS, Violation, fusion_findings
-from .errors import ModelError
-from .io import EXTERNAL_THRESHOLD, model_bytes, ort_model
+from ..graph.check import FUSED_OPS, Violation, fusion_findings
+from ..errors import ModelError
+from ..graph.io import EXTERNAL_THRESHOLD, model_bytes, ort_model
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """ONNX blocks as PyTorch modules (onnx2torch), with the converters onnx2torch lacks.
 
-Only :mod:`mixq_onnx.brecq` imports this module, and only when ``--method
+Only :mod:`mixq_onnx.runtime.brecq` imports this module, and only when ``--method
 brecq`` runs: PyTorch and onnx2torch are the optional extra ``[brecq]``.
 
 Block reconstruction feeds every quantized weight to the block as an
@@ -10,7 +10,7 @@ initializer and rejects ``auto_pad`` SAME_UPPER/SAME_LOWER; the converter
 registered here takes over in both cases and keeps onnx2torch's otherwise.
 Comparison ops without a converter (GreaterOrEqual, LessOrEqual) are added
 too. Every converted block is still checked against ONNX Runtime before it
-is trusted (:func:`mixq_onnx.brecq.reconstruct`).
+is trusted (:func:`mixq_onnx.runtime.brecq.reconstruct`).
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .activation_ranges import RangeHistogram
-from .config import PER_CHANNEL, CalibMethod
-from .graph import Namer, all_names, node_label
-from .io import read_tensor
-from .numerics import QType, activation_params, dequantize_linear, quantize_linear, quantize_weight
+from ..numerics.ranges import RangeHistogram
+from ..config import PER_CHANNEL, CalibMethod
+from ..graph.scopes import Namer, all_names, node_label
+from ..graph.io import read_tensor
+from ..numerics.qdq import QType, activation_params, dequantize_linear, quantize_linear, quantize_weight
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from .config import Activations, QuantConfig
-from .graph import MAIN, GraphScope, iter_scopes, node_label, resolve
+from ..config import Activations, QuantConfig
+from .scopes import MAIN, GraphScope, iter_scopes, node_label, resolve
 from .io import read_tensor
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,9 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from .find import Source, WeightSite
-from .graph import MAIN, Namer, all_names, default_opset, iter_scopes, node_label
+from .scopes import MAIN, Namer, all_names, default_opset, iter_scopes, node_label
 from .io import Spill, read_tensor
-from .numerics import QuantizedTensor
-from .search import Decision
+from ..numerics.qdq import Grid, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +123,13 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
 
 
 def _nodes_for(
-    d: Decision, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str] = frozenset()
+    site: WeightSite, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str] = frozenset()
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Tensors and nodes that recompute weight ``d`` under its original name.
+    """Tensors and nodes that recompute weight ``site`` under its original name.
 
     A symmetric weight read by an op in ``zero_point_ops`` gets an explicit
     all-zero zero point: ONNX Runtime fuses DQ->Gemm into QGemm only then.
     """
-    site = d.table.site
     base = site.name
     tensors = [numpy_helper.from_array(qt.values, namer(f"{base}_quantized")), numpy_helper.from_array(qt.scale, namer(f"{base}_scale"))]
     zp = qt.zero_point
@@ -162,7 +160,7 @@ def _gather_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]) -> 
     return readers if ok else []
 
 
-def gathers_rows(d: Decision) -> bool:
+def gathers_rows(site: WeightSite, grid: Grid) -> bool:
     """Whether an embedding table's layout lets each looked-up row be dequantized alone.
 
     Rows can be gathered with their own scales when the scales are per tensor,
@@ -170,9 +168,9 @@ def gathers_rows(d: Decision) -> bool:
     are; 4-bit tables as packed bytes (see :func:`packed_rows`). 2-bit tables
     keep the whole-table DequantizeLinear.
     """
-    o = d.option
-    return len(d.table.site.shape) == 2 and o.qtype.bits in (4, 8) and (
-        o.layout.granularity.value == "tensor" or (o.axis == 0 and not o.layout.block_size) or (o.axis == 1 and o.layout.block_size > 0))
+    g = grid
+    return len(site.shape) == 2 and g.qtype.bits in (4, 8) and (
+        g.layout.granularity.value == "tensor" or (g.axis == 0 and not g.layout.block_size) or (g.axis == 1 and g.layout.block_size > 0))
 
 
 def packed_rows(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
@@ -269,15 +267,15 @@ def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[on
 
 
 def apply_plan(
-    model: onnx.ModelProto, decisions: tuple[Decision, ...], tensors: Sequence[QuantizedTensor], uses_int2: bool,
+    model: onnx.ModelProto, weights: Sequence[tuple[WeightSite, Grid]], tensors: Sequence[QuantizedTensor], uses_int2: bool,
     zero_point_ops: frozenset[str] = frozenset(), gather_rows: bool = False, spill: Spill | None = None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with every decided weight replaced by DequantizeLinear of its integers in ``tensors``.
+    """A copy of ``model`` with every weight (on its grid) replaced by DequantizeLinear of its integers in ``tensors``.
 
     With ``gather_rows``, an embedding table read only by Gather nodes is
     looked up as integers and only the gathered rows are dequantized (see
     :func:`_gathered_rows`), instead of dequantizing the whole table per run.
-    ``tensors`` is read once per decision, in graph order; with ``spill``,
+    ``tensors`` is read once per weight, in graph order; with ``spill``,
     each new initializer's data goes to the scratch file as soon as it is
     made, so a lazy ``tensors`` keeps one quantized weight in memory at a time.
     """
@@ -286,11 +284,11 @@ def apply_plan(
         out.ir_version = max(out.ir_version, INT2_IR_VERSION)
     namer = Namer(all_names(out))
     scopes = {s.path: s.graph for s in iter_scopes(out.graph)}
-    if len(decisions) != len(tensors):
-        raise ValueError(f"{len(decisions)} decisions but {len(tensors)} quantized tensors")
+    if len(weights) != len(tensors):
+        raise ValueError(f"{len(weights)} weights but {len(tensors)} quantized tensors")
     by_graph: dict[str, list[int]] = {}
-    for i, d in enumerate(decisions):
-        by_graph.setdefault(d.table.site.graph, []).append(i)
+    for i, (site, _) in enumerate(weights):
+        by_graph.setdefault(site.graph, []).append(i)
     # Subgraphs first: rebuilding a parent's node list copies its subgraphs,
     # so edits made through older references would be lost.
     for path in reversed(list(scopes)):
@@ -304,33 +302,33 @@ def apply_plan(
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
         replaced_nodes: dict[int, list[onnx.NodeProto]] = {}
         # Only tables whose every use is a Gather are candidates; the graph is scanned once for them.
-        tables = {decisions[i].table.site.name for i in ds if gather_rows and gathers_rows(decisions[i])
-                  and all(u.op_type == "Gather" for u in decisions[i].table.site.uses)}
+        tables = {weights[i][0].name for i in ds if gather_rows and gathers_rows(*weights[i])
+                  and all(u.op_type == "Gather" for u in weights[i][0].uses)}
         outer = _outer_references(graph) if tables else set()
         for k in ds:
-            d, qt = decisions[k], tensors[k]
-            made, nodes = _nodes_for(d, qt, namer, zero_point_ops)
-            gathers = _gather_readers(graph, d.table.site.name, outer) if d.table.site.name in tables else []
+            site, qt = weights[k][0], tensors[k]
+            made, nodes = _nodes_for(site, qt, namer, zero_point_ops)
+            gathers = _gather_readers(graph, site.name, outer) if site.name in tables else []
             if gathers and qt.qtype.bits == 4:
                 packed, zp = packed_rows(qt)
                 made = [numpy_helper.from_array(packed, made[0].name), made[1],
-                           numpy_helper.from_array(zp, made[2].name if len(made) > 2 else namer(f"{d.table.site.name}_zero_point"))]
+                           numpy_helper.from_array(zp, made[2].name if len(made) > 2 else namer(f"{site.name}_zero_point"))]
             if gathers:
-                out_type = helper.np_dtype_to_tensor_dtype(d.table.site.np_dtype) if d.table.site.np_dtype != qt.scale.dtype else None
+                out_type = helper.np_dtype_to_tensor_dtype(site.np_dtype) if site.np_dtype != qt.scale.dtype else None
                 for i, g in gathers:
                     extra, nodes = _gathered_rows(g, qt, made, out_type, namer)
                     made = made + extra
                     replaced_nodes[i] = nodes
                 nodes = []
             del qt  # with a lazy ``tensors`` this frees the integers before the next weight is rounded
-            if d.table.site.source is Source.INITIALIZER:
+            if site.source is Source.INITIALIZER:
                 for t in made if spill is not None else ():
                     spill.take(t)
-                replaced_inits[inits[d.table.site.name]] = made
+                replaced_inits[inits[site.name]] = made
                 front.extend(nodes)
             else:
                 consts = [helper.make_node("Constant", [], [t.name], name=namer(f"{t.name}_Constant"), value=t) for t in made]
-                replaced_consts[d.table.site.name] = consts + nodes
+                replaced_consts[site.name] = consts + nodes
         if replaced_inits:
             new_inits: list[onnx.TensorProto] = []
             for i, t in enumerate(graph.initializer):
@@ -347,7 +345,7 @@ def apply_plan(
                 new_nodes.append(n)
         del graph.node[:]
         graph.node.extend(new_nodes)
-    log.info("rewrote %d weights", len(decisions))
+    log.info("rewrote %d weights", len(weights))
     return out
 
 

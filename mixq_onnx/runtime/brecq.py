@@ -2,13 +2,13 @@
 
 The bit-widths and grids are already chosen (by any search); this step only
 changes which integers are stored, and optionally the scales, never the
-graph. The model's main graph is cut into blocks (:mod:`mixq_onnx.blocks`).
+graph. The model's main graph is cut into blocks (:mod:`mixq_onnx.graph.blocks`).
 Block by block, in order:
 
 1. the float block output is computed in ONNX Runtime from the float
    model's activations, and the block input from the already-quantized
    preceding blocks (so each block corrects what came before it);
-2. the block is converted to PyTorch by onnx2torch (:mod:`mixq_onnx.torch_convert`)
+2. the block is converted to PyTorch by onnx2torch (:mod:`mixq_onnx.runtime.torch_convert`)
    with every quantized weight as an input, and checked against ONNX Runtime
    on calibration samples;
 3. each weight it owns gets AdaRound's rounding variables (rectified
@@ -39,13 +39,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .blocks import Block, Partition, Shape, block_model, partition
-from .config import Reconstruction
-from .errors import ConfigError
+from ..graph.blocks import Block, Partition, Shape, block_model, partition
+from ..config import Reconstruction
+from ..errors import ConfigError
 from .inputs import session
-from .numerics import QuantizedTensor, broadcast, logical_range
+from ..numerics.qdq import QuantizedTensor, broadcast, logical_range
 from .sensitivity import OutputKind, output_kind
-from .rounding import ADAROUND_BETA, ADAROUND_WARMUP, GAMMA, ZETA
+from ..numerics.rounding import ADAROUND_BETA, ADAROUND_WARMUP, GAMMA, ZETA
 
 log = logging.getLogger(__name__)
 

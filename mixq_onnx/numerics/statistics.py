@@ -23,15 +23,22 @@ class InputStats:
     trans_b: bool
     rows: int = 0
     total: np.ndarray = field(init=False)  # [groups, K] sum of x
+    seconds: float = 0.0  # time spent making and adding the rows (set by the caller), for cost reports
 
     def __post_init__(self) -> None:
         self.total = np.zeros(self.hessian.shape[:2])
 
     def add(self, rows: np.ndarray) -> None:
-        """Accumulate a batch of input rows shaped [groups, rows, K]."""
-        self.hessian += np.matmul(rows.transpose(0, 2, 1), rows)
-        self.total += rows.sum(axis=1)
-        self.rows += rows.shape[1]
+        """Accumulate a batch of input rows shaped [groups, rows, K].
+
+        Each batch's x^T x is one float32 BLAS product (rows in float32, as the
+        model computes them); batches are summed in float64, so rounding does
+        not grow with the number of batches.
+        """
+        r = np.ascontiguousarray(rows, dtype=np.float32)
+        self.hessian += np.matmul(r.transpose(0, 2, 1), r)
+        self.total += r.sum(axis=1, dtype=np.float64)
+        self.rows += r.shape[1]
 
     def mean(self) -> np.ndarray:
         """H = E[x x^T], [groups, K, K]."""

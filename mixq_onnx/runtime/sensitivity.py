@@ -27,11 +27,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import ConfigError
-from .find import Source, WeightSite
-from .graph import MAIN, iter_scopes
+from ..errors import ConfigError
+from ..graph.find import Source, WeightSite
+from ..graph.scopes import MAIN, iter_scopes
 from .inputs import Feed, session
-from .measure import ErrorTable, Option
+from ..planning.measure import ErrorTable, Option
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class EndToEnd:
         self.eligibility = eligibility(model, sites)
         names = set(self.eligibility.names)
         chosen = [s for s in sites if s.name in names]
+        self.model = model
         self.swappable = frozenset(names)
         # Only weights that had to leave the model are fed on every run; the rest stay in it.
         self.weights = {s.name: s.array for s in chosen if not overridable(s)}
@@ -219,6 +220,20 @@ class EndToEnd:
 
         ``feeds`` limits the measurement to those feed indices (a subsample).
         """
+        return self._distance(lambda feed: self._run(feed, replace_weights), feeds)
+
+    def model_distance(self, model: onnx.ModelProto, feeds: Sequence[int] | None = None) -> float:
+        """The same distance for ``model``: the float model with weights replaced by DequantizeLinear nodes.
+
+        Used for whole plans: the quantized weights stay integers (and on disk
+        for big models) instead of being fed as float copies of every weight.
+        Graph optimisations are off, so each DequantizeLinear computes exactly
+        the dequantized weight a swap would feed.
+        """
+        run = session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run  # released on return
+        return self._distance(lambda feed: run(None, feed), feeds)
+
+    def _distance(self, run: Callable[[Feed], list[np.ndarray]], feeds: Sequence[int] | None) -> float:
         chosen = range(len(self.feeds)) if feeds is None else feeds
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
@@ -227,7 +242,7 @@ class EndToEnd:
             feed = _stack([self.feeds[i] for i in group])
             ref = [np.concatenate([self.references[i][k] for i in group]) if len(group) > 1 else self.references[group[0]][k]
                    for k in range(len(self.output_names))]
-            outs = self._run(feed, replace_weights)
+            outs = run(feed)
             for k, name in enumerate(self.output_names):
                 kind = self.kinds.get(name)
                 if kind is None:

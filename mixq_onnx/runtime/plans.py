@@ -12,22 +12,25 @@ cache), so what is compared is what is written.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
+import onnx
 
-from .config import PER_CHANNEL, Budget, Method, QuantConfig, Scheme
-from .errors import BudgetError
-from .executor import Executor, threads
-from .find import WeightSite
-from .layer_stats import InputStats
-from .measure import ErrorTable, Option
-from .numerics import Grid
-from .rounding import Rounded, round_weight
-from .search import Decision, Plan, SearchSummary, candidates, search
+from ..config import PER_CHANNEL, Budget, Method, QuantConfig, Scheme
+from ..errors import BudgetError
+from ..executor import Executor, threads
+from ..graph.find import WeightSite
+from ..graph.io import Spill, has_external_data
+from ..graph.rewrite import apply_plan
+from ..numerics.statistics import InputStats
+from ..planning.measure import ErrorTable, Option
+from ..numerics.qdq import Grid, QuantizedTensor
+from ..numerics.rounding import Rounded, round_weight
+from ..planning.search import Decision, Plan, SearchSummary, candidates, search
 from .sensitivity import EndToEnd
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,7 @@ class Rounder:
         self._cache: dict[tuple[str, str, int, str, str], Rounded] = {}
 
     def _task(self, table: ErrorTable, option: Option, method: Method) -> _RoundTask:
-        grid = Grid(option.bits, self.config.scheme is Scheme.SYMMETRIC, option.layout, option.axis, option.qtype, table.scale_dtype)
-        return table.site, grid, method, self.stats.get(table.site.name)
+        return table.site, table.grid(option, self.config.scheme is Scheme.SYMMETRIC), method, self.stats.get(table.site.name)
 
     @staticmethod
     def _key(table: ErrorTable, option: Option, method: Method) -> tuple[str, str, int, str, str]:
@@ -109,11 +111,57 @@ def plan_bytes(decisions: Iterable[Decision]) -> int:
     return sum(d.option.nbytes for d in decisions)
 
 
+class RoundedSequence(Sequence[QuantizedTensor]):
+    """A plan's quantized tensors, made on demand in order, remembering how each was rounded (for the report).
+
+    Handed to :func:`mixq_onnx.graph.rewrite.apply_plan`, which reads each
+    once: with a spill file, one rounded weight is in memory at a time.
+    """
+
+    def __init__(self, count: int, produce: Callable[[int], Rounded]) -> None:
+        self._count = count
+        self._produce = produce
+        self._done: dict[int, tuple[Method, str]] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> QuantizedTensor:  # type: ignore[override]
+        r = self._produce(i)
+        self._done[i] = (r.method, r.note)
+        return r.tensor
+
+    @property
+    def done(self) -> list[tuple[Method, str]]:
+        """(method, note) per tensor, in order; every tensor must have been made."""
+        return [self._done[i] for i in range(self._count)]
+
+
+def plan_model(model: onnx.ModelProto, decisions: Sequence[Decision], rounder: Rounder, spill: Spill | None
+               ) -> onnx.ModelProto:
+    """``model`` with the decided weights as DequantizeLinear of their rounded integers (rounded one at a time)."""
+    symmetric = rounder.config.scheme is Scheme.SYMMETRIC
+    weights = [(d.table.site, d.table.grid(d.option, symmetric)) for d in decisions]
+    tensors = RoundedSequence(len(decisions), lambda i: rounder.get(decisions[i].table, decisions[i].option))
+    return apply_plan(model, weights, tensors, any(d.option.qtype.bits == 2 for d in decisions), spill=spill)
+
+
 def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> float:
-    """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap)."""
+    """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap).
+
+    The plan is measured as a model with DequantizeLinear nodes, not by
+    feeding a float copy of every weight: memory holds one rounded weight at
+    a time (its integers go to a scratch file when the model's weights live
+    on disk), not the whole model again.
+    """
     ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
     rounder.prefetch((d.table, d.option) for d in ds)
-    return evaluator.distance({d.table.site.name: rounder.dequantized(d.table, d.option) for d in ds})
+    spill = Spill() if has_external_data(evaluator.model) else None
+    try:
+        return evaluator.model_distance(plan_model(evaluator.model, ds, rounder, spill))
+    finally:
+        if spill is not None:
+            spill.close()
 
 
 def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Decision, ...]]]:

@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import node_label
+from .scopes import node_label
 from .io import read_tensor
-from .targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, SPLIT_OPS, TargetRules
+from ..targets import CONV_OPS, FOLD_OPS, GEMM_OPS, JOIN_OPS, MOVE_OPS, POOL_OPS, SPLIT_OPS, TargetRules
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Planning: each weight's error at every candidate option (measure) and the bit-width searches (search)."""
