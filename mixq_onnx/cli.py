@@ -20,6 +20,9 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
 
 from .config import (
     Budget,
@@ -135,6 +138,41 @@ def build_reconstruction(method: str, **given: object) -> Reconstruction | None:
     return Reconstruction(**named)  # type: ignore[arg-type]
 
 
+# Each option group builds one library object from the options click parsed (keyed by parameter name).
+Params = dict[str, Any]
+
+
+def quant_config(p: Params) -> QuantConfig:
+    """The search, quantization and target groups (and --calib-method) as a validated QuantConfig."""
+    reconstruction = build_reconstruction(
+        p["method"], iters=p["brecq_iters"], batch=p["brecq_batch"], samples=p["brecq_samples"],
+        block_weights=p["brecq_block_weights"], lr=p["brecq_lr"], learn_scales=p["brecq_learn_scales"],
+        fisher=p["brecq_fisher"], memory_mb=p["brecq_memory_mb"], fallback=p["brecq_fallback"])
+    return build_config(
+        p["bits"], p["qem"], p["qem_ref_bits"], p["target_bits"], p["max_size"], p["weighting"], p["scheme"], p["granularity"],
+        p["candidate_bits"], p["literal_bits"], p["int2"], p["metric"], p["min_elements"], p["keep_float"], p["force_bits"],
+        sensitivity=p["sensitivity"], method=p["method"], search_with_method=p["search_with_method"],
+        bias_correction=p["bias_correction"], activations=p["activations"], calib_method=p["calib_method"],
+        target=p["target"], max_loss=p["max_loss"], e2e_samples=p["e2e_samples"], smooth=p["smooth"],
+        quantize_attention=p["quantize_attention"], reconstruction=reconstruction)
+
+
+def verification_options(p: Params) -> VerifyOptions:
+    return VerifyOptions(not p["no_verify"], p["input_shape"], p["inputs_path"], p["verify_samples"], p["seed"])
+
+
+def calibration_options(p: Params) -> CalibrationOptions | None:
+    if p["calib_path"] is None:
+        if p["calib_samples"] is not None:
+            raise ConfigError("--calib-samples needs --calib")
+        return None
+    return CalibrationOptions(p["calib_path"], p["calib_samples"])
+
+
+def execution_options(p: Params) -> ExecutionOptions:
+    return build_execution(p["jobs"], p["executor_kind"], p["ray_address"])
+
+
 def _parse_smooth(text: str | None) -> Smooth | None:
     if text is None:
         return None
@@ -241,79 +279,135 @@ def check(model: Path, target: str, quiet: bool) -> None:
     sys.exit(1 if violations else 0)
 
 
-@main.command("quantize", context_settings=CONTEXT)
+@dataclass(frozen=True)
+class OptionGroup:
+    """A titled group of options; the command's help prints one section per group."""
+
+    title: str
+    options: tuple[Callable[[Callable[..., Any]], Callable[..., Any]], ...]
+
+    def names(self) -> list[str]:
+        """The parameter names of the group's options (as click passes them to the command)."""
+        probe = click.command()(options(self)(lambda **_: None))
+        return [p.name for p in probe.params if p.name]
+
+
+def options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply every option of ``groups`` to a command, in the groups' order."""
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for group in reversed(groups):
+            for option in reversed(group.options):
+                f = option(f)
+        return f
+    return apply
+
+
+class _GroupedCommand(click.Command):
+    """Help with one section per option group."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        shown: set[str] = set()
+        for group in GROUPS:
+            rows = [records[n] for n in group.names() if records.get(n)]
+            shown.update(group.names())
+            with formatter.section(group.title):
+                formatter.write_dl(rows)  # type: ignore[arg-type]
+        rest = [r for n, r in records.items() if r and n not in shown]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)  # type: ignore[arg-type]
+
+
+SEARCH = OptionGroup("Search: how bit-widths are chosen", (
+    click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight, no search. This is the default, at 8 bits, when no search option is given."),
+    click.option("--qem", type=float, help="MixQuant rule: per tensor, the cheapest option whose error is at most QEM x the reference (2.0 if only --qem-ref-bits is given)."),
+    click.option("--qem-ref-bits", type=int, help="MixQuant reference bit-width: the reference is the median error of all tensors at this width. [default: 4]"),
+    click.option("--target-bits", type=float, help="Budget search: the bytes of uniform B-bit per-channel quantization of the same weights "
+                  "(interpolated for fractional B); the report prints the stored bits per weight used."),
+    click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes."),
+    click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
+                  "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this."),
+    click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params)."),
+    click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use."),
+    click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math)."),
+    click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares."),
+    click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="e2e", show_default=True,
+                  help="What the searches compare: e2e (the model's output distance with each weight quantized alone, on "
+                  "--calib samples or generated inputs), output (the layer's output error on --calib data) or weight (roundoff)."),
+    click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
+                  "calibration samples, else generated inputs)."),
+    click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md)."),
+))
+
+QUANTIZATION = OptionGroup("Quantization: weights, layouts and rounding", (
+    click.option("--scheme", type=click.Choice([s.value for s in Scheme]), help="Weights: asymmetric (unsigned + zero point; the default) or symmetric (signed, narrow range, no zero point; the default for --target tensorrt)."),
+    click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. "
+                  "Default: channel for --bits; channel, tensor and block32/64/128 for the searches."),
+    click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it)."),
+    click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float."),
+    click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable."),
+    click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins."),
+    click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib."),
+    click.option("--brecq-iters", type=int, help=f"Block reconstruction: optimisation steps per block. [default: {Reconstruction.iters}]"),
+    click.option("--brecq-batch", type=int, help=f"Block reconstruction: calibration samples per step. [default: {Reconstruction.batch}]"),
+    click.option("--brecq-samples", type=int, help=f"Block reconstruction: calibration samples it uses (the first N). [default: {Reconstruction.samples}]"),
+    click.option("--brecq-block-weights", type=int, help="Block reconstruction: the most quantized weights merged into one block "
+                  f"(a residual block or layer that has more stays whole). [default: {Reconstruction.block_weights}]"),
+    click.option("--brecq-lr", type=float, help=f"Block reconstruction: Adam step size of the rounding variables. [default: {Reconstruction.lr}]"),
+    click.option("--brecq-learn-scales", is_flag=True, help="Block reconstruction: also learn each weight scale (LSQ-style) with the rounding."),
+    click.option("--brecq-fisher", is_flag=True, help="Block reconstruction: weigh the block-output error by the squared gradient of "
+                  "the model's loss there (the float model's top-1 class as label; needs a classifier output)."),
+    click.option("--brecq-memory", "brecq_memory_mb", type=int, help="Block reconstruction: MB of block activations kept in memory; "
+                  f"the rest spills to temporary memory-mapped files. [default: {Reconstruction.memory_mb}]"),
+    click.option("--brecq-fallback", type=click.Choice(["mse", "gptq", "adaround"]), help="Block reconstruction: the layer-wise method "
+                  f"that sets the grid and starting integers, and that blocks which cannot be reconstructed keep. [default: {Reconstruction.fallback.value}]"),
+    click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib)."),
+))
+
+CALIBRATION = OptionGroup("Calibration data", (
+    click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. The end-to-end measurements then run on it; it also enables output sensitivity and gptq/adaround."),
+    click.option("--calib-samples", type=int, help="Use only the first N calibration samples."),
+    click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data."),
+))
+
+TARGET = OptionGroup("Target runtime and activations", (
+    click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime)."),
+    click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib); auto: the target's fastest (uint8 for ort-cpu, int8 for tensorrt, none for generic and ort-cuda)."),
+    click.option("--smooth", is_flag=False, flag_value="search", metavar="[ALPHA]", help="SmoothQuant before activation quantization: move MatMul/Gemm input outliers into the weights with strength ALPHA (0-1); without a value, ALPHA is searched per activation on the calibration data."),
+    click.option("--quantize-attention", is_flag=True, help="Also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and probabilities.V); off by default because it did not pay on ONNX Runtime CPU (docs/targets.md)."),
+))
+
+VERIFICATION = OptionGroup("Verification in ONNX Runtime", (
+    click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison with the float model."),
+    click.option("--input-shape", multiple=True, metavar="NAME:DxD..", help="Shape for an input with dynamic dimensions, e.g. image:4x3x224x224. Repeatable."),
+    click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Verify on real samples: an .npz of arrays keyed by input name."),
+    click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs."),
+))
+
+EXECUTION = OptionGroup("Execution: where the per-weight work runs", (
+    click.option("--jobs", type=int, default=1, show_default=True, help="Run the per-weight work (error tables, gptq/adaround rounding) in N local processes; 1 uses threads in this process. The output is the same."),
+    click.option("--executor", "executor_kind", type=click.Choice([k.value for k in ExecutorKind]), default="local", show_default=True, help="Where the per-weight work runs: local (see --jobs) or ray (a Ray cluster; needs the [ray] extra)."),
+    click.option("--ray-address", help="Ray cluster to connect to with --executor ray (default: the RAY_ADDRESS environment variable, else a new local instance)."),
+))
+
+OUTPUT = OptionGroup("Output and messages", (
+    click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the quantized model (required unless --plan)."),
+    click.option("--plan", "plan_only", is_flag=True, help="Print the plan and write nothing."),
+    click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full per-tensor report as JSON here."),
+    click.option("--clean-temp", is_flag=True, help="First remove temporary .mixq-* files that killed runs left in the output's folder."),
+    click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
+    click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors."),
+))
+
+GROUPS = (SEARCH, QUANTIZATION, CALIBRATION, TARGET, VERIFICATION, EXECUTION, OUTPUT)
+
+
+@main.command("quantize", cls=_GroupedCommand, context_settings=CONTEXT)
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the quantized model (required unless --plan).")
-@click.option("--bits", type=int, help="Uniform bit-width (2-8) for every weight, no search. This is the default, at 8 bits, when no search option is given.")
-@click.option("--qem", type=float, help="MixQuant rule: per tensor, the cheapest option whose error is at most QEM x the reference (2.0 if only --qem-ref-bits is given).")
-@click.option("--qem-ref-bits", type=int, help="MixQuant reference bit-width: the reference is the median error of all tensors at this width. [default: 4]")
-@click.option("--target-bits", type=float, help="Budget search: the bytes of uniform B-bit per-channel quantization of the same weights "
-              "(interpolated for fractional B); the report prints the stored bits per weight used.")
-@click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes.")
-@click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
-              "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this.")
-@click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params).")
-@click.option("--scheme", type=click.Choice([s.value for s in Scheme]), help="Weights: asymmetric (unsigned + zero point; the default) or symmetric (signed, narrow range, no zero point; the default for --target tensorrt).")
-@click.option("--granularity", multiple=True, help="tensor, channel, block32, block64 or block128; repeat to let the search choose among them. "
-              "Default: channel for --bits; channel, tensor and block32/64/128 for the searches.")
-@click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use.")
-@click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math).")
-@click.option("--int2", is_flag=True, help="Allow INT2/UINT2 storage (output at opset 25, IR 13; TensorRT and older runtimes cannot load it).")
-@click.option("--metric", type=click.Choice([m.value for m in Metric]), default="nmse", show_default=True, help="Error measure the search compares.")
-@click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. The end-to-end measurements then run on it; it also enables output sensitivity and gptq/adaround.")
-@click.option("--calib-samples", type=int, help="Use only the first N calibration samples.")
-@click.option("--sensitivity", type=click.Choice([x.value for x in Sensitivity]), default="e2e", show_default=True,
-              help="What the searches compare: e2e (the model's output distance with each weight quantized alone, on "
-              "--calib samples or generated inputs), output (the layer's output error on --calib data) or weight (roundoff).")
-@click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
-              "calibration samples, else generated inputs).")
-@click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib.")
-@click.option("--brecq-iters", type=int, help=f"Block reconstruction: optimisation steps per block. [default: {Reconstruction.iters}]")
-@click.option("--brecq-batch", type=int, help=f"Block reconstruction: calibration samples per step. [default: {Reconstruction.batch}]")
-@click.option("--brecq-samples", type=int, help=f"Block reconstruction: calibration samples it uses (the first N). [default: {Reconstruction.samples}]")
-@click.option("--brecq-block-weights", type=int, help="Block reconstruction: the most quantized weights merged into one block "
-              f"(a residual block or layer that has more stays whole). [default: {Reconstruction.block_weights}]")
-@click.option("--brecq-lr", type=float, help=f"Block reconstruction: Adam step size of the rounding variables. [default: {Reconstruction.lr}]")
-@click.option("--brecq-learn-scales", is_flag=True, help="Block reconstruction: also learn each weight scale (LSQ-style) with the rounding.")
-@click.option("--brecq-fisher", is_flag=True, help="Block reconstruction: weigh the block-output error by the squared gradient of "
-              "the model's loss there (the float model's top-1 class as label; needs a classifier output).")
-@click.option("--brecq-memory", "brecq_memory_mb", type=int, help="Block reconstruction: MB of block activations kept in memory; "
-              f"the rest spills to temporary memory-mapped files. [default: {Reconstruction.memory_mb}]")
-@click.option("--brecq-fallback", type=click.Choice(["mse", "gptq", "adaround"]), help="Block reconstruction: the layer-wise method "
-              f"that sets the grid and starting integers, and that blocks which cannot be reconstructed keep. [default: {Reconstruction.fallback.value}]")
-@click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md).")
-@click.option("--bias-correction", is_flag=True, help="Fold each layer's mean output error on the calibration data into its bias (needs --calib).")
-@click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True, help="Runtime whose rules the output follows: ONNX Runtime CPU or CUDA, TensorRT, or generic (weight-only, any runtime).")
-@click.option("--activations", type=click.Choice([a.value for a in Activations]), default="none", show_default=True, help="Static activation quantization with Q/DQ pairs where the target has integer kernels (needs --calib); auto: the target's fastest (uint8 for ort-cpu, int8 for tensorrt, none for generic and ort-cuda).")
-@click.option("--smooth", is_flag=False, flag_value="search", metavar="[ALPHA]", help="SmoothQuant before activation quantization: move MatMul/Gemm input outliers into the weights with strength ALPHA (0-1); without a value, ALPHA is searched per activation on the calibration data.")
-@click.option("--quantize-attention", is_flag=True, help="Also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and probabilities.V); off by default because it did not pay on ONNX Runtime CPU (docs/targets.md).")
-@click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data.")
-@click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float.")
-@click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable.")
-@click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins.")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Run the per-weight work (error tables, gptq/adaround rounding) in N local processes; 1 uses threads in this process. The output is the same.")
-@click.option("--executor", "executor_kind", type=click.Choice([k.value for k in ExecutorKind]), default="local", show_default=True, help="Where the per-weight work runs: local (see --jobs) or ray (a Ray cluster; needs the [ray] extra).")
-@click.option("--ray-address", help="Ray cluster to connect to with --executor ray (default: the RAY_ADDRESS environment variable, else a new local instance).")
-@click.option("--plan", "plan_only", is_flag=True, help="Print the plan and write nothing.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full per-tensor report as JSON here.")
-@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison with the float model.")
-@click.option("--input-shape", multiple=True, metavar="NAME:DxD..", help="Shape for an input with dynamic dimensions, e.g. image:4x3x224x224. Repeatable.")
-@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Verify on real samples: an .npz of arrays keyed by input name.")
-@click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
-@click.option("--clean-temp", is_flag=True, help="First remove temporary .mixq-* files that killed runs left in the output's folder.")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
-@click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv); show tracebacks of internal errors.")
-def quantize(
-    model: Path, output: Path | None, bits: int | None, qem: float | None, qem_ref_bits: int | None, target_bits: float | None,
-    max_size: str | None, max_loss: float | None, weighting: str, scheme: str, granularity: tuple[str, ...], candidate_bits: str,
-    literal_bits: bool, int2: bool, metric: str, calib_path: Path | None, calib_samples: int | None, sensitivity: str, e2e_samples: int,
-    method: str, brecq_iters: int | None, brecq_batch: int | None, brecq_samples: int | None, brecq_block_weights: int | None,
-    brecq_lr: float | None, brecq_learn_scales: bool, brecq_fisher: bool, brecq_memory_mb: int | None, brecq_fallback: str | None,
-    search_with_method: bool, bias_correction: bool, target: str, activations: str, smooth: str | None, quantize_attention: bool, calib_method: str,
-    min_elements: int, keep_float: tuple[str, ...], force_bits: tuple[str, ...], jobs: int, executor_kind: str, ray_address: str | None, plan_only: bool, report_path: Path | None, no_verify: bool,
-    input_shape: tuple[str, ...], inputs_path: Path | None, verify_samples: int, seed: int, clean_temp: bool, quiet: bool, verbose: int,
-) -> None:
+@options(*GROUPS)
+def quantize(model: Path, **params: Any) -> None:
     """Quantize the weights of MODEL (.onnx) with a per-tensor bit-width search and write a QDQ model.
 
     \b
@@ -326,33 +420,27 @@ def quantize(
       mixq-onnx model.onnx -o q.onnx --target ort-cpu --activations auto --calib calib.npz
       mixq-onnx check q.onnx --target ort-cpu               # check a model against a runtime's rules
     """
-    _setup_logging(quiet, verbose)
+    quiet, output, plan_only = params["quiet"], params["output"], params["plan_only"]
+    _setup_logging(quiet, params["verbose"])
     # From here SIGINT and SIGTERM unwind the stack, so temporary files are removed on the way out.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
-        config = build_config(bits, qem, qem_ref_bits, target_bits, max_size, weighting, scheme, granularity,
-                              candidate_bits, literal_bits, int2, metric, min_elements, keep_float, force_bits, sensitivity,
-                              method, search_with_method, bias_correction, activations, calib_method, target, max_loss, e2e_samples, smooth,
-                              quantize_attention, build_reconstruction(
-                                  method, iters=brecq_iters, batch=brecq_batch, samples=brecq_samples,
-                                  block_weights=brecq_block_weights, lr=brecq_lr, learn_scales=brecq_learn_scales, fisher=brecq_fisher,
-                                  memory_mb=brecq_memory_mb, fallback=brecq_fallback))
-        verify_options = VerifyOptions(not no_verify, input_shape, inputs_path, verify_samples, seed)
-        execution = build_execution(jobs, executor_kind, ray_address)
-        calibration = CalibrationOptions(calib_path, calib_samples) if calib_path is not None else None
-        if calib_samples is not None and calibration is None:
-            raise ConfigError("--calib-samples needs --calib")
-        if clean_temp:
+        config = quant_config(params)
+        verify_options = verification_options(params)
+        calibration = calibration_options(params)
+        execution = execution_options(params)
+        if params["clean_temp"]:
             folder = (output.parent if output is not None and str(output.parent) else Path("."))
             for stale in stale_temp_dirs(folder):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
                 if not quiet:
                     click.echo(f"removed stale temporary {stale}", err=True)
+        report_path = params["report_path"]
         if report_path is not None:
-            reads = tuple(p for p in (calib_path, inputs_path) if p is not None)
+            reads = tuple(p for p in (params["calib_path"], params["inputs_path"]) if p is not None)
             if output is not None:
                 reads += (output, output.parent / (output.name + ".data"))
             check_output_path(report_path, model, reads, what="report path")
@@ -365,7 +453,7 @@ def quantize(
         if report_path is not None:
             write_text_atomic(report_path, result.report.to_json())
         if not quiet:
-            click.echo(format_table(result.report, max_rows=0 if verbose or plan_only else 60))
+            click.echo(format_table(result.report, max_rows=0 if params["verbose"] or plan_only else 60))
             if plan_only:
                 click.echo("plan only: nothing written")
             elif output is not None:
@@ -377,7 +465,7 @@ def quantize(
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
     except Exception as exc:  # a bug of ours: still one line unless asked for details
-        if verbose:
+        if params["verbose"]:
             raise
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback and please report it)", err=True)
         sys.exit(70)

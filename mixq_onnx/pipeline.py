@@ -21,18 +21,19 @@ from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, Mi
 from .errors import BudgetError, ConfigError, ModelError
 from .executor import Executor
 from .runtime.fusion import integer_inputs, ort_fusion
-from .graph.find import Inventory, WeightSite, find_weights, gather_index_bounds
+from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
 from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
 from .runtime.inputs import Feed, generate_inputs, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
 from .runtime.plans import Rounder, RoundedSequence, budget_limit, never_worse_than_uniform, smallest_within_loss
-from .report import Report, build_report
+from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
 from .numerics.rounding import Rounded
+from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
@@ -212,8 +213,31 @@ def quantize(
     ``executor`` runs the per-weight tasks (default: threads in this
     process); the output is the same wherever they run. Never modifies the
     input. Raises a :class:`MixqError` subclass on bad input.
+
+    The stages, each returning a frozen result the next one reads:
+    :func:`prepare` (load, find the weights, choose the opset once, smooth),
+    :func:`measure_errors` (statistics, error tables, the target's rules),
+    :func:`choose_widths` (end-to-end sensitivity, search, whole-plan
+    checks), :func:`write_model` (rounding, reconstruction, bias
+    correction, rewrite, activations, checker) and the report.
     """
     config = config or QuantConfig()
+    _check_inputs(config, calibration)
+    prepared = prepare(model, config, calibration)
+    if evaluation is None and calibration:
+        evaluation, evaluation_source = calibration, "calibration samples"
+    elif evaluation is None and _uses_e2e(config):
+        evaluation, evaluation_source = _generated(prepared.original, prepared.path, {}, config.e2e_samples, 0)
+        evaluation = evaluation or []
+    measured = measure_errors(prepared, config, calibration, progress, executor)
+    rounder = Rounder(config, measured.stats, executor)
+    chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, bool(calibration), progress)
+    written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
+    return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
+
+
+def _check_inputs(config: QuantConfig, calibration: list[Feed] | None) -> None:
+    """Refuse, before any work, options whose extra or data is missing."""
     if config.method is Method.BRECQ:
         require_torch()
     if not calibration:
@@ -222,6 +246,28 @@ def quantize(
         needs += [f"--activations {config.activations.value}"] if config.activations is not Activations.NONE else []
         if needs:
             raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see docs/search.md, 'Output sensitivity with calibration data')")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Stage 1: the input, the float model the rest works on (at the output's opset, smoothed if asked) and its weights."""
+
+    original: onnx.ModelProto
+    path: Path | None
+    base: onnx.ModelProto
+    inventory: Inventory
+    original_opset: int
+    opset_note: str
+    smoothing: SmoothingResult | None
+    notes: tuple[str, ...]
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "model"
+
+
+def prepare(model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig, calibration: list[Feed] | None) -> Prepared:
+    """Load, find the weights and choose the opset once, up front (the most demanding candidate's), then smooth."""
     path = None
     if not isinstance(model, onnx.ModelProto):
         loaded = load_model(model)
@@ -262,16 +308,8 @@ def quantize(
     if config.smooth is not None and calibration:
         smoothing = _smooth(base, config, calibration)
         base = smoothing.model
-    if evaluation is None and calibration:
-        evaluation, evaluation_source = calibration, "calibration samples"
-    elif evaluation is None and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(model, path, {}, config.e2e_samples, 0)
-        evaluation = evaluation or []
-    result = _quantize_at(base, model, inventory, config, progress, calibration, evaluation, evaluation_source,
-                          notes, original, opset_note, where, path, scratch, executor)
-    if smoothing is not None and result.report.activations is not None:
-        result.report.activations["smoothing"] = smoothing.describe()
-    return result
+    inv = inventory if base is model else find_weights(base, config)
+    return Prepared(model, path, base, inv, original, opset_note, smoothing, tuple(notes))
 
 
 def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]) -> SmoothingResult:
@@ -287,33 +325,56 @@ def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]
     return result
 
 
-def _quantize_at(
-    base: onnx.ModelProto, model: onnx.ModelProto, inventory: Inventory, config: QuantConfig, progress: Progress | None,
-    calibration: list[Feed] | None, evaluation: list[Feed] | None, evaluation_source: str, notes: list[str],
-    original: int, opset_note: str, where: str, path: Path | None, scratch: Path | None, executor: Executor | None,
-) -> QuantizeResult:
-    """The pipeline at the opset the output will have: budget check, statistics, errors, search, rounding, rewrite."""
+@dataclass(frozen=True)
+class Measured:
+    """Stage 2: every weight's error at each allowed option, the layer statistics, and the byte budget."""
+
+    caps: Capabilities
+    tables: tuple[ErrorTable, ...]
+    not_allowed: tuple[Skipped, ...]
+    stats: dict[str, InputStats]
+    no_stats: dict[str, str]
+    limit: int | None
+
+
+def measure_errors(prepared: Prepared, config: QuantConfig, calibration: list[Feed] | None, progress: Progress | None,
+                   executor: Executor | None) -> Measured:
+    """Check the budget can be met, collect statistics if anything uses them, measure and keep the target's options."""
     rules = rules_for(config.target)
     acts = config.activations is not Activations.NONE
-    inv = inventory if base is model else find_weights(base, config)
+    base, inv, where = prepared.base, prepared.inventory, prepared.where
     caps = Capabilities(default_opset(base), config.allow_int2)
     bits = _bits_to_measure(config, caps)
     limit = _budget_limit(where, config, caps, inv.weights, _allowed_specs(inv.weights, config, caps, rules, acts, bits))
     stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration and _needs_stats(config) else ({}, {})
     if calibration and not _needs_stats(config):
         no_stats = {s.name: "not collected: nothing in this run uses layer statistics" for s in inv.weights}
-    tables = measure(inv.weights, config, caps, bits, progress, stats, executor)
-    tables, not_allowed = restrict(tables, rules, acts)
+    tables, not_allowed = restrict(measure(inv.weights, config, caps, bits, progress, stats, executor), rules, acts)
     if not tables:
         raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
-    rounder = Rounder(config, stats, executor)
-    evaluator, why_not = _evaluator(base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
+    return Measured(caps, tuple(tables), tuple(not_allowed), stats, no_stats, limit)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """Stage 3: the plan (one option per weight, with its reason) and what the end-to-end measurements did."""
+
+    plan: Plan
+    end_to_end: dict[str, object] | None
+    notes: tuple[str, ...]
+
+
+def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
+                  evaluation_source: str, calibrated: bool, progress: Progress | None) -> Chosen:
+    """End-to-end sensitivity where asked, the search, and the whole-plan checks (never worse than uniform; --max-loss)."""
+    tables, limit, notes = list(measured.tables), measured.limit, []
+    evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
         if _uses_e2e(config) else (None, "")
     e2e_info: dict[str, object] | None = None
     if _uses_e2e(config) and evaluator is None:
         if isinstance(config.search, MaxLoss):
-            raise ModelError(f"{where}: --max-loss needs the model to run end to end, and it cannot: {why_not}")
-        fallback = "output error where calibration statistics exist, else weight error" if calibration else "weight error"
+            raise ModelError(f"{prepared.where}: --max-loss needs the model to run end to end, and it cannot: {why_not}")
+        fallback = "output error where calibration statistics exist, else weight error" if calibrated else "weight error"
         msg = f"end-to-end measurements are not possible ({why_not}); the search uses {fallback}"
         if config.sensitivity is Sensitivity.E2E:
             log.warning(msg)
@@ -343,14 +404,31 @@ def _quantize_at(
                    f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
             log.warning(msg)
             notes.append(msg)
+    return Chosen(plan, e2e_info, tuple(notes))
+
+
+@dataclass(frozen=True)
+class Written:
+    """Stage 4: the quantized model (its new weights in ``spill`` when streamed) and how each weight was rounded."""
+
+    model: onnx.ModelProto
+    rounding: dict[str, RoundingEntry]
+    activations: dict | None
+    reconstruction: ReconstructionResult | None
+    spill: Spill | None
+
+
+def write_model(prepared: Prepared, measured: Measured, chosen: Chosen, config: QuantConfig, rounder: Rounder,
+                calibration: list[Feed] | None, scratch: Path | None, progress: Progress | None) -> Written:
+    """Round the chosen options, reconstruct blocks and correct biases if asked, rewrite, add activation Q/DQ, check."""
+    rules, plan, base = rules_for(config.target), chosen.plan, prepared.base
+    acts = config.activations is not Activations.NONE
     uses_int2 = any(d.option.qtype.bits == 2 for d in plan.decisions)
     # A model whose weights stay on disk is rewritten one weight at a time: each is rounded when the rewrite
     # reaches it and its integers go straight to a scratch file. Bias correction and reconstruction need every
     # rounded weight at once, so they keep the whole list.
     spill = Spill(scratch) if has_external_data(base) else None
     streamed = spill is not None and config.method is not Method.BRECQ and not config.bias_correction
-    if streamed:
-        rounding = RoundedSequence(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
     rounded: list[Rounded] = []
     if not streamed:
         rounder.prefetch((d.table, d.option) for d in plan.decisions)
@@ -361,13 +439,16 @@ def _quantize_at(
     bias: dict[str, str] = {}
     source = base  # the float model the rewrite starts from: with corrected biases if asked
     if config.bias_correction:
+        stats = measured.stats
         shifts = {d.table.site.name: stats[d.table.site.name].output_shift(_error(d, r)) for d, r in zip(plan.decisions, rounded)
                   if d.table.site.name in stats}
-        corrected = correct_biases(base, inv.weights, shifts)
+        corrected = correct_biases(base, prepared.inventory.weights, shifts)
         source, bias = corrected.model, corrected.outcome
     # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
     zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-    if not streamed:
+    if streamed:
+        rounding = RoundedSequence(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
+    else:
         rounding = RoundedSequence(len(rounded), rounded.__getitem__)
     weights = [(d.table.site, d.table.grid(d.option, config.scheme is Scheme.SYMMETRIC)) for d in plan.decisions]
     out = apply_plan(source, weights, rounding, uses_int2, zero_point_ops, rules.gather_rows, spill)
@@ -375,32 +456,42 @@ def _quantize_at(
     if acts:
         out, activation_info = _quantize_activations(source, out, plan, rules, config, calibration)  # type: ignore[arg-type]
     problem = _check(out)
-    if problem and _check(model):
+    if problem and _check(prepared.original):
         # The input already fails the full check (onnx's inference cannot follow it everywhere, e.g. sparse
         # initializers), so only the structural check can judge what we changed.
         problem = _check(out, full=False)
     if problem:
-        raise ModelError(f"{where}: the quantized model at opset {caps.opset} fails onnx.checker ({problem}); please report this "
-                         "with the model")
-    all_notes = list(notes)
-    if uses_int2:
-        all_notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
-    opset_info = {"original": original, "output": default_opset(out), "ir_version": out.ir_version, "note": opset_note}
-    if calibration and config.sensitivity is Sensitivity.OUTPUT:
-        all_notes.append(
-            f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
-            f"{len(stats)} of {len(inv.weights)} weights; the others use weight error"
-        )
-    methods = {d.table.site.name: {"method": m.value, "note": note, "bias_correction": bias.get(d.table.site.name)}
+        raise ModelError(f"{prepared.where}: the quantized model at opset {measured.caps.opset} fails onnx.checker ({problem}); "
+                         "please report this with the model")
+    methods = {d.table.site.name: RoundingEntry(m.value, note, bias.get(d.table.site.name))
                for d, (m, note) in zip(plan.decisions, rounding.done)}
-    fallbacks = sum(bool(note) for _, note in rounding.done)
+    return Written(out, methods, activation_info, reconstruction, spill)
+
+
+def _report(prepared: Prepared, measured: Measured, chosen: Chosen, written: Written, config: QuantConfig,
+            calibration: list[Feed] | None) -> Report:
+    """The report of a run, from every stage's result."""
+    out, plan = written.model, chosen.plan
+    notes = [*prepared.notes, *chosen.notes]
+    if any(d.option.qtype.bits == 2 for d in plan.decisions):
+        notes.append("INT2 tensors need IR version 13 and opset 25; older runtimes cannot load this model")
+    opset_info = {"original": prepared.original_opset, "output": default_opset(out), "ir_version": out.ir_version,
+                  "note": prepared.opset_note}
+    if calibration and config.sensitivity is Sensitivity.OUTPUT:
+        notes.append(
+            f"output sensitivity from {sum(len(next(iter(f.values()))) for f in calibration)} calibration samples for "
+            f"{len(measured.stats)} of {len(prepared.inventory.weights)} weights; the others use weight error"
+        )
+    fallbacks = sum(bool(r.note) for r in written.rounding.values())
     if fallbacks:
-        all_notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
-    inv_report = dataclasses.replace(inv, skipped=inv.skipped + tuple(not_allowed))
-    report = build_report(inv_report, plan, config.describe(), opset_info, str(path) if path else None, None, all_notes, no_stats,
-                          methods, activation_info, e2e_info)
-    report.reconstruction = reconstruction.describe() if reconstruction is not None else None
-    return QuantizeResult(out, report, plan, spill)
+        notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
+    inv_report = dataclasses.replace(prepared.inventory, skipped=prepared.inventory.skipped + measured.not_allowed)
+    report = build_report(inv_report, plan, config.describe(), opset_info, str(prepared.path) if prepared.path else None, None,
+                          notes, measured.no_stats, written.rounding, written.activations, chosen.end_to_end)
+    report.reconstruction = written.reconstruction.describe() if written.reconstruction is not None else None
+    if prepared.smoothing is not None and report.activations is not None:
+        report.activations["smoothing"] = prepared.smoothing.describe()
+    return report
 
 
 def _reconstruct(model: onnx.ModelProto, plan: Plan, rounded: list[Rounded], calibration: list[Feed], config: QuantConfig,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +20,74 @@ SCHEMA = "mixq-onnx/report/v1"
 
 def _float_itemsize(dtype: str) -> int:
     return 2 if dtype in ("float16", "bfloat16") else 4
+
+
+@dataclass(frozen=True)
+class OptionEntry:
+    """One measured way to store a weight."""
+
+    bits: int
+    granularity: str
+    container: str
+    bytes: int
+    mse: float
+    nmse: float
+    max_abs: float
+    output_error: float | None
+    e2e: float | None
+
+
+@dataclass(frozen=True)
+class ChosenEntry(OptionEntry):
+    """The option the search chose: where its scales run, its container's width, and the float bytes it replaces."""
+
+    axis: int | None
+    container_bits: int
+    float_bytes: int
+
+
+@dataclass(frozen=True)
+class RoundingEntry:
+    """How the chosen option's integers were rounded, and why a simpler method was kept if it was."""
+
+    method: str
+    note: str
+    bias_correction: str | None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One quantized weight: where it is, what reads it, every option measured, the choice and why."""
+
+    name: str
+    graph: str
+    source: str
+    op_types: str
+    consumers: list[str]
+    via: list[str]
+    shape: list[int]
+    dtype: str
+    params: int
+    channel_axis: int | None
+    reduction_axis: int | None
+    errors: list[OptionEntry]
+    output_statistics: str
+    chosen: ChosenEntry
+    reason: str
+    rounding: RoundingEntry
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    """A float constant left alone, and why."""
+
+    name: str
+    graph: str
+    shape: list[int]
+    dtype: str
+    params: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -41,8 +112,8 @@ class Report:
     config: dict[str, Any]
     opset: dict[str, Any]
     search: dict[str, Any]
-    tensors: list[dict[str, Any]]
-    skipped: list[dict[str, Any]]
+    tensors: list[TensorEntry]
+    skipped: list[SkippedEntry]
     quant_ops_found: dict[str, int]
     totals: Totals
     verification: Verification | None = None
@@ -64,6 +135,47 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
+# Floats that JSON cannot hold are written as "inf"/"-inf" (and NaN as null) by _json_safe.
+_FLOAT = {"anyOf": [{"type": "number"}, {"enum": ["inf", "-inf", None]}]}
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    """JSON Schema of one annotated type, as to_dict() writes it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return {}
+    if tp is type(None):
+        return {"type": "null"}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return dict(_FLOAT)
+    if tp is str:
+        return {"type": "string"}
+    if origin in (types.UnionType, typing.Union):
+        return {"anyOf": [_type_schema(a) for a in args]}
+    if origin in (list, tuple):
+        return {"type": "array", "items": _type_schema(args[0]) if args else {}}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]) if len(args) == 2 else {}}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        return {"type": "object", "title": tp.__name__, "description": " ".join((tp.__doc__ or "").split()),
+                "properties": {n: _type_schema(hints[n]) for n in names}, "required": names, "additionalProperties": False}
+    raise TypeError(f"no JSON Schema for {tp!r}")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of :meth:`Report.to_dict`, generated from the dataclasses (docs/report.schema.json)."""
+    body = _type_schema(Report)
+    body["properties"] = {"schema": {"const": SCHEMA}, **body["properties"]}
+    body["required"] = ["schema", *body["required"]]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA, **body}
+
+
 def _json_safe(v: Any) -> Any:
     if isinstance(v, float):
         return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
@@ -83,7 +195,7 @@ def build_report(
     output_path: str | None,
     notes: list[str],
     no_stats: dict[str, str] | None = None,
-    rounding: dict[str, dict[str, Any]] | None = None,
+    rounding: dict[str, RoundingEntry] | None = None,
     activations: dict[str, Any] | None = None,
     end_to_end: dict[str, Any] | None = None,
 ) -> Report:
@@ -96,50 +208,19 @@ def build_report(
         float_bytes += fb
         qbytes += o.nbytes
         logical += site.params * o.bits
-        tensors.append(
-            {
-                "name": site.name,
-                "graph": site.graph,
-                "source": site.source.value,
-                "op_types": site.op_types,
-                "consumers": [u.node for u in site.uses],
-                "via": list(site.via),
-                "shape": list(site.shape),
-                "dtype": site.dtype,
-                "params": site.params,
-                "channel_axis": site.channel_axis,
-                "reduction_axis": site.reduction_axis,
-                "errors": [
-                    {"bits": x.bits, "granularity": x.layout.name, "container": x.qtype.name, "bytes": x.nbytes,
-                     "mse": x.mse, "nmse": x.nmse, "max_abs": x.max_abs, "output_error": x.output_error, "e2e": x.e2e}
-                    for x in d.table.options
-                ],
-                "output_statistics": (
-                    "collected" if o.output_error is not None else (no_stats or {}).get(site.name, "no calibration data")
-                ),
-                "chosen": {
-                    "bits": o.bits,
-                    "granularity": o.layout.name,
-                    "axis": o.axis if o.layout.name != "tensor" else None,
-                    "container": o.qtype.name,
-                    "container_bits": o.qtype.bits,
-                    "bytes": o.nbytes,
-                    "float_bytes": fb,
-                    "mse": o.mse,
-                    "nmse": o.nmse,
-                    "max_abs": o.max_abs,
-                    "output_error": o.output_error,
-                    "e2e": o.e2e,
-                },
-                "reason": d.reason,
-                "rounding": (rounding or {}).get(site.name, {"method": "rtn", "note": "", "bias_correction": None}),
-                "notes": list(site.notes),
-            }
-        )
-    skipped = [
-        {"name": s.name, "graph": s.graph, "shape": list(s.shape), "dtype": s.dtype, "params": s.params, "reason": s.reason}
-        for s in inventory.skipped
-    ]
+        tensors.append(TensorEntry(
+            site.name, site.graph, site.source.value, site.op_types, [u.node for u in site.uses], list(site.via),
+            list(site.shape), site.dtype, site.params, site.channel_axis, site.reduction_axis,
+            [OptionEntry(x.bits, x.layout.name, x.qtype.name, x.nbytes, x.mse, x.nmse, x.max_abs, x.output_error, x.e2e)
+             for x in d.table.options],
+            "collected" if o.output_error is not None else (no_stats or {}).get(site.name, "no calibration data"),
+            ChosenEntry(o.bits, o.layout.name, o.qtype.name, o.nbytes, o.mse, o.nmse, o.max_abs, o.output_error, o.e2e,
+                        o.axis if o.layout.name != "tensor" else None, o.qtype.bits, fb),
+            d.reason,
+            (rounding or {}).get(site.name, RoundingEntry("rtn", "", None)),
+            list(site.notes),
+        ))
+    skipped = [SkippedEntry(s.name, s.graph, list(s.shape), s.dtype, s.params, s.reason) for s in inventory.skipped]
     totals = Totals(
         len(tensors),
         params,
@@ -181,9 +262,9 @@ def format_table(report: Report, max_rows: int = 0) -> str:
     rows = [("tensor", "op", "shape", "params", "bits", "layout", "store", "bytes", "nmse", "reason")]
     shown = report.tensors if not max_rows else report.tensors[:max_rows]
     for t in shown:
-        c = t["chosen"]
-        rows.append((t["name"][:40], t["op_types"], "x".join(map(str, t["shape"])), str(t["params"]), str(c["bits"]),
-                     c["granularity"], c["container"], _size(c["bytes"]), f"{c['nmse']:.2e}", t["reason"][:48]))
+        c = t.chosen
+        rows.append((t.name[:40], t.op_types, "x".join(map(str, t.shape)), str(t.params), str(c.bits),
+                     c.granularity, c.container, _size(c.bytes), f"{c.nmse:.2e}", t.reason[:48]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     if max_rows and len(report.tensors) > max_rows:
@@ -192,7 +273,7 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         lines.append("")
         lines.append(f"left in float ({len(report.skipped)}):")
         for s in report.skipped[: max_rows or None]:
-            lines.append(f"  {s['name'][:48]}  {'x'.join(map(str, s['shape'])) or 'scalar'}  {s['reason']}")
+            lines.append(f"  {s.name[:48]}  {'x'.join(map(str, s.shape)) or 'scalar'}  {s.reason}")
         if max_rows and len(report.skipped) > max_rows:
             lines.append(f"  ... {len(report.skipped) - max_rows} more (see --report)")
     t = report.totals

@@ -104,11 +104,18 @@ def test_check_flags_matmulnbits_blocks_along_n_and_block_sizes_it_cannot_fuse()
     assert check_model(fine, Target.ORT_CPU) == []
 
 
+def _messages(model, target: Target, rule: str) -> list[str]:
+    return [v.message for v in check_model(model, target) if v.rule == rule]
+
+
 def test_check_flags_tensorrt_int4_and_zero_point_rules():
+    """INT4 width rules come from the same table the search obeys (target-rule); zero points and dtypes from check."""
     conv = _dq_model(np.zeros((8, 4, 1, 2), ml_dtypes.int4), np.full((8, 4, 1, 1), 0.1, np.float32), "Conv", axis=3, block=2)
-    assert "trt-int4-gemm" in {v.rule for v in check_model(conv, Target.TENSORRT)}
+    assert any("Conv weights need 8 bits" in m for m in _messages(conv, Target.TENSORRT, "target-rule"))
     odd = _dq_model(np.zeros((64, 33), ml_dtypes.int4), np.full((2, 33), 0.1, np.float32), "MatMul", axis=0, block=32)
-    assert "trt-int4-even" in {v.rule for v in check_model(odd, Target.TENSORRT)}
+    assert any("even last dimension" in m for m in _messages(odd, Target.TENSORRT, "target-rule"))
+    even = _dq_model(np.zeros((64, 32), ml_dtypes.int4), np.full((2, 32), 0.1, np.float32), "MatMul", axis=0, block=32)
+    assert check_model(even, Target.TENSORRT) == []
     shifted = _dq_model(np.zeros((64, 32), np.uint8), np.full(32, 0.1, np.float32), "MatMul", axis=1, block=0,
                         zero_point=np.full(32, 3, np.uint8))
     rules = {v.rule for v in check_model(shifted, Target.TENSORRT)}

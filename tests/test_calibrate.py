@@ -104,11 +104,11 @@ def test_output_sensitivity_protects_the_layer_whose_inputs_amplify_error():
     m, feeds = _correlated_pair()
     weight = quantize(m, QuantConfig(search=MixQuantRule(qem=1.5), sensitivity=Sensitivity.WEIGHT, min_elements=0), calibration=feeds)
     output = quantize(m, QuantConfig(search=MixQuantRule(qem=1.5), sensitivity=Sensitivity.OUTPUT, min_elements=0), calibration=feeds)
-    bits_w = {t["name"]: t["chosen"]["bits"] for t in weight.report.tensors}
-    bits_o = {t["name"]: t["chosen"]["bits"] for t in output.report.tensors}
+    bits_w = {t.name: t.chosen.bits for t in weight.report.tensors}
+    bits_o = {t.name: t.chosen.bits for t in output.report.tensors}
     assert bits_o["b"] == 8 and bits_o["a"] == bits_o["c"] == 4
     assert bits_w["b"] == 4  # weight error alone cannot tell the layers apart
-    assert all(t["output_statistics"] == "collected" for t in output.report.tensors)
+    assert all(t.output_statistics == "collected" for t in output.report.tensors)
     # And at the model output it pays: mixed by output error beats mixed by weight error.
     x = feeds[0]
     ref = run(m, x)[0]

@@ -70,7 +70,7 @@ def test_tensorrt_puts_int4_only_on_blockwise_gemm_weights():
     m = onnx.load(str(DIGITS))
     cfg = QuantConfig(search=Uniform(4), target=Target.TENSORRT, layouts=(Layout(Granularity.BLOCK, 32),), min_elements=0)
     result = quantize(m, cfg)
-    chosen = {t["name"]: (t["chosen"]["container"], t["chosen"]["granularity"]) for t in result.report.tensors}
+    chosen = {t.name: (t.chosen.container, t.chosen.granularity) for t in result.report.tensors}
     assert chosen["fc1.weight"] == ("int4", "block32")
     assert chosen["conv2.weight"][0] == "int8"  # TensorRT has no INT4 convolution
     assert check_model(result.model, Target.TENSORRT) == []
@@ -78,7 +78,7 @@ def test_tensorrt_puts_int4_only_on_blockwise_gemm_weights():
 
 def test_ort_cuda_is_weight_only_with_sub_byte_weights_on_matmul_only():
     result = quantize(onnx.load(str(DIGITS)), QuantConfig(search=Uniform(4), target=Target.ORT_CUDA, min_elements=0))
-    containers = {t["name"]: t["chosen"]["container"] for t in result.report.tensors}
+    containers = {t.name: t.chosen.container for t in result.report.tensors}
     assert containers["conv2.weight"] == "uint8" and containers["fc1.weight"] == "uint4"
     assert check_model(result.model, Target.ORT_CUDA) == []
     with pytest.raises(ConfigError, match="CUDA EP has no integer Conv"):

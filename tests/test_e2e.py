@@ -63,17 +63,17 @@ def _feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
 def test_e2e_protects_the_layer_that_weight_error_ranks_wrongly():
     m = misranked_model()
     feeds = _feeds(8)
-    sizes = {b: quantize(m, QuantConfig(search=Uniform(b), min_elements=0)).report.tensors[0]["chosen"]["bytes"] for b in (4, 8)}
+    sizes = {b: quantize(m, QuantConfig(search=Uniform(b), min_elements=0)).report.tensors[0].chosen.bytes for b in (4, 8)}
     one_at_8 = sizes[4] + sizes[8]  # room for exactly one layer at 8 bits
     base = dict(search=Budget(max_bytes=one_at_8), layouts=(PER_CHANNEL,), min_elements=0)
     by_weight = quantize(m, QuantConfig(sensitivity=Sensitivity.WEIGHT, **base), evaluation=feeds)
     by_e2e = quantize(m, QuantConfig(sensitivity=Sensitivity.E2E, **base), evaluation=feeds)
-    bits = {r: {t["name"]: t["chosen"]["bits"] for t in x.report.tensors} for r, x in (("weight", by_weight), ("e2e", by_e2e))}
+    bits = {r: {t.name: t.chosen.bits for t in x.report.tensors} for r, x in (("weight", by_weight), ("e2e", by_e2e))}
     # Weight error spends the 8 bits on the outlier layer; the end-to-end measurement on the one that matters.
-    w_err = {t["name"]: t["errors"][0]["nmse"] for t in by_weight.report.tensors}
+    w_err = {t.name: t.errors[0].nmse for t in by_weight.report.tensors}
     assert w_err["quiet"] > 3 * w_err["loud"]
     assert bits["e2e"] == {"loud": 8, "quiet": 4}
-    e2e = {t["name"]: {e["bits"]: e["e2e"] for e in t["errors"]} for t in by_e2e.report.tensors}
+    e2e = {t.name: {e.bits: e.e2e for e in t.errors} for t in by_e2e.report.tensors}
     assert e2e["loud"][4] > 10 * e2e["quiet"][4]
     # In ONNX Runtime, on held-out inputs, the end-to-end plan is far more accurate.
     held_out = _feeds(8, seed=7)
@@ -134,7 +134,7 @@ def test_max_loss_returns_the_smallest_plan_within_the_loss():
     q8 = quantize(m, QuantConfig(search=Uniform(8), min_elements=0)).report.totals.quantized_bytes
     assert result.report.totals.quantized_bytes < q8
     # It keeps the loud layer wide and squeezes the quiet one.
-    bits = {t["name"]: t["chosen"]["bits"] for t in result.report.tensors}
+    bits = {t.name: t.chosen.bits for t in result.report.tensors}
     assert bits["quiet"] == 4 and bits["loud"] == 8
     with pytest.raises(BudgetError, match="cannot be met: even the most accurate plan"):
         quantize(m, QuantConfig(search=MaxLoss(1e-12), min_elements=0), evaluation=feeds)
@@ -143,9 +143,9 @@ def test_max_loss_returns_the_smallest_plan_within_the_loss():
 def test_mixquant_rule_uses_end_to_end_distance():
     m = misranked_model()
     result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.0), layouts=(PER_CHANNEL,), min_elements=0), evaluation=_feeds(8))
-    bits = {t["name"]: t["chosen"]["bits"] for t in result.report.tensors}
+    bits = {t.name: t.chosen.bits for t in result.report.tensors}
     assert bits == {"loud": 8, "quiet": 4}
-    assert all("end-to-end distance" in t["reason"] for t in result.report.tensors)
+    assert all("end-to-end distance" in t.reason for t in result.report.tensors)
 
 
 def test_output_kinds():
@@ -266,9 +266,9 @@ def test_subgraph_weights_are_measured_end_to_end():
     result = quantize(m, QuantConfig(search=Budget(target_bits=6), min_elements=0), evaluation=feeds)
     e = result.report.end_to_end
     assert e["weights_measured"] == 2 and e["not_measured"] == {}
-    graphs = {t["name"]: t["graph"] for t in result.report.tensors}
+    graphs = {t.name: t.graph for t in result.report.tensors}
     assert graphs == {"tw": "main/branch:then_branch", "outer_w": "main"}
-    assert all(err["e2e"] is not None and err["e2e"] > 0 for t in result.report.tensors for err in t["errors"])
+    assert all(err.e2e is not None and err.e2e > 0 for t in result.report.tensors for err in t.errors)
     for f in feeds:
         ref, out = run(m, f)[0], run(result.model, f)[0]
         assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99

@@ -26,7 +26,7 @@ def test_constant_node_weight():
     m = make_model([const, mm], [vi("x", [4, 64])], [vi("y", [4, 32])])
     result, s = quantize_and_compare(m, {"x": _w((4, 64), 1)}, CFG8)
     assert s > 30
-    assert result.report.tensors[0]["source"] == "constant"
+    assert result.report.tensors[0].source == "constant"
     assert count_ops(result.model, "DequantizeLinear") == 1
     assert not any(n.op_type == "Constant" and n.output[0] == "w" for n in result.model.graph.node)
 
@@ -47,7 +47,7 @@ def test_if_bodies_and_outer_scope_weights(cond):
     m = _if_model()
     result, s = quantize_and_compare(m, {"cond": np.array(cond), "x": _w((4, 64), 1)}, CFG8)
     assert s > 30
-    names = {(t["name"], t["graph"]) for t in result.report.tensors}
+    names = {(t.name, t.graph) for t in result.report.tensors}
     assert names == {("tw", "main/branch:then_branch"), ("outer_w", "main")}
     assert count_ops(result.model, "DequantizeLinear") == 2
 
@@ -68,7 +68,7 @@ def test_loop_body_weight():
         [init("n", np.array(3, np.int64)), init("c", np.array(True))],
     )
     result, s = quantize_and_compare(m, {"h0": _w((2, 32), 5) * 10}, CFG8)
-    assert s > 30 and result.report.tensors[0]["graph"] == "main/loop:body"
+    assert s > 30 and result.report.tensors[0].graph == "main/loop:body"
 
 
 def test_shared_weight_is_quantized_once():
@@ -78,8 +78,8 @@ def test_shared_weight_is_quantized_once():
     m = make_model([n1, n2], [vi("x", [2, 64])], [vi("y", [2, 64])], [w])
     result, s = quantize_and_compare(m, {"x": _w((2, 64), 1)}, CFG8)
     assert s > 30 and count_ops(result.model, "DequantizeLinear") == 1
-    assert result.report.tensors[0]["consumers"] == ["mm1", "mm2"]
-    assert result.report.tensors[0]["chosen"]["granularity"] == "channel"
+    assert result.report.tensors[0].consumers == ["mm1", "mm2"]
+    assert result.report.tensors[0].chosen.granularity == "channel"
 
 
 def test_shared_weight_with_disagreeing_axes_falls_back_to_a_common_layout():
@@ -88,8 +88,8 @@ def test_shared_weight_with_disagreeing_axes_falls_back_to_a_common_layout():
     n2 = helper.make_node("Gemm", ["a", "w"], ["y"], name="gemm", transB=1)  # channel axis 0
     m = make_model([n1, n2], [vi("x", [2, 64])], [vi("y", [2, 64])], [w])
     result, s = quantize_and_compare(m, {"x": _w((2, 64), 1)}, CFG8)
-    assert result.report.tensors[0]["chosen"]["granularity"] == "tensor"
-    assert result.report.tensors[0]["notes"] and s > 25
+    assert result.report.tensors[0].chosen.granularity == "tensor"
+    assert result.report.tensors[0].notes and s > 25
 
 
 @pytest.mark.parametrize("opset,scale_type,casts", [(21, TensorProto.FLOAT16, 0), (13, TensorProto.FLOAT, 1)])
@@ -110,7 +110,7 @@ def test_bf16_weight_through_cast():
     mm = helper.make_node("MatMul", ["x", "w32"], ["y"], name="mm")
     m = make_model([cast, mm], [vi("x", [4, 64])], [vi("y", [4, 32])], [w])
     result, s = quantize_and_compare(m, {"x": _w((4, 64), 1)}, CFG8)
-    assert s > 25 and result.report.tensors[0]["via"] == ["Cast"]
+    assert s > 25 and result.report.tensors[0].via == ["Cast"]
     assert count_ops(result.model, "Cast") == 2  # ours (f32 -> bf16) and the model's
 
 
@@ -121,7 +121,7 @@ def test_transpose_chain_maps_the_channel_axis():
     m = make_model([tr, mm], [vi("x", [4, 64])], [vi("y", [4, 32])], [w])
     result, s = quantize_and_compare(m, {"x": _w((4, 64), 1)}, CFG8)
     t = result.report.tensors[0]
-    assert (t["channel_axis"], t["reduction_axis"]) == (0, 1) and t["via"] == ["Transpose"] and s > 30
+    assert (t.channel_axis, t.reduction_axis) == (0, 1) and t.via == ["Transpose"] and s > 30
 
 
 def test_reshape_chain_keeps_leading_axis():
@@ -132,7 +132,7 @@ def test_reshape_chain_keeps_leading_axis():
     m = make_model([rs, conv], [vi("x", [1, 16, 6, 6])], [vi("y", [1, 32, 6, 6])], [w, shape])
     result, s = quantize_and_compare(m, {"x": _w((1, 16, 6, 6), 1)}, CFG8)
     t = result.report.tensors[0]
-    assert t["channel_axis"] == 0 and t["chosen"]["granularity"] == "channel" and s > 30
+    assert t.channel_axis == 0 and t.chosen.granularity == "channel" and s > 30
 
 
 def test_weight_that_is_also_a_graph_input_or_output_stays_float():
@@ -164,7 +164,7 @@ def test_partly_quantized_model_keeps_its_quantized_part():
     del g.output[:]
     g.output.append(vi("z", [1, 32, 8, 8]))
     result = quantize(once, CFG8)
-    assert [t["name"] for t in result.report.tensors] == ["w2"]
+    assert [t.name for t in result.report.tensors] == ["w2"]
     assert any("already contains quantization ops" in n for n in result.report.notes)
     onnx.checker.check_model(result.model, full_check=True)
 
@@ -246,18 +246,18 @@ def test_failed_opset_conversion_falls_back_to_int8(monkeypatch, opset, granular
     # 4 bits would need opset 21 (INT4); with the converter broken they must fall back to an 8-bit container.
     result, s = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
     assert result.model.opset_import[0].version == opset
-    t = result.report.tensors[0]["chosen"]
-    assert t["container"] == "uint8" and t["granularity"] == granularity
+    t = result.report.tensors[0].chosen
+    assert t.container == "uint8" and t.granularity == granularity
     assert any("could not convert" in n for n in result.report.notes)
     assert any(f"fell back to what opset {opset} supports" in n for n in result.report.notes)
-    assert result.report.tensors[0]["chosen"]["bits"] == 4 and s > 10
+    assert result.report.tensors[0].chosen.bits == 4 and s > 10
 
 
 def test_int2_output_runs_at_opset_25():
     m, feeds = _mm_model(13)
     result, s = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(2), allow_int2=True, min_elements=0))
     assert result.model.opset_import[0].version == 25 and result.model.ir_version >= 13
-    assert result.report.tensors[0]["chosen"]["container"] == "uint2"
+    assert result.report.tensors[0].chosen.container == "uint2"
     q = [t for t in result.model.graph.initializer if t.name == "w_quantized"][0]
     assert q.data_type == TensorProto.UINT2 and len(q.raw_data) == 64 * 48 // 4
     assert s > 3
@@ -273,7 +273,7 @@ def test_scan_body_weight():
     scan = helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1)
     m = make_model([scan], [vi("s0", [1, 32]), vi("xs", [5, 1, 32])], [vi("s", [1, 32]), vi("ys", [5, 1, 32])])
     result, s = quantize_and_compare(m, {"s0": _w((1, 32), 7), "xs": _w((5, 1, 32), 8) * 10}, CFG8)
-    assert s > 30 and result.report.tensors[0]["graph"] == "main/scan:body"
+    assert s > 30 and result.report.tensors[0].graph == "main/scan:body"
     assert count_ops(result.model, "DequantizeLinear") == 1
 
 

@@ -108,8 +108,8 @@ def test_each_consumer_op_quantizes_and_runs(case):
     r8, s8 = quantize_and_compare(model, feeds)
     weights = [t for t in r8.report.tensors]
     assert len(weights) == (2 if case in ("lstm", "gru", "rnn") else 1)
-    assert (weights[0]["channel_axis"], weights[0]["reduction_axis"]) == EXPECTED_AXIS[case]
-    assert all(t["chosen"]["granularity"] == "channel" for t in weights)
+    assert (weights[0].channel_axis, weights[0].reduction_axis) == EXPECTED_AXIS[case]
+    assert all(t.chosen.granularity == "channel" for t in weights)
     assert count_ops(r8.model, "DequantizeLinear") == len(weights)
     assert s8 > 30, f"8-bit SQNR {s8:.1f} dB"
     r4, s4 = quantize_and_compare(model, feeds, QuantConfig(search=Uniform(4), min_elements=0))
@@ -124,7 +124,7 @@ def test_blockwise_and_per_tensor_layouts_run(case, gran):
     cfg = QuantConfig(search=Uniform(8), layouts=(Layout.parse(gran),), min_elements=0)
     result, s = quantize_and_compare(model, feeds, cfg)
     assert s > 25
-    chosen = {t["chosen"]["granularity"] for t in result.report.tensors}
+    chosen = {t.chosen.granularity for t in result.report.tensors}
     if gran == "tensor":
         assert chosen == {"tensor"}
     elif case == "lstm":

@@ -52,7 +52,7 @@ def test_data_aware_rounding_beats_round_to_nearest_at_3_bits(method):
     for m in (Method.RTN, Method.MSE, method):
         result = quantize(model, QuantConfig(search=Uniform(3), min_elements=0, method=m), calibration=calib)
         errors[m] = _output_error(model, result.model, held_out)
-        assert result.report.tensors[0]["rounding"]["method"] == m.value
+        assert result.report.tensors[0].rounding.method == m.value
     # The output error on unseen inputs, measured in ONNX Runtime, drops well below round-to-nearest's.
     assert errors[method] < 0.7 * errors[Method.RTN], errors
     assert errors[method] < errors[Method.MSE], errors
@@ -118,7 +118,7 @@ def test_bias_correction_removes_the_mean_output_shift(case):
         axes = (0, 2, 3) if out.ndim == 4 else (0,)
         shift[bc] = float(np.abs((out - ref).mean(axis=axes)).mean())
         if bc:
-            assert result.report.tensors[0]["rounding"]["bias_correction"] == "corrected"
+            assert result.report.tensors[0].rounding.bias_correction == "corrected"
     assert shift[True] < 0.3 * shift[False], shift
 
 
@@ -132,7 +132,7 @@ def test_bias_correction_copies_a_shared_bias_and_reports_what_it_cannot_correct
     model = make_model(nodes, [vi("x", ["n", K])], [vi("y1", ["n", N]), vi("y2", ["n", N]), vi("y3", ["n", N])], [w1, w2, b])
     calib = [{"x": _correlated(r, 64)}]
     result = quantize(model, QuantConfig(search=Uniform(2), min_elements=0, bias_correction=True), calibration=calib)
-    outcome = {t["name"]: t["rounding"]["bias_correction"] for t in result.report.tensors}
+    outcome = {t.name: t.rounding.bias_correction for t in result.report.tensors}
     assert outcome["w1"] == "corrected"
     assert "does not go to a single Add" in outcome["w2"]  # y2 is a graph output as well
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
@@ -156,8 +156,8 @@ def test_search_with_method_measures_the_method_error():
     calib = [{"x": _correlated(r, 64)} for _ in range(4)]
     cheap = quantize(model, QuantConfig(search=Uniform(3), min_elements=0, method=Method.GPTQ), calibration=calib)
     costly = quantize(model, QuantConfig(search=Uniform(3), min_elements=0, method=Method.GPTQ, search_with_method=True), calibration=calib)
-    e_cheap = cheap.report.tensors[0]["chosen"]["output_error"]
-    e_costly = costly.report.tensors[0]["chosen"]["output_error"]
+    e_cheap = cheap.report.tensors[0].chosen.output_error
+    e_costly = costly.report.tensors[0].chosen.output_error
     assert e_costly < 0.7 * e_cheap  # GPTQ's own error, not round-to-nearest's
     assert costly.model.SerializeToString() == cheap.model.SerializeToString()
 

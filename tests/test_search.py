@@ -39,7 +39,7 @@ WEIGHT_RULE = dict(sensitivity=Sensitivity.WEIGHT, layouts=(PER_CHANNEL,), min_e
 
 
 def _bits(result):
-    return {t["name"]: t["chosen"]["bits"] for t in result.report.tensors}
+    return {t.name: t.chosen.bits for t in result.report.tensors}
 
 
 def test_mixquant_gives_the_sensitive_layer_more_bits():
@@ -48,7 +48,7 @@ def test_mixquant_gives_the_sensitive_layer_more_bits():
     bits = _bits(result)
     assert bits == {"gauss0": 4, "gauss1": 4, "gauss2": 4, "heavy": 8}
     # The heavy layer's normalised error at 4 bits is far above the Gaussian one's.
-    errs = {t["name"]: {(e["bits"], e["granularity"]): e["nmse"] for e in t["errors"]} for t in result.report.tensors}
+    errs = {t.name: {(e.bits, e.granularity): e.nmse for e in t.errors} for t in result.report.tensors}
     assert errs["heavy"][(4, "channel")] > 5 * errs["gauss0"][(4, "channel")]
     # And it pays off: better than uniform 4 bits at the model output.
     _, s4 = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
@@ -58,13 +58,13 @@ def test_mixquant_gives_the_sensitive_layer_more_bits():
 def test_mixquant_literal_bits_picks_the_lowest_width_within_threshold():
     m, feeds = two_layer_model()
     result = quantize(m, QuantConfig(search=MixQuantRule(qem=1.0), storage_aware=False, **WEIGHT_RULE))
-    t = {x["name"]: x for x in result.report.tensors}
+    t = {x.name: x for x in result.report.tensors}
     thr = result.report.search["threshold"]
     for name, rep in t.items():
-        chosen = rep["chosen"]["bits"]
-        lower = [e for e in rep["errors"] if e["bits"] < chosen]
-        assert all(e["nmse"] > thr for e in lower)
-        assert rep["chosen"]["nmse"] <= thr or chosen == 8
+        chosen = rep.chosen.bits
+        lower = [e for e in rep.errors if e.bits < chosen]
+        assert all(e.nmse > thr for e in lower)
+        assert rep.chosen.nmse <= thr or chosen == 8
 
 
 def test_storage_aware_never_picks_a_lossier_width_for_the_same_bytes():
@@ -118,7 +118,7 @@ def test_budget_with_int2_and_granularity_choices_mixes_at_the_int4_size():
     cfg = QuantConfig(search=Budget(max_bytes=q4), allow_int2=True,
                       layouts=(Layout.parse("channel"), Layout.parse("block32"), Layout.parse("block128")), min_elements=0)
     result, s = quantize_and_compare(m, feeds, cfg)
-    chosen = {(t["chosen"]["bits"], t["chosen"]["granularity"]) for t in result.report.tensors}
+    chosen = {(t.chosen.bits, t.chosen.granularity) for t in result.report.tensors}
     assert result.report.totals.quantized_bytes <= q4
     assert result.model.opset_import[0].version == 25 or all(b != 2 for b, _ in chosen)
     _, s4 = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
@@ -161,7 +161,7 @@ def test_force_bits_and_keep_float_patterns():
     cfg = QuantConfig(search=Uniform(4), force_bits=(ForceBits.parse("mm_heavy=8"),), keep_float=("gau*",), min_elements=0)
     result = quantize(m, cfg)
     assert _bits(result) == {"heavy": 8}
-    assert any(s["name"] == "gauss0" and "--keep-float" in s["reason"] for s in result.report.skipped)
+    assert any(s.name == "gauss0" and "--keep-float" in s.reason for s in result.report.skipped)
 
 
 def test_fake_quantize_matches_stored_integers_bit_for_bit():

@@ -289,7 +289,7 @@ def sensitivity_probe(case, ref: list[np.ndarray], samples: int = 60) -> tuple[l
     from mixq_onnx import ForceBits, QuantConfig, Uniform, quantize
 
     base = quantize(str(case.model), QuantConfig(search=Uniform(4)))
-    tensors = [(t["name"], t["op_types"], t["params"], t["chosen"]["nmse"]) for t in base.report.tensors]
+    tensors = [(t.name, t.op_types, t.params, t.chosen.nmse) for t in base.report.tensors]
     feeds = case.eval_feeds[: max(1, samples // max(1, len(next(iter(case.eval_feeds[0].values())))))]
     ref_sub = ref[: len(feeds)]
     fp = case.score(ref_sub, ref_sub)[case.metric_name]

@@ -2,8 +2,13 @@
 
 Every QuantizeLinear and DequantizeLinear in the main graph is read with its
 dtype, zero point, scale, axis and block size, and with the ops that read its
-output; each broken rule becomes a :class:`Violation` naming the node. The
-rules are those of :mod:`mixq_onnx.targets` (see docs/targets.md, "Targets").
+output; each broken rule becomes a :class:`Violation` naming the node.
+Which weight options a target allows is decided by the same table the
+search obeys (:meth:`mixq_onnx.targets.TargetRules.option_problem`, rule
+``target-rule``): each weight DequantizeLinear is read back as an option
+(width, granularity, axis) and judged by it. The rules here are those a
+written graph can break beyond its options: dtypes, zero points, opsets,
+block placement for MatMulNBits, fusion patterns (see docs/targets.md).
 """
 
 from __future__ import annotations
@@ -14,14 +19,34 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..config import Target
-from .scopes import default_opset, node_label
+from ..kinds import Granularity, Target
+from ..numerics.qdq import QTYPES
+from ..targets import rules_for
 from .io import read_tensor
+from .scopes import default_opset, node_label
 
 # ONNX Runtime 1.32 has no DequantizeLinear kernel for opset 28 or for FLOAT4E2M1 (shared/runtime-facts.md).
 ORT_MAX_DQ_OPSET = 27
 TRT_TYPES = {"INT8", "INT4", "FLOAT8E4M3FN"}
-SUB_BYTE = {"INT4", "UINT4", "INT2", "UINT2"}
+# The quantization dtypes come from the one table (numerics.qdq.QTYPES), by their ONNX names.
+SUB_BYTE = {q.name.upper() for q in QTYPES.values() if q.bits < 8}
+# The width a weight container stands for when it is read back as an option (activation-only 16-bit types excluded).
+CONTAINER_BITS = {q.name.upper(): q.bits for q in QTYPES.values() if q.bits <= 8}
+
+
+@dataclass(frozen=True)
+class _Use:
+    op_type: str
+
+
+@dataclass(frozen=True)
+class _WrittenWeight:
+    """A weight DequantizeLinear read back as the facts the target rules judge (see targets.WeightFacts)."""
+
+    uses: tuple[_Use, ...]
+    shape: tuple[int, ...]
+    channel_axis: int | None
+    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +154,11 @@ def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
     def bad(q: _QNode, rule: str, message: str) -> None:
         found.append(Violation(q.label, rule, message))
 
+    rules = rules_for(target)
     for q in qnodes:
+        problem = _option_problem(q, rules, bool(activation_q))
+        if problem:
+            bad(q, "target-rule", problem)
         if q.scale is not None and (not np.all(np.isfinite(q.scale)) or np.any(q.scale <= 0)):
             bad(q, "positive-scale", "scales must be finite and greater than 0")
         if q.scale is None and target is Target.TENSORRT:
@@ -140,17 +169,12 @@ def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
             if q.dtype.startswith("FLOAT4"):
                 bad(q, "dq-dtype", f"ONNX Runtime has no DequantizeLinear kernel for {q.dtype}")
         if target is Target.TENSORRT:
-            _tensorrt(q, produced_by_dq, bad)
+            _tensorrt(q, bad)
         elif target is Target.ORT_CUDA:
             if q.node.op_type == "QuantizeLinear":
                 bad(q, "cuda-activations", "the CUDA EP runs activation Q/DQ unfused (no integer Conv/MatMul kernels); quantize weights only")
-            elif q.dtype in SUB_BYTE and any(r.op_type not in ("MatMul", "Gemm") for r, _ in q.readers):
-                bad(q, "cuda-sub-byte", f"{q.dtype} weights run fast on the CUDA EP only as MatMulNBits (MatMul/Gemm)")
             elif q.dtype in ("INT2", "UINT2"):
                 bad(q, "cuda-int2", "INT2 weights have no CUDA kernel")
-            elif q.block_size and any(r.op_type not in ("MatMul", "Gemm") for r, _ in q.readers):
-                bad(q, "cuda-blockwise", "the CUDA EP's DequantizeLinear has no block-wise kernel (only MatMulNBits fuses "
-                                         "blocks, on MatMul/Gemm); use per-channel scales here")
         elif target is Target.ORT_CPU:
             _ort_cpu(q, produced_by_dq, bool(activation_q), bad)
     if target is Target.ORT_CPU and activation_q:
@@ -159,38 +183,37 @@ def check_model(model: onnx.ModelProto, target: Target) -> list[Violation]:
     return found
 
 
-def _tensorrt(q: _QNode, produced_by_dq: set[str], bad) -> None:
+def _option_problem(q: _QNode, rules, activations: bool) -> str:
+    """What the target's rules table says of a weight DequantizeLinear, read back as an option ('' if allowed)."""
+    bits = CONTAINER_BITS.get(q.dtype)
+    if q.node.op_type != "DequantizeLinear" or not q.data_is_const or not q.readers or bits is None:
+        return ""
+    rank = len(q.shape)
+    axis = q.axis % rank if q.axis is not None and rank else 0
+    granularity = Granularity.BLOCK if q.block_size else Granularity.CHANNEL if q.axis is not None else Granularity.TENSOR
+    r, slot = q.readers[0]
+    facts = _WrittenWeight(tuple(_Use(x.op_type) for x, _ in q.readers), q.shape, _weight_axis(r, slot, rank))
+    return rules.option_problem(facts, bits, granularity, axis, activations)
+
+
+def _tensorrt(q: _QNode, bad) -> None:
     if q.dtype not in TRT_TYPES:
         bad(q, "trt-dtype", f"{q.dtype} Q/DQ is rejected by TensorRT; use INT8 (or INT4 weight-only)")
     if q.zero_point is not None and np.any(q.zero_point != 0):
         bad(q, "trt-symmetric", "TensorRT quantization is symmetric: zero points must be 0")
-    if q.axis is not None:
-        if not q.data_is_const:
-            bad(q, "trt-per-channel-activation", "per-channel scales apply to weights only")
-        elif q.block_size == 0:
-            for r, slot in q.readers:
-                want = _weight_axis(r, slot, len(q.shape))
-                if want is None or q.axis % max(len(q.shape), 1) != want:
-                    bad(q, "trt-weight-axis", f"per-channel axis {q.axis} is not the output-channel axis of {r.op_type} {r.name}")
-    if q.dtype == "INT4" or q.block_size:
-        if q.dtype != "INT4" or not q.block_size:
-            bad(q, "trt-int4-blockwise", "INT4 is weight-only block-wise, and block-wise scales are INT4 only")
-        for r, slot in q.readers:
-            if r.op_type not in ("MatMul", "Gemm"):
-                bad(q, "trt-int4-gemm", f"INT4 weights must feed MatMul/Gemm, not {r.op_type}")
-            elif any(i in produced_by_dq for k, i in enumerate(r.input[:2]) if k != slot):
-                bad(q, "trt-int4-weight-only", f"INT4 {r.op_type} must be weight-only (its activation input is quantized)")
-        if q.shape and q.shape[-1] % 2:
-            bad(q, "trt-int4-even", "INT4 weights need an even last dimension")
+    if q.axis is not None and not q.data_is_const:
+        bad(q, "trt-per-channel-activation", "per-channel scales apply to weights only")
 
 
 def _ort_cpu(q: _QNode, produced_by_dq: set[str], has_activations: bool, bad) -> None:
     if q.node.op_type != "DequantizeLinear" or not q.data_is_const:
         return
     for r, slot in q.readers:
-        if r.op_type == "Gather" and q.dtype in SUB_BYTE:
+        # 2-bit tables are refused by the rules table (target-rule); a 4-bit one is allowed there only because the
+        # rewrite looks up its packed rows, so a 4-bit DequantizeLinear feeding Gather is a graph we would not write.
+        if r.op_type == "Gather" and q.dtype in ("INT4", "UINT4"):
             bad(q, "ort-gather-sub-byte", f"a {q.dtype} table is dequantized whole on every run (Gather takes no 4-bit tensors); "
-                                          "use 8 bits, whose rows are looked up before dequantizing")
+                                          "look up packed rows (as mixq-onnx writes them) or use 8 bits")
         if r.op_type == "MatMul" and q.dtype in SUB_BYTE and q.block_size and q.axis == len(q.shape) - 1:
             bad(q, "ort-nbits-axis", "blocks along N are not fused into MatMulNBits; block along K (axis 0 of [K,N])")
         if r.op_type in ("MatMul", "Gemm") and q.block_size and not 16 <= q.block_size <= 256:
