@@ -477,18 +477,23 @@ class Spill:
         self._finalizer = weakref.finalize(self, _remove_spill, self._file, self.dir)
         self.bytes = 0
 
-    def take(self, t: onnx.TensorProto) -> None:
-        """Move ``t``'s data to the scratch file if it is at least 64 KiB (small tensors stay inline)."""
+    def take(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        """``t`` with its data moved to the scratch file if it is at least 64 KiB (small tensors come back as they are).
+
+        The result is a new message: clearing the data of ``t`` itself would
+        not free it (protobuf keeps a message's bytes in its arena until the
+        message goes), so the caller drops ``t`` and keeps the light copy.
+        """
         if is_external(t) or t.data_type == TensorProto.STRING or t.ByteSize() < _ALIGN_FROM:
-            return
+            return t
         raw = _raw_bytes(t)
         start = _pad_to(self._file, len(raw))
         self._file.write(raw)
         self._file.flush()
-        for f in ("raw_data", *_TYPED_FIELDS):
-            t.ClearField(f)
-        _set_location(t, str(self.path), start, len(raw))
+        light = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+        _set_location(light, str(self.path), start, len(raw))
         self.bytes += len(raw)
+        return light
 
     def close(self) -> None:
         self._finalizer()

@@ -322,8 +322,8 @@ def apply_plan(
                 nodes = []
             del qt  # with a lazy ``tensors`` this frees the integers before the next weight is rounded
             if site.source is Source.INITIALIZER:
-                for t in made if spill is not None else ():
-                    spill.take(t)
+                if spill is not None:
+                    made = [spill.take(t) for t in made]
                 replaced_inits[inits[site.name]] = made
                 front.extend(nodes)
             else:
