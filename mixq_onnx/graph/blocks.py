@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .scopes import reads
+
 log = logging.getLogger(__name__)
 
 # Their outputs do not depend on the values of their inputs, only on shapes.
@@ -47,24 +49,6 @@ class Partition:
     blocks: tuple[Block, ...]
     # Weights read by more than one block: kept as rounded by the layer-wise method (one block cannot own them).
     shared: tuple[str, ...]
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs read from the enclosing scope."""
-    out: set[str] = set()
-    for attr in node.attribute:
-        graphs = list(attr.graphs) + ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else [])
-        for g in graphs:
-            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                out.update(i for i in list(n.input) + sorted(_subgraph_reads(n)) if i and i not in defined)
-                defined.update(n.output)
-    return out
-
-
-def reads(node: onnx.NodeProto) -> list[str]:
-    """Every tensor a node reads: its inputs and what its subgraphs take from the outer scope."""
-    return [i for i in node.input if i] + sorted(_subgraph_reads(node) - set(node.input))
 
 
 def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int) -> Partition:

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from .find import Source, WeightSite
-from .scopes import MAIN, Namer, all_names, default_opset, iter_scopes, node_label
+from .scopes import MAIN, Namer, all_names, default_opset, iter_scopes, node_label, reads
 from .io import Spill, read_tensor
 from ..numerics.qdq import Grid, QuantizedTensor
 
@@ -296,7 +296,9 @@ def apply_plan(
         if not ds:
             continue
         graph = scopes[path]
-        front: list[onnx.NodeProto] = []
+        # Each weight's DequantizeLinear goes right before the first node that reads the weight: runtimes that keep
+        # the node order (ONNX Runtime does) then dequantize each weight when it is needed, not every weight up front.
+        before: dict[str, list[onnx.NodeProto]] = {}
         inits = {t.name: i for i, t in enumerate(graph.initializer)}
         replaced_inits: dict[int, list[onnx.TensorProto]] = {}
         replaced_consts: dict[str, list[onnx.NodeProto]] = {}
@@ -325,7 +327,7 @@ def apply_plan(
                 if spill is not None:
                     made = [spill.take(t) for t in made]
                 replaced_inits[inits[site.name]] = made
-                front.extend(nodes)
+                before[site.name] = nodes
             else:
                 consts = [helper.make_node("Constant", [], [t.name], name=namer(f"{t.name}_Constant"), value=t) for t in made]
                 replaced_consts[site.name] = consts + nodes
@@ -335,8 +337,19 @@ def apply_plan(
                 new_inits.extend(replaced_inits.get(i, [t]))
             del graph.initializer[:]
             graph.initializer.extend(new_inits)
-        new_nodes = list(front)
+        first_reader: dict[str, int] = {}
         for i, n in enumerate(graph.node):
+            for r in reads(n):
+                if r in before:
+                    first_reader.setdefault(r, i)
+        # Weights no node reads (graph outputs only) are dequantized first.
+        new_nodes = [m for name, ns in before.items() if name not in first_reader for m in ns]
+        due: dict[int, list[onnx.NodeProto]] = {}
+        for name, ns in before.items():
+            if name in first_reader:
+                due.setdefault(first_reader[name], []).extend(ns)
+        for i, n in enumerate(graph.node):
+            new_nodes.extend(due.get(i, []))
             if i in replaced_nodes:
                 new_nodes.extend(replaced_nodes[i])
             elif n.op_type == "Constant" and n.output and n.output[0] in replaced_consts:
@@ -351,13 +364,7 @@ def apply_plan(
 
 def _outer_references(graph: onnx.GraphProto) -> set[str]:
     """Names that subgraphs of ``graph``'s nodes read from it (a table they read must stay whole)."""
-    refs: set[str] = set()
-    for n in graph.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for scope in iter_scopes(sub):
-                    refs.update(i for m in scope.graph.node for i in m.input)
-    return refs
+    return {r for n in graph.node for r in reads(n) if r not in n.input}
 
 
 @dataclass(frozen=True)

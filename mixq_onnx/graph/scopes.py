@@ -59,6 +59,24 @@ def resolve(scope: GraphScope, name: str) -> GraphScope | None:
     return None
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    out: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else [])
+        for g in graphs:
+            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                out.update(i for i in list(n.input) + sorted(_subgraph_reads(n)) if i and i not in defined)
+                defined.update(n.output)
+    return out
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and what its subgraphs take from the outer scope."""
+    return [i for i in node.input if i] + sorted(_subgraph_reads(node) - set(node.input))
+
+
 def all_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor and node name anywhere in the model, to avoid collisions."""
     names: set[str] = set()
