@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from mixq_onnx import QuantConfig
@@ -93,3 +94,19 @@ def test_the_scratch_file_holds_new_weights_until_closed(tmp_path):
     assert float(np.dot(q.ravel(), f.ravel()) / np.linalg.norm(q) / np.linalg.norm(f)) > 0.95
     result.close()
     assert os.listdir(scratch) == []
+
+
+def test_onnx_runtime_gets_links_even_when_the_temporary_folder_is_elsewhere(tmp_path, monkeypatch):
+    """A temporary folder on another file system (a tmpfs) cannot hold hard links: the links go beside the data."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second file system at /dev/shm")
+    path = _external_copy(tmp_path / "in")
+    monkeypatch.setattr("tempfile.tempdir", str(shm))
+    loaded = load_model(path)
+    with ort_model(loaded.model) as src:
+        assert isinstance(src, Path) and src.parent.parent == path.parent
+        data = [p for p in src.parent.iterdir() if p.name.startswith("linked")]
+        assert data and all(os.stat(p).st_ino == os.stat(path.parent / "model.onnx.data").st_ino for p in data)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".mixq-")]
+    assert np.allclose(run(loaded.model, IDS)[0], run(onnx.load(str(MODEL)), IDS)[0])

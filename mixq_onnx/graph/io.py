@@ -450,6 +450,27 @@ def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int |
         t.external_data.add(key="length", value=str(length))
 
 
+def _link_folder(model: onnx.ModelProto) -> Path | None:
+    """Where hard links to the model's data files can be made: the system's temporary folder if it shares their
+    file system, else their own folder if writable, else None (the system's, with copies)."""
+    sources = {Path(_external_info(t)["location"]) for t in _all_tensors(model) if is_external(t)}
+    if not sources:
+        return None
+    system = Path(tempfile.gettempdir())
+    try:
+        devices = {s.stat().st_dev for s in sources}
+        if devices == {system.stat().st_dev}:
+            return None
+    except OSError:
+        return None
+    folder = sorted(sources)[0].parent
+    if len(devices) == 1 and os.access(folder, os.W_OK):
+        return folder
+    log.warning("the model's data files are on another file system than %s and their folder is read-only: ONNX Runtime "
+                "gets copies of them (slow for big models; set TMPDIR to a folder on the same file system)", system)
+    return None
+
+
 def _link_or_copy(src: Path, folder: Path, name: str) -> str:
     try:
         os.link(src, folder / name)
@@ -521,11 +542,14 @@ def ort_model(model: onnx.ModelProto) -> Iterator[bytes | Path]:
     too big to serialize, are written to a temporary folder with their data
     files hard-linked, so ONNX Runtime maps the weights instead of receiving
     a copy. The folder is removed on exit; a session made inside keeps working.
+    Hard links need one file system: when the temporary folder is on another
+    (a tmpfs /tmp, say) the folder is made beside the data files instead, and
+    only when that folder is read-only are the files copied.
     """
     if not has_external_data(model) and model.ByteSize() <= EXTERNAL_THRESHOLD:
         yield model.SerializeToString()
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-ort-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-ort-", dir=_link_folder(model)))
     try:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
