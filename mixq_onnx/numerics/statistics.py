@@ -31,12 +31,16 @@ class InputStats:
     def add(self, rows: np.ndarray) -> None:
         """Accumulate a batch of input rows shaped [groups, rows, K].
 
-        Each batch's x^T x is one float32 BLAS product (rows in float32, as the
-        model computes them); batches are summed in float64, so rounding does
-        not grow with the number of batches.
+        Each group's x^T x is one float32 BLAS product (rows in float32, as
+        the model computes them); batches are summed in float64, so rounding
+        does not grow with the number of batches. One 2-D product per group:
+        numpy's stacked matmul of a transposed view runs without BLAS (6x
+        slower on a depthwise Conv's 240 groups, 40x on one small group).
         """
-        r = np.ascontiguousarray(rows, dtype=np.float32)
-        self.hessian += np.matmul(r.transpose(0, 2, 1), r)
+        r = np.asarray(rows, dtype=np.float32)
+        for g in range(r.shape[0]):
+            m = r[g]
+            self.hessian[g] += m.T @ m
         self.total += r.sum(axis=1, dtype=np.float64)
         self.rows += r.shape[1]
 
