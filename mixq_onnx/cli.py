@@ -309,8 +309,9 @@ class _GroupedCommand(click.Command):
         records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
         shown: set[str] = set()
         for group in GROUPS:
-            rows = [records[n] for n in group.names() if records.get(n)]
-            shown.update(group.names())
+            names = group.names()
+            rows = [records[n] for n in names if records.get(n)]
+            shown.update(names)
             with formatter.section(group.title):
                 formatter.write_dl(rows)  # type: ignore[arg-type]
         rest = [r for n, r in records.items() if r and n not in shown]

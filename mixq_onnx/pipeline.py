@@ -227,7 +227,7 @@ def quantize(
     if evaluation is None and calibration:
         evaluation, evaluation_source = calibration, "calibration samples"
     elif evaluation is None and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(prepared.original, prepared.path, {}, config.e2e_samples, 0)
+        evaluation, evaluation_source = _generated(prepared.original, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
     measured = measure_errors(prepared, config, calibration, progress, executor)
     rounder = Rounder(config, measured.stats, executor)
@@ -599,16 +599,12 @@ def _check(model: onnx.ModelProto, full: bool = True) -> str:
     return ""
 
 
-def _generated(model: onnx.ModelProto, path: Path | None, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
+def _generated(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
                ) -> tuple[list[Feed] | None, str]:
-    """Generated feeds and how they were made, or (None, why not) when the model does not run on them.
-
-    ORT reads the model from ``path`` when there is one.
-    """
-    src = path if path is not None else model
+    """Generated feeds and how they were made, or (None, why not) when the model does not run on them."""
     bounds = gather_index_bounds(model)
     try:
-        gen = generate_inputs(src, shapes, bounds, samples, seed)
+        gen = generate_inputs(model, shapes, bounds, samples, seed)
     except ConfigError as exc:
         return None, str(exc)
     return gen.feeds, f"generated inputs ({gen.describe()}, seed {seed})"
@@ -648,7 +644,7 @@ def quantize_file(
             shapes = gen.shapes
     evaluation, evaluation_source = None, ""
     if not feeds and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(loaded.model, None, shapes, config.e2e_samples, verify_options.seed)
+        evaluation, evaluation_source = _generated(loaded.model, shapes, config.e2e_samples, verify_options.seed)
         evaluation = evaluation or []
     result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source,
                       out.parent if out is not None else None, executor)

@@ -101,8 +101,12 @@ def measured(cmd: list[str]) -> tuple[float, int, int, int]:
     return seconds, usage.ru_maxrss * 1024, anon, code
 
 
+def _layers(gb: float) -> int:
+    return max(1, round(gb * 1e9 / (4 * layer_params(HIDDEN))))
+
+
 def stack(folder: Path, gb: float) -> tuple[Path, int]:
-    layers = max(1, round(gb * 1e9 / (4 * layer_params(HIDDEN))))
+    layers = _layers(gb)
     path = folder / f"stack_{layers}x{HIDDEN}.onnx"
     if not path.exists() or not (folder / (path.name + ".data")).exists():
         print(f"making {path} ({layers} layers)", flush=True)
@@ -172,8 +176,7 @@ def main() -> None:
 
 
 def _size_of(gb: float) -> float:
-    layers = max(1, round(gb * 1e9 / (4 * layer_params(HIDDEN))))
-    return 4 * layers * layer_params(HIDDEN) / 1e9
+    return 4 * _layers(gb) * layer_params(HIDDEN) / 1e9
 
 
 def _cells(run: dict) -> tuple[str, tuple[float, int, int] | None]:

@@ -165,16 +165,13 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         if length is not None and offset + length > size:
             raise ModelError(f"{p}: could not read external data for tensor '{t.name}' ({target.name} holds {size} bytes, "
                              f"the tensor needs bytes {offset} to {offset + length}); is the .data file complete?")
+        _set_location(t, str(target), offset, length)  # absolute: in memory only
         if length is not None and length < _EXTERNAL_MIN_BYTES:
             # Small tensors (shapes, axes) are read now: ONNX Runtime's shape inference needs them inline.
-            with open(target, "rb") as f:
-                f.seek(offset)
-                raw = f.read(length)
+            raw = _read_bytes(t)
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
             t.raw_data = raw
-            continue
-        _set_location(t, str(target), offset, length)  # absolute: in memory only
     log.info("loaded %s (%d nodes, external data: %s)", p, len(model.graph.node), bool(external))
     return LoadedModel(model, p, bool(external))
 
