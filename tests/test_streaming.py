@@ -110,3 +110,16 @@ def test_onnx_runtime_gets_links_even_when_the_temporary_folder_is_elsewhere(tmp
         assert data and all(os.stat(p).st_ino == os.stat(path.parent / "model.onnx.data").st_ino for p in data)
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".mixq-")]
     assert np.allclose(run(loaded.model, IDS)[0], run(onnx.load(str(MODEL)), IDS)[0])
+
+
+def test_a_non_numeric_external_offset_is_a_model_error(tmp_path):
+    """Found by tools/fuzz.py: the lazy loader parses offsets itself, so a damaged one must be refused, not crash."""
+    from mixq_onnx.errors import ModelError
+
+    path = _external_copy(tmp_path / "in")
+    m = onnx.load(str(path), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.external_data)
+    next(e for e in t.external_data if e.key == "offset").value = "abc"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(ModelError, match="not a byte count"):
+        load_model(path)

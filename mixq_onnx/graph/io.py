@@ -161,6 +161,10 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         info = _external_info(t)
         target = (p.parent / info["location"]).resolve()
         size = sizes.setdefault(target, target.stat().st_size)
+        for key in ("offset", "length"):
+            if key in info and not info[key].isdigit():
+                raise ModelError(f"{p}: tensor '{t.name}' has external data {key} {info[key]!r}, not a byte count; "
+                                 "the model is damaged or was edited by hand")
         offset, length = int(info.get("offset", 0)), _declared_length(t, info)
         if length is not None and offset + length > size:
             raise ModelError(f"{p}: could not read external data for tensor '{t.name}' ({target.name} holds {size} bytes, "
