@@ -16,7 +16,7 @@ for _sig in (signal.SIGINT, signal.SIGTERM):
 
 import logging  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
@@ -43,12 +43,14 @@ from .config import (
     Target,
     Uniform,
 )
-from .errors import ConfigError, MixqError
+from . import __version__
+from .errors import ConfigError, MixqError, VerdictError
 from .executor import ExecutionOptions, ExecutorKind, make_executor
 from .graph.check import check_model
-from .graph.io import check_output_path, load_model, stale_temp_dirs, write_text_atomic
-from .pipeline import CalibrationOptions, VerifyOptions, quantize_file
-from .report import format_table
+from .graph.io import check_output_path, load_model, remove_stale, write_text_atomic
+from .pipeline import GENERATED_WARNING, CalibrationOptions, VerifyOptions, quantize_file
+from .kinds import DataSource, Level, OutputKind, Thresholds
+from .report import format_table, verdict_line
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -157,16 +159,37 @@ def quant_config(p: Params) -> QuantConfig:
         quantize_attention=p["quantize_attention"], reconstruction=reconstruction)
 
 
+def parse_output_kinds(specs: tuple[str, ...]) -> tuple[tuple[str, OutputKind], ...]:
+    """``("logits=classes", "emb=embedding")`` -> ((name, kind), ...)."""
+    out = []
+    for spec in specs:
+        name, sep, kind = spec.rpartition("=")
+        try:
+            out.append((name, OutputKind(kind)))
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise ConfigError(f"--output-kind expects NAME=KIND with KIND one of {', '.join(k.value for k in OutputKind)}, got {spec!r}")
+    return tuple(out)
+
+
 def verification_options(p: Params) -> VerifyOptions:
-    return VerifyOptions(not p["no_verify"], p["input_shape"], p["inputs_path"], p["verify_samples"], p["seed"])
+    return VerifyOptions(not p["no_verify"], p["input_shape"], p["inputs_path"], p["verify_samples"], p["seed"],
+                         p["holdout"], Thresholds.parse(p["threshold"]), parse_output_kinds(p["output_kind"]),
+                         Level(p["require"]) if p["require"] else None)
 
 
 def calibration_options(p: Params) -> CalibrationOptions | None:
-    if p["calib_path"] is None:
+    path = p["calib_path"]
+    if p["data_loader_script"] is not None:
+        if path is not None:
+            raise ConfigError("--calib and --data-loader-script both give calibration data; give one")
+        path = p["data_loader_script"]
+    if path is None:
         if p["calib_samples"] is not None:
             raise ConfigError("--calib-samples needs --calib")
         return None
-    return CalibrationOptions(p["calib_path"], p["calib_samples"])
+    return CalibrationOptions(path, p["calib_samples"])
 
 
 def execution_options(p: Params) -> ExecutionOptions:
@@ -185,31 +208,68 @@ def _parse_smooth(text: str | None) -> Smooth | None:
 
 
 class _Progress:
-    """Progress bars on stderr, one per stage (error tables, end-to-end screening, refinement), made lazily."""
+    """Progress on stderr, one stage at a time: bars on a terminal, else a line per stage at most every few seconds.
 
-    def __init__(self, enabled: bool) -> None:
+    Off a terminal (CI, notebooks, log files) each line says the stage, how
+    far it is, the time elapsed and an estimate of the time left.
+    """
+
+    EVERY_S = 5.0
+
+    def __init__(self, enabled: bool, terminal: bool) -> None:
         self.enabled = enabled
-        self.bar = None
+        self.terminal = terminal
+        self.bar: Any = None
         self.stage = ""
         self.done = 0
+        self.started = self.last = 0.0
+        self.shown = False
 
     def __call__(self, i: int, n: int, stage: str) -> None:
         if not self.enabled:
             return
-        if self.bar is None or stage != self.stage:
-            self._close()
-            self.bar = click.progressbar(length=n, label=stage, file=sys.stderr)
-            self.bar.__enter__()
-            self.stage, self.done = stage, 0
-        self.bar.update(i - self.done)
+        now = time.monotonic()
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done, self.started, self.last, self.shown = stage, 0, now, now, False
+            if self.terminal:
+                self.bar = click.progressbar(length=n, label=stage, file=sys.stderr)
+                self.bar.__enter__()
+        if self.bar is not None:
+            self.bar.update(i - self.done)
+        elif now - self.last >= self.EVERY_S or (i == n and self.shown):
+            # A stage that ends within the first few seconds prints nothing; a long one prints every few seconds and its end.
+            elapsed = now - self.started
+            left = f", about {_duration(elapsed * (n - i) / i)} left" if 0 < i < n else ""
+            click.echo(f"{stage}: {i}/{n}, {_duration(elapsed)} elapsed{left}", err=True)
+            self.last, self.shown = now, True
         self.done = i
         if i == n:
-            self._close()
+            self.close()
+            self.stage = ""
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _echo_verdict(report: Any, quiet: bool) -> None:
+    """The verdict as the run's last line; degraded and broken also go to stderr (even with --quiet)."""
+    line = verdict_line(report)
+    if line is None:
+        return
+    if report.verification.source == DataSource.GENERATED.value and not quiet:
+        click.echo(f"warning: {GENERATED_WARNING}", err=True)
+    if not quiet:
+        click.echo(line)
+    if report.verification.verdict.level in (Level.DEGRADED.value, Level.BROKEN.value):
+        click.echo(f"warning: the quantized model is {report.verification.verdict.level}: {report.verification.verdict.reason}",
+                   err=True)
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -219,12 +279,13 @@ class _QuantizeByDefault(click.Group):
     """``mixq-onnx MODEL ...`` means ``mixq-onnx quantize MODEL ...``; ``mixq-onnx check ...`` is the checker."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.commands:
+        if not args or (args[0] not in self.commands and args[0] != "--version"):
             args = ["quantize", *args]
         return super().parse_args(ctx, args)
 
 
 @click.group(cls=_QuantizeByDefault, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="mixq-onnx", message="%(prog)s %(version)s")
 def main() -> None:
     """mixq-onnx: quantize an ONNX model (the default command), or check one against a runtime's rules."""
 
@@ -368,6 +429,9 @@ QUANTIZATION = OptionGroup("Quantization: weights, layouts and rounding", (
 
 CALIBRATION = OptionGroup("Calibration data", (
     click.option("--calib", "calib_path", type=click.Path(path_type=Path), help="Calibration samples: an .npz of arrays keyed by input name (first axis = samples), or a folder of .npz/.npy files. The end-to-end measurements then run on it; it also enables output sensitivity and gptq/adaround."),
+    click.option("--data-loader-script", type=click.Path(path_type=Path), metavar="FILE.py[:FUNC]", help="Calibration "
+                  "samples from a Python script, as Polygraphy's: FUNC (default load_data) yields dicts of arrays keyed by "
+                  "input name. --calib and --inputs accept such a script too."),
     click.option("--calib-samples", type=int, help="Use only the first N calibration samples."),
     click.option("--calib-method", type=click.Choice([c.value for c in CalibMethod]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration data."),
 ))
@@ -382,7 +446,19 @@ TARGET = OptionGroup("Target runtime and activations", (
 VERIFICATION = OptionGroup("Verification in ONNX Runtime", (
     click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison with the float model."),
     click.option("--input-shape", multiple=True, metavar="NAME:DxD..", help="Shape for an input with dynamic dimensions, e.g. image:4x3x224x224. Repeatable."),
-    click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Verify on real samples: an .npz of arrays keyed by input name."),
+    click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), help="Verify on real held-out samples: an .npz of "
+                  "arrays keyed by input name (first axis = samples), or a data-loader script FILE.py[:FUNC]. Without it "
+                  "a --holdout share of --calib is kept back for verification; without either, generated inputs are used "
+                  "and the verdict is 'unverified'."),
+    click.option("--holdout", type=float, default=0.25, show_default=True, help="Share of --calib (at least 8 samples, at "
+                  "most half; none below 16) held out of calibration and the search to verify on when --inputs is not given. 0: none."),
+    click.option("--require", type=click.Choice(["good", "degraded"]), help="Fail (exit 6) and write nothing when the verdict "
+                  "is below this; 'unverified' (generated inputs only) is below both."),
+    click.option("--threshold", multiple=True, metavar="METRIC=GOOD:BROKEN", help="Verdict bounds of one metric: top1 "
+                  "(default 0.99:0.9), cosine (0.999:0.95) or sqnr in dB (25:10); at or above GOOD is good, below BROKEN "
+                  "is broken. Repeatable."),
+    click.option("--output-kind", multiple=True, metavar="NAME=KIND", help="What an output holds, when the guess is wrong: "
+                  "classes (top-1 agreement), labels (exact), embedding (mean cosine) or values (SQNR). Repeatable."),
     click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs."),
 ))
@@ -430,24 +506,35 @@ def quantize(model: Path, **params: Any) -> None:
         if output is None and not plan_only:
             raise ConfigError("missing -o/--output; give the path for the quantized model, or pass --plan to only print the plan")
         config = quant_config(params)
+        if params["activations"] == Activations.AUTO.value and not quiet:
+            chosen = config.activations.value
+            why = " (weight-only: this target has no integer activation kernels to use; --target ort-cpu or tensorrt has)" \
+                if config.activations is Activations.NONE else ""
+            click.echo(f"--activations auto on --target {config.target.value}: {chosen}{why}", err=True)
         verify_options = verification_options(params)
         calibration = calibration_options(params)
         execution = execution_options(params)
         if params["clean_temp"]:
             folder = (output.parent if output is not None and str(output.parent) else Path("."))
-            for stale in stale_temp_dirs(folder):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            for stale in remove_stale(folder):
                 if not quiet:
                     click.echo(f"removed stale temporary {stale}", err=True)
         report_path = params["report_path"]
         if report_path is not None:
-            reads = tuple(p for p in (params["calib_path"], params["inputs_path"]) if p is not None)
-            if output is not None:
-                reads += (output, output.parent / (output.name + ".data"))
-            check_output_path(report_path, model, reads, what="report path")
-        with make_executor(execution) as executor:
-            result = quantize_file(model, None if plan_only else output, config, verify_options,
-                                   _Progress(not quiet and sys.stderr.isatty()), calibration, executor)
+            reads = tuple(p for p in (params["calib_path"], params["inputs_path"], params["data_loader_script"]) if p is not None)
+            writes = (output, output.parent / (output.name + ".data")) if output is not None else ()
+            check_output_path(report_path, model, reads, what="report path", writes=writes)
+        progress = _Progress(not quiet, sys.stderr.isatty())
+        try:
+            with make_executor(execution) as executor:
+                result = quantize_file(model, None if plan_only else output, config, verify_options, progress,
+                                       calibration, executor)
+        except VerdictError as exc:
+            progress.close()
+            if not quiet:
+                click.echo(format_table(exc.result.report, max_rows=0 if params["verbose"] else 60))  # type: ignore[attr-defined]
+            raise
+        progress.close()
         # The model is in place: an interrupt now would only hide that it succeeded.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
@@ -459,7 +546,10 @@ def quantize(model: Path, **params: Any) -> None:
                 click.echo("plan only: nothing written")
             elif output is not None:
                 click.echo(f"wrote {output}")
+        _echo_verdict(result.report, quiet)
     except MixqError as exc:
+        if isinstance(exc, VerdictError) and not quiet:
+            click.echo(verdict_line(exc.result.report))  # type: ignore[attr-defined]
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -70,10 +70,10 @@ class MixQuantRule:
 class Budget:
     """Minimise the total weighted error subject to a size budget.
 
-    Exactly one of ``target_bits`` (the bytes of uniform ``target_bits``-bit
-    per-channel quantization of the same tensors, see
-    :func:`mixq_onnx.runtime.plans.budget_limit`) and ``max_bytes`` (on-disk bytes of
-    the weight tensors) is set.
+    Exactly one of ``target_bits`` (bits per weight value plus per-channel
+    scales: the uniform per-channel plans at the container widths,
+    interpolated, see :func:`mixq_onnx.runtime.plans.budget_limit`) and
+    ``max_bytes`` (the whole output file: model and external data) is set.
     """
 
     target_bits: float | None = None
@@ -195,6 +195,13 @@ class QuantConfig:
         if isinstance(self.search, MaxLoss) and self.sensitivity is not Sensitivity.E2E:
             raise ConfigError("--max-loss measures the model end to end; it cannot be combined with --sensitivity "
                               f"{self.sensitivity.value}")
+        if isinstance(self.search, Budget) and self.search.target_bits is not None and self.search.target_bits < 4 \
+                and not self.allow_int2:
+            raise ConfigError(f"--target-bits {self.search.target_bits:g} is below 4: 3-bit values are stored in 4-bit "
+                              "containers, so nothing smaller than 4 bits per weight can be written without INT2 storage; "
+                              "add --int2 (opset 25) to reach it, or ask for 4 or more")
+        if isinstance(self.search, Budget) and self.search.target_bits is not None and self.search.target_bits < 2:
+            raise ConfigError(f"--target-bits {self.search.target_bits:g} is below 2, the narrowest container; ask for 2 or more")
         if isinstance(self.search, Budget) and self.search.target_bits is not None \
                 and self.search.target_bits < min(self.candidate_bits):
             raise ConfigError(f"--target-bits {self.search.target_bits:g} is below the smallest candidate width "

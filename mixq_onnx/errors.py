@@ -44,3 +44,16 @@ class VerificationError(MixqError):
     """ONNX Runtime could not run the quantized model."""
 
     exit_code = 5
+
+
+class VerdictError(MixqError):
+    """The verification's verdict is below what ``--require`` asked for; nothing was written.
+
+    ``result`` is the quantization result (its report holds the verification), so the caller can show why.
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -197,3 +198,89 @@ class LayerWeighting(enum.Enum):
     EQUAL = "equal"
     SQRT = "sqrt"
     PARAMS = "params"
+
+
+class OutputKind(enum.Enum):
+    """What a model output holds, which decides the metric its verdict comes from (``--output-kind``).
+
+    classes: scores along a class axis (top-1 agreement per position);
+    labels: integer predictions (exact agreement); embedding: vectors
+    compared by their mean cosine; values: anything else (SQNR).
+    """
+
+    CLASSES = "classes"
+    LABELS = "labels"
+    EMBEDDING = "embedding"
+    VALUES = "values"
+
+
+class Level(enum.Enum):
+    """The verdict on a quantized model: good, degraded or broken on real data; unverified without it."""
+
+    GOOD = "good"
+    DEGRADED = "degraded"
+    BROKEN = "broken"
+    UNVERIFIED = "unverified"
+
+    @property
+    def rank(self) -> int:
+        """Higher is better; unverified ranks below broken for ``--require`` (nothing is proven)."""
+        return {"good": 3, "degraded": 2, "broken": 1, "unverified": 0}[self.value]
+
+
+class DataSource(enum.Enum):
+    """Where verification samples came from."""
+
+    INPUTS = "inputs"  # --inputs: samples the user holds out
+    HELD_OUT = "held-out calibration"  # a part of --calib the search and rounding never saw
+    GENERATED = "generated"  # seeded random inputs: cannot tell whether the model still works
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One metric's verdict bounds: at or above ``good`` is good, below ``broken`` is broken (higher is better)."""
+
+    good: float
+    broken: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.good) and math.isfinite(self.broken)) or self.broken > self.good:
+            raise ConfigError(f"a verdict threshold needs finite GOOD >= BROKEN, got good {self.good:g}, broken {self.broken:g}")
+
+    def level(self, value: float) -> Level:
+        if not math.isfinite(value):
+            return Level.GOOD if value > 0 else Level.BROKEN
+        return Level.GOOD if value >= self.good else (Level.BROKEN if value < self.broken else Level.DEGRADED)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The documented default bounds of each verdict metric (docs/usage.md, 'Verdict'); ``--threshold`` overrides.
+
+    top1: agreement with the float model's top-1 class (per position for
+    sequences and maps, off the dominant class where one class fills most
+    positions); cosine: mean cosine of embedding vectors; sqnr: signal to
+    quantization noise of other outputs, in dB.
+    """
+
+    top1: Threshold = Threshold(0.99, 0.90)
+    cosine: Threshold = Threshold(0.999, 0.95)
+    sqnr: Threshold = Threshold(25.0, 10.0)
+
+    @classmethod
+    def parse(cls, specs: tuple[str, ...]) -> "Thresholds":
+        """``("top1=0.98:0.85", "sqnr=20:8")`` -> Thresholds with those two replaced."""
+        out = cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        for spec in specs:
+            name, sep, bounds = spec.partition("=")
+            good, sep2, broken = bounds.partition(":")
+            try:
+                if not sep or not sep2 or name not in names:
+                    raise ValueError
+                value = Threshold(float(good), float(broken))
+            except ValueError:
+                raise ConfigError(f"--threshold expects METRIC=GOOD:BROKEN with METRIC one of {', '.join(names)} "
+                                  f"(for example 'top1=0.99:0.9'), got {spec!r}") from None
+            out = dataclasses.replace(out, **{name: value})
+        return out

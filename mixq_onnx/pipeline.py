@@ -9,34 +9,38 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
-from .runtime.calibrate import collect_activation_ranges, collect_input_stats, load_calibration
+from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, feed_samples, hold_out, load_calibration
 from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
-from .errors import BudgetError, ConfigError, ModelError
+from .errors import BudgetError, ConfigError, ModelError, VerdictError
 from .executor import Executor
 from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
-from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, stage_model
-from .runtime.inputs import Feed, generate_inputs, session
+from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, output_bytes, stage_model, tensor_nbytes
+from .runtime.inputs import Feed, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import Rounder, RoundedSequence, budget_limit, never_worse_than_uniform, smallest_within_loss
+from .runtime.plans import Rounder, RoundedSequence, budget_limit, plan_bytes, never_worse_than_uniform, smallest_within_loss
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
+from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
 from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
+from .numerics.metrics import weight_error
 from .numerics.rounding import Rounded
 from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
+from .kinds import DataSource, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
 
 log = logging.getLogger(__name__)
@@ -44,19 +48,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How to check the written model against the float one."""
+    """How to check the written model against the float one, and what verdict the run must reach.
+
+    ``inputs``: held-out samples (an .npz or a data-loader script); without
+    them a ``holdout`` share of the calibration data is kept back for the
+    check, and without either the check runs on ``samples`` generated
+    inputs (verdict 'unverified'). ``kinds`` names the kind of outputs whose
+    guess is wrong; ``require`` refuses (writes nothing) a verdict below it.
+    """
 
     enabled: bool = True
     input_shapes: tuple[str, ...] = ()
     inputs: Path | None = None
     samples: int = 8
     seed: int = 0
+    holdout: float = HOLDOUT_FRACTION
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    kinds: tuple[tuple[str, OutputKind], ...] = ()
+    require: Level | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"--verify-samples must be at least 1, got {self.samples}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"--holdout must be at least 0 and below 1, got {self.holdout}")
+        if self.require is Level.UNVERIFIED:
+            raise ConfigError("--require takes good or degraded")
+        if self.require is not None and not self.enabled:
+            raise ConfigError("--require needs the verification that --no-verify skips; drop one of them")
         parse_input_shapes(self.input_shapes)
 
 
@@ -154,25 +175,50 @@ def _allowed_specs(sites: tuple[WeightSite, ...], config: QuantConfig, caps: Cap
 
 
 def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tuple[WeightSite, ...],
-                  specs: dict[str, list[Spec]]) -> int | None:
-    """The budget in bytes, checked against the smallest plan that fits before any expensive work."""
+                  specs: dict[str, list[Spec]], fixed_bytes: int) -> int | None:
+    """The weights' budget in bytes, checked against the smallest plan that fits before any expensive work.
+
+    ``fixed_bytes`` is what the output file holds besides the quantized
+    weights (graph, float tensors, DequantizeLinear nodes): ``--max-size``
+    covers the whole file, so the weights get what remains.
+    """
     budget = config.search
     if not isinstance(budget, Budget):
         return None
     used = [s for s in sites if specs.get(s.name)]
     totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in range(MIN_BITS, MAX_BITS + 1)}
-    limit = budget_limit(budget, totals)
+    limit = budget_limit(budget, totals, config.allow_int2)
+    if budget.max_bytes is not None:
+        limit -= fixed_bytes
     smallest = 0
     for s in used:
         forced = config.forced_bits(s.names)
         opts = [sp for sp in specs[s.name] if sp.bits in set(effective_bits(config, specs[s.name]))]
         pool = [sp for sp in specs[s.name] if sp.bits == forced][:1] if forced is not None else opts
         smallest += min((sp.nbytes for sp in pool or specs[s.name]), default=0)
+    if budget.max_bytes is not None and smallest > limit:
+        raise BudgetError(f"{where}: --max-size {budget.max_bytes} bytes cannot be met: the smallest file that can be written "
+                          f"takes about {smallest + fixed_bytes} bytes ({smallest} of quantized weights, {fixed_bytes} of "
+                          f"graph and float tensors); ask for --max-size {smallest + fixed_bytes} or more, allow --int2, or "
+                          "force fewer tensors", smallest + fixed_bytes)
     if smallest > limit:
-        bits = f" (--target-bits {budget.target_bits:g}: uniform {budget.target_bits:g}-bit per-channel bytes)" if budget.target_bits else ""
+        bits = f" (--target-bits {budget.target_bits:g})" if budget.target_bits else ""
         raise BudgetError(f"{where}: budget of {limit} bytes{bits} cannot be met: the smallest plan that fits takes {smallest} bytes "
                           f"(ask for --max-size {smallest} or more, allow --int2, or force fewer tensors)", smallest)
     return limit
+
+
+def _fixed_bytes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> int:
+    """An estimate of the output's bytes besides the quantized weights' data, scales and zero points.
+
+    The model's bytes less its weights' float data, plus per weight what a
+    DequantizeLinear costs in the graph (the node, and the names and headers
+    of its three tensors). :func:`quantize` measures the real file and
+    tightens the budget if this was short.
+    """
+    weights = sum(tensor_nbytes(s.tensor) for s in sites)
+    per_weight = sum(160 + 6 * len(s.name.encode()) for s in sites)
+    return max(model_bytes(model) - weights, 0) + per_weight
 
 
 def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed] | None, source: str,
@@ -200,8 +246,12 @@ def quantize(
     evaluation_source: str = "",
     scratch: Path | None = None,
     executor: Executor | None = None,
+    output_name: str = "model_q.onnx",
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
+
+    ``output_name`` is the file name the model will be saved under (its
+    data file's name is stored in the model, so ``--max-size`` counts it).
 
     ``calibration`` (feeds for the float model, see :func:`load_calibration`)
     enables output-aware sensitivity and the data-aware methods.
@@ -233,7 +283,74 @@ def quantize(
     rounder = Rounder(config, measured.stats, executor)
     chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, bool(calibration), progress)
     written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
+    if isinstance(config.search, Budget) and config.search.max_bytes is not None:
+        measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
+                                              progress, output_name)
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
+
+
+def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: Written, config: QuantConfig, rounder: Rounder,
+              calibration: list[Feed] | None, scratch: Path | None, progress: Progress | None, output_name: str
+              ) -> tuple[Measured, Chosen, Written]:
+    """Make the written file fit ``--max-size`` exactly: measure what it would take on disk, give the weights what the
+    rest of the file really leaves, and search again (on the same measurements) until the plan stops changing."""
+    max_bytes = config.search.max_bytes  # type: ignore[union-attr]
+    external = has_external_data(prepared.original)
+    best: tuple[Measured, Chosen, Written, int] | None = None
+    seen = set()
+    for _ in range(4):
+        size = output_bytes(written.model, output_name + ".data", external)
+        fixed = size - plan_bytes(chosen.plan.decisions)
+        if size <= max_bytes and (best is None or size > best[3]):
+            best = (measured, chosen, written, size)
+        seen.add(tuple(d.option.key for d in chosen.plan.decisions))
+        limit = max_bytes - fixed
+        if limit == measured.limit:
+            break
+        log.info("the file would take %d bytes (%d besides the weights); searching again with %d bytes for the weights",
+                 size, fixed, limit)
+        measured = dataclasses.replace(measured, limit=limit)
+        def file_fits(ds: tuple[Decision, ...], chosen: Chosen = chosen, measured: Measured = measured) -> bool:
+            # Only rivals within a few bytes per weight of the limit can fit once their own graph is counted.
+            if plan_bytes(ds) > measured.limit + 32 * len(ds):  # type: ignore[operator]
+                return False
+            trial = dataclasses.replace(chosen, plan=Plan(ds, chosen.plan.summary))
+            w = write_model(prepared, measured, trial, config, rounder, calibration, scratch, None)
+            try:
+                return output_bytes(w.model, output_name + ".data", external) <= max_bytes
+            finally:
+                if w.spill is not None:
+                    w.spill.close()
+
+        try:
+            plan = pick_plan(list(chosen.tables), config, limit, chosen.evaluator, rounder, progress, file_fits)
+        except BudgetError as exc:
+            smallest = int(exc.smallest_reachable) + fixed
+            raise BudgetError(f"{prepared.where}: --max-size {max_bytes} bytes cannot be met: the smallest file that can be "
+                              f"written takes about {smallest} bytes ({int(exc.smallest_reachable)} of quantized weights, "
+                              f"{fixed} of graph and float tensors); ask for --max-size {smallest} or more, allow --int2, "
+                              "or force fewer tensors", smallest) from exc
+        if tuple(d.option.key for d in plan.decisions) in seen:
+            break
+        chosen = dataclasses.replace(chosen, plan=plan)
+        if best is None or best[2] is not written:
+            if written.spill is not None:
+                written.spill.close()
+        written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
+    else:
+        size = output_bytes(written.model, output_name + ".data", external)
+        if size <= max_bytes and (best is None or size > best[3]):
+            best = (measured, chosen, written, size)
+    if best is None:
+        raise BudgetError(f"{prepared.where}: --max-size {max_bytes} bytes: the written file still takes {size} bytes after "
+                          "tightening the weight budget; ask for a larger size", size)
+    measured, chosen, kept, size = best
+    if kept is not written and written.spill is not None:
+        written.spill.close()
+    details = {**chosen.plan.summary.details, "max_file_bytes": max_bytes, "file_bytes": size,
+               "fixed_bytes": size - plan_bytes(chosen.plan.decisions)}
+    plan = Plan(chosen.plan.decisions, dataclasses.replace(chosen.plan.summary, details=details))
+    return measured, dataclasses.replace(chosen, plan=plan), kept
 
 
 def _check_inputs(config: QuantConfig, calibration: list[Feed] | None) -> None:
@@ -304,6 +421,10 @@ def prepare(model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig
     else:
         raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
     opset_note = change.note if base is not model else ""
+    for repair in (densify_sparse_initializers, drop_contradicted_shapes):
+        fixed = repair(base)
+        base = fixed.model
+        notes.extend(fixed.notes)
     smoothing = None
     if config.smooth is not None and calibration:
         smoothing = _smooth(base, config, calibration)
@@ -345,8 +466,9 @@ def measure_errors(prepared: Prepared, config: QuantConfig, calibration: list[Fe
     base, inv, where = prepared.base, prepared.inventory, prepared.where
     caps = Capabilities(default_opset(base), config.allow_int2)
     bits = _bits_to_measure(config, caps)
-    limit = _budget_limit(where, config, caps, inv.weights, _allowed_specs(inv.weights, config, caps, rules, acts, bits))
-    stats, no_stats = collect_input_stats(base, inv.weights, calibration) if calibration and _needs_stats(config) else ({}, {})
+    limit = _budget_limit(where, config, caps, inv.weights, _allowed_specs(inv.weights, config, caps, rules, acts, bits),
+                          _fixed_bytes(base, inv.weights) if isinstance(config.search, Budget) and config.search.max_bytes else 0)
+    stats, no_stats = collect_input_stats(base, inv.weights, calibration, progress) if calibration and _needs_stats(config) else ({}, {})
     if calibration and not _needs_stats(config):
         no_stats = {s.name: "not collected: nothing in this run uses layer statistics" for s in inv.weights}
     tables, not_allowed = restrict(measure(inv.weights, config, caps, bits, progress, stats, executor), rules, acts)
@@ -362,6 +484,9 @@ class Chosen:
     plan: Plan
     end_to_end: dict[str, object] | None
     notes: tuple[str, ...]
+    # What the plan was picked from, so a tighter budget can be searched again without measuring again.
+    tables: tuple[ErrorTable, ...] = ()
+    evaluator: EndToEnd | None = None
 
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
@@ -390,11 +515,12 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         e2e_info = {**evaluator.describe(), "screen_feeds": summary.screen_feeds, "feeds": summary.feeds,
                     "options_screened": summary.screened, "options_refined": summary.refined,
                     "estimated_from_weight_error": summary.estimated}
-    plan = search(tables, config, limit)
-    if evaluator is not None and isinstance(config.search, Budget):
-        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder)  # type: ignore[arg-type]
-    elif evaluator is not None and isinstance(config.search, MaxLoss):
-        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder)
+    if evaluator is not None and evaluation_source.startswith("generated"):
+        msg = ("the search ranks plans on generated inputs (no --calib or --inputs): its end-to-end distances say how "
+               "the outputs move on random data, not on yours")
+        log.warning(msg)
+        notes.append(msg)
+    plan = pick_plan(tables, config, limit, evaluator, rounder, progress)
     if evaluator is not None:
         e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
     if isinstance(config.search, Uniform):
@@ -404,7 +530,18 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
                    f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
             log.warning(msg)
             notes.append(msg)
-    return Chosen(plan, e2e_info, tuple(notes))
+    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator)
+
+
+def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, evaluator: EndToEnd | None, rounder: Rounder,
+              progress: Progress | None, fits: Callable[[tuple[Decision, ...]], bool] | None = None) -> Plan:
+    """The search on measured tables, then the whole-plan checks (never worse than uniform; --max-loss)."""
+    plan = search(tables, config, limit)
+    if evaluator is not None and isinstance(config.search, Budget):
+        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder, progress, fits)  # type: ignore[arg-type]
+    elif evaluator is not None and isinstance(config.search, MaxLoss):
+        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder, progress=progress)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -416,6 +553,8 @@ class Written:
     activations: dict | None
     reconstruction: ReconstructionResult | None
     spill: Spill | None
+    # (mse, nmse, max |d|) of the written integers, for weights not rounded to nearest.
+    errors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def write_model(prepared: Prepared, measured: Measured, chosen: Chosen, config: QuantConfig, rounder: Rounder,
@@ -431,7 +570,7 @@ def write_model(prepared: Prepared, measured: Measured, chosen: Chosen, config: 
     streamed = spill is not None and config.method is not Method.BRECQ and not config.bias_correction
     rounded: list[Rounded] = []
     if not streamed:
-        rounder.prefetch((d.table, d.option) for d in plan.decisions)
+        rounder.prefetch(((d.table, d.option) for d in plan.decisions), progress)
         rounded = [rounder.get(d.table, d.option) for d in plan.decisions]
     reconstruction = None
     if config.method is Method.BRECQ:
@@ -446,10 +585,19 @@ def write_model(prepared: Prepared, measured: Measured, chosen: Chosen, config: 
         source, bias = corrected.model, corrected.outcome
     # ORT fuses QGemm only with an explicit weight zero point (measured); a few bytes per Gemm output channel.
     zero_point_ops = frozenset({"Gemm"}) if acts and config.target is Target.ORT_CPU else frozenset()
-    if streamed:
-        rounding = RoundedSequence(len(plan.decisions), lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False))
-    else:
-        rounding = RoundedSequence(len(rounded), rounded.__getitem__)
+    produce = (lambda i: rounder.get(plan.decisions[i].table, plan.decisions[i].option, keep=False)) if streamed \
+        else rounded.__getitem__
+    errors: dict[str, tuple[float, float, float]] = {}
+
+    def produce_measured(i: int) -> Rounded:
+        # The table's errors are round-to-nearest's; the report shows those of the integers actually written.
+        r = produce(i)
+        if r.method is not Method.RTN:
+            site = plan.decisions[i].table.site
+            errors[site.name] = weight_error(site.array.astype(np.float32), r.tensor.dequantize())
+        return r
+
+    rounding = RoundedSequence(len(plan.decisions), produce_measured)
     weights = [(d.table.site, d.table.grid(d.option, config.scheme is Scheme.SYMMETRIC)) for d in plan.decisions]
     out = apply_plan(source, weights, rounding, uses_int2, zero_point_ops, rules.gather_rows, spill)
     activation_info = None
@@ -465,7 +613,7 @@ def write_model(prepared: Prepared, measured: Measured, chosen: Chosen, config: 
                          "please report this with the model")
     methods = {d.table.site.name: RoundingEntry(m.value, note, bias.get(d.table.site.name))
                for d, (m, note) in zip(plan.decisions, rounding.done)}
-    return Written(out, methods, activation_info, reconstruction, spill)
+    return Written(out, methods, activation_info, reconstruction, spill, errors)
 
 
 def _report(prepared: Prepared, measured: Measured, chosen: Chosen, written: Written, config: QuantConfig,
@@ -487,7 +635,7 @@ def _report(prepared: Prepared, measured: Measured, chosen: Chosen, written: Wri
         notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
     inv_report = dataclasses.replace(prepared.inventory, skipped=prepared.inventory.skipped + measured.not_allowed)
     report = build_report(inv_report, plan, config.describe(), opset_info, str(prepared.path) if prepared.path else None, None,
-                          notes, measured.no_stats, written.rounding, written.activations, chosen.end_to_end)
+                          notes, measured.no_stats, written.rounding, written.activations, chosen.end_to_end, written.errors)
     report.reconstruction = written.reconstruction.describe() if written.reconstruction is not None else None
     if prepared.smoothing is not None and report.activations is not None:
         report.activations["smoothing"] = prepared.smoothing.describe()
@@ -610,6 +758,63 @@ def _generated(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], sampl
     return gen.feeds, f"generated inputs ({gen.describe()}, seed {seed})"
 
 
+GENERATED_WARNING = ("verification ran on generated inputs, which cannot tell whether the model still works; pass real "
+                     "samples with --inputs FILE.npz (or a data-loader script), or --calib with at least 16 samples "
+                     "(a quarter is held out)")
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The samples a run uses: calibration (less any held-out part), verification, and the search's evaluation."""
+
+    calibration: list[Feed] | None
+    verify: list[Feed] | None
+    verify_label: str
+    verify_source: DataSource
+    evaluation: list[Feed] | None
+    evaluation_label: str
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _data(model: onnx.ModelProto, config: QuantConfig, verify_options: VerifyOptions, calibration: CalibrationOptions | None,
+          writes: bool) -> _Data:
+    """Load and split the data: --inputs verify; else a held-out part of --calib does; else generated inputs.
+
+    The search's whole-model measurements run on the calibration samples
+    (what remains of them), else on --inputs, else on generated inputs, so
+    that 'never worse than uniform' and --max-loss are judged on real data
+    whenever there is any. The split does not depend on whether a file is
+    written, so --plan shows the plan a write would make.
+    """
+    shapes = parse_input_shapes(verify_options.input_shapes)
+    bounds = gather_index_bounds(model)
+    feeds = load_calibration(calibration.path, model, calibration.samples) if calibration else None
+    inputs = load_inputs(verify_options.inputs, bounds) if verify_options.inputs is not None and verify_options.enabled else None
+    verify_feeds: list[Feed] | None = None
+    label, source = "", DataSource.GENERATED
+    if inputs is not None:
+        verify_feeds, label, source = inputs, f"--inputs {verify_options.inputs}", DataSource.INPUTS
+    elif feeds and verify_options.enabled:
+        kept, held = hold_out(feeds, verify_options.holdout)
+        if held:
+            n, total = sum(feed_samples(f) for f in held), sum(feed_samples(f) for f in feeds)
+            feeds, verify_feeds, source = kept, held, DataSource.HELD_OUT
+            label = (f"held-out --calib samples (the last {n} of {total} in {calibration.path}, "  # type: ignore[union-attr]
+                     "unseen by the search and rounding)")
+    if verify_feeds is None and writes and verify_options.enabled:
+        # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
+        gen = generate_inputs(model, shapes, bounds, verify_options.samples, verify_options.seed)
+        verify_feeds, label, shapes = gen.feeds, f"generated inputs (seed {verify_options.seed}, {gen.describe()})", gen.shapes
+    evaluation, evaluation_label = None, ""
+    if not feeds and _uses_e2e(config):
+        if inputs is not None:
+            evaluation, evaluation_label = inputs, f"--inputs {verify_options.inputs}"
+        else:
+            evaluation, evaluation_label = _generated(model, shapes, config.e2e_samples, verify_options.seed)
+            evaluation = evaluation or []
+    return _Data(feeds, verify_feeds, label, source, evaluation, evaluation_label, shapes)
+
+
 def quantize_file(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str] | None,
@@ -619,35 +824,22 @@ def quantize_file(
     calibration: CalibrationOptions | None = None,
     executor: Executor | None = None,
 ) -> QuantizeResult:
-    """Quantize ``input_path``, write ``output_path`` atomically and verify it in ONNX Runtime.
+    """Quantize ``input_path``, verify it in ONNX Runtime and write ``output_path`` atomically.
 
-    With ``output_path`` None nothing is written (a plan only).
+    With ``output_path`` None nothing is written (a plan only). A verdict
+    below ``verify_options.require`` raises :class:`VerdictError` (carrying
+    the result) and writes nothing.
     """
     verify_options = verify_options or VerifyOptions()
-    reads = tuple(p for p in (calibration.path if calibration else None, verify_options.inputs) if p is not None)
-    reads = tuple(f for p in reads for f in (sorted(Path(p).iterdir()) if Path(p).is_dir() else [Path(p)]))
+    reads = tuple(f for p in (calibration.path if calibration else None, verify_options.inputs) if p is not None
+                  for f in _data_files(Path(p)))
     out = check_output_path(output_path, input_path, reads) if output_path is not None else None
-    shapes = parse_input_shapes(verify_options.input_shapes)
     loaded = load_model(input_path)
     check_runs_in_ort(Path(input_path), loaded.model)
-    feeds = load_calibration(calibration.path, loaded.model, calibration.samples) if calibration else None
     config = config or QuantConfig()
-    # Inputs are made (and dynamic sizes probed) before anything is written, so a model that cannot run fails first.
-    verify_feeds, verify_source = None, ""
-    if out is not None and verify_options.enabled:
-        if verify_options.inputs is not None:
-            verify_feeds, verify_source = load_inputs(verify_options.inputs), f"from {verify_options.inputs}"
-        else:
-            bounds = gather_index_bounds(loaded.model)
-            gen = generate_inputs(loaded.model, shapes, bounds, verify_options.samples, verify_options.seed)
-            verify_feeds, verify_source = gen.feeds, f"seeded random (seed {verify_options.seed}, {gen.describe()})"
-            shapes = gen.shapes
-    evaluation, evaluation_source = None, ""
-    if not feeds and _uses_e2e(config):
-        evaluation, evaluation_source = _generated(loaded.model, shapes, config.e2e_samples, verify_options.seed)
-        evaluation = evaluation or []
-    result = quantize(loaded.model, config, progress, feeds, evaluation, evaluation_source,
-                      out.parent if out is not None else None, executor)
+    data = _data(loaded.model, config, verify_options, calibration, out is not None)
+    result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
+                      out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx")
     result.report.input = str(input_path)
     if out is None:
         return result
@@ -655,19 +847,43 @@ def quantize_file(
     # the complete, verified model or is untouched.
     staged = stage_model(result.model, out, loaded.had_external_data)
     try:
-        if verify_feeds is not None:
-            result.report.verification = verify(loaded.model, staged.path, verify_feeds, verify_source)
+        if data.verify is not None:
+            if data.verify_source is DataSource.GENERATED:
+                log.info(GENERATED_WARNING)  # the CLI prints it as a warning; the report keeps it as a note
+                result.report.notes.append(GENERATED_WARNING)
+            result.report.verification = verify(loaded.model, staged.path, data.verify, data.verify_label, data.verify_source,
+                                                verify_options.thresholds, dict(verify_options.kinds), progress)
         if config.target is Target.ORT_CPU or config.activations is not Activations.NONE:
             result.report.runtime = _runtime_info(staged.path)
         staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
+        in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
+        result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=staged_bytes)
+        _check_verdict(result, verify_options.require, out)
         staged.commit()
     except BaseException:
         staged.discard()
         raise
     result.report.output = str(out)
-    in_bytes = Path(input_path).stat().st_size + _data_size(Path(input_path))
-    result.report.totals = dataclasses.replace(result.report.totals, input_file_bytes=in_bytes, output_file_bytes=staged_bytes)
     return result
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The files a data option reads: a folder's files, a script's file (without ``:FUNCTION``), or the file."""
+    if is_script(path):
+        return [Path(str(path).rpartition(".py:")[0] + ".py") if ".py:" in str(path) else path]
+    return sorted(path.iterdir()) if path.is_dir() else [path]
+
+
+def _check_verdict(result: QuantizeResult, require: Level | None, out: Path) -> None:
+    """Raise VerdictError when the verdict is below ``require`` (the caller then writes nothing)."""
+    v = result.report.verification
+    if require is None or v is None:
+        return
+    level = Level(v.verdict.level)
+    if level.rank < require.rank:
+        how = " (pass real data with --inputs or --calib)" if level is Level.UNVERIFIED else ""
+        raise VerdictError(f"{out}: not written: the verdict is {level.value} ({v.verdict.reason}), below --require "
+                           f"{require.value}{how}", result)
 
 
 def _runtime_info(path: Path) -> dict[str, object]:

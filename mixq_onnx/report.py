@@ -13,6 +13,7 @@ from typing import Any
 
 from .graph.find import Inventory
 from .planning.search import Plan
+from .numerics.metrics import OutputComparison
 from .runtime.verify import Verification
 
 SCHEMA = "mixq-onnx/report/v1"
@@ -198,7 +199,10 @@ def build_report(
     rounding: dict[str, RoundingEntry] | None = None,
     activations: dict[str, Any] | None = None,
     end_to_end: dict[str, Any] | None = None,
+    written_errors: dict[str, tuple[float, float, float]] | None = None,
 ) -> Report:
+    """The report of a plan; ``written_errors`` replace the chosen option's (round-to-nearest) errors where the
+    written integers came from another rounding method."""
     tensors = []
     params = float_bytes = qbytes = logical = 0
     for d in plan.decisions:
@@ -214,7 +218,8 @@ def build_report(
             [OptionEntry(x.bits, x.layout.name, x.qtype.name, x.nbytes, x.mse, x.nmse, x.max_abs, x.output_error, x.e2e)
              for x in d.table.options],
             "collected" if o.output_error is not None else (no_stats or {}).get(site.name, "no calibration data"),
-            ChosenEntry(o.bits, o.layout.name, o.qtype.name, o.nbytes, o.mse, o.nmse, o.max_abs, o.output_error, o.e2e,
+            ChosenEntry(o.bits, o.layout.name, o.qtype.name, o.nbytes, *(written_errors or {}).get(site.name, (o.mse, o.nmse, o.max_abs)),
+                        o.output_error, o.e2e,
                         o.axis if o.layout.name != "tensor" else None, o.qtype.bits, fb),
             d.reason,
             (rounding or {}).get(site.name, RoundingEntry("rtn", "", None)),
@@ -245,10 +250,18 @@ def _size(n: float) -> str:
 def _search_lines(search: dict[str, Any], t: Totals) -> list[str]:
     """The budget against what was used, and the plans measured end to end with the one returned."""
     out = []
-    if search.get("limit_bytes") is not None:
-        asked = f"--target-bits {search['target_bits']:g}" if search.get("target_bits") is not None else "--max-size"
-        out.append(f"budget: {asked} = {search['limit_bytes']} bytes; used {search.get('used_bytes')} bytes "
-                   f"({t.avg_bits:.3f} stored bits/weight)")
+    if search.get("limit_bytes") is not None and t.params:
+        per = 8 / t.params
+        used = search.get("used_bytes") or 0
+        if search.get("max_bytes") is not None:
+            file = f"; file {search['file_bytes']} bytes" if search.get("file_bytes") is not None else ""
+            out.append(f"budget: --max-size {search['max_bytes']} bytes for the whole file: {search['limit_bytes']} bytes "
+                       f"({search['limit_bytes'] * per:.3f} bits/weight) for the weights after the graph and float tensors; "
+                       f"used {used} bytes ({used * per:.3f} bits/weight){file}")
+        else:
+            out.append(f"budget: --target-bits {search['target_bits']:g} = {search['limit_bytes']} bytes of weights "
+                       f"({search['limit_bytes'] * per:.3f} stored bits/weight incl. scales); used {used} bytes "
+                       f"({used * per:.3f} bits/weight)")
     if search.get("max_loss") is not None:
         out.append(f"accuracy target: --max-loss {search['max_loss']:g}; returned plan measures {search.get('distance', float('nan')):.4g}")
     for m in search.get("measured", []):
@@ -297,8 +310,19 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         lines.append(f"note: {n}")
     if report.activations:
         a = report.activations
+        why = Counter(f["reason"].split(" (")[0].split(":")[0] for f in a["float_nodes"])
+        whys = "; ".join(f"{n} x {r}" for r, n in why.most_common(3))
         lines.append(f"activations: {len(a['tensors'])} tensors quantized to {a['type']} ({a['calib_method']} ranges); "
-                     f"{len(a['float_nodes'])} integer-capable nodes left in float (see --report)")
+                     f"{len(a['float_nodes'])} integer-capable nodes left in float" + (f" ({whys})" if whys else "")
+                     + " (see 'activations' in --report)")
+        sm = a.get("smoothing")
+        if sm:
+            alphas = sorted({g["alpha"] for g in sm["applied"]})
+            shown = ", ".join(f"{x:g}" for x in alphas[:4]) + (" ..." if len(alphas) > 4 else "")
+            left = Counter(g["reason"].split(" (")[0] for g in sm["not_applied"])
+            lines.append(f"smoothing: {len(sm['applied'])} MatMul/Gemm inputs smoothed (alpha {shown or '-'}), "
+                         f"{len(sm['not_applied'])} left alone" + (": " + "; ".join(f"{n} x {r}" for r, n in left.most_common(3))
+                                                                   if left else ""))
     if report.reconstruction:
         blocks = report.reconstruction["blocks"]
         status = Counter(b["status"] for b in blocks)
@@ -318,12 +342,34 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         lines.append(f"verification on {v.samples} sample(s), {v.inputs}, {v.provider}:")
         for run in v.runs:
             for o in run.outputs:
-                top1 = f", top-1 agreement {o.top1_agreement:.1%}" if o.top1_agreement is not None else ""
-                lines.append(
-                    f"  {run.setting}: {o.name}: max|d| {o.max_abs:.3g}, mean|d| {o.mean_abs:.3g}, "
-                    f"cosine {o.cosine:.5f}, SQNR {o.sqnr_db:.1f} dB{top1}"
-                )
+                lines.append(f"  {run.setting}: {_output_line(o)}")
         ran = [p.name for p in v.providers if p.ran]
         skipped = [f"{p.name} ({p.detail})" for p in v.providers if not p.ran]
         lines.append(f"  ran on: {', '.join(ran)}" + (f"; not run: {', '.join(skipped)}" if skipped else ""))
     return "\n".join(lines)
+
+
+def _output_line(o: OutputComparison) -> str:
+    """One output's metrics: the verdict's metric first, then the rest."""
+    parts = []
+    if o.top1_agreement is not None:
+        where = f" along axis {o.class_axis}" if o.class_axis is not None else ""
+        parts.append(f"top-1 agreement {o.top1_agreement:.2%}{where}")
+    if o.foreground_agreement is not None:
+        parts.append(f"off the dominant class {o.foreground_agreement:.2%}")
+    if o.sequence_match is not None:
+        parts.append(f"whole sequences {o.sequence_match:.2%}")
+    if o.kl is not None:
+        parts.append(f"KL {o.kl:.3g}")
+    if o.mean_cosine is not None:
+        parts.append(f"mean cosine {o.mean_cosine:.5f}")
+    parts.append(f"cosine {o.cosine:.5f}, SQNR {o.sqnr_db:.1f} dB, max|d| {o.max_abs:.3g}")
+    return f"{o.name} ({o.kind}): {o.level}: " + ", ".join(parts)
+
+
+def verdict_line(report: Report) -> str | None:
+    """The run's last line: the verdict, what decided it and on which data (None without verification)."""
+    v = report.verification
+    if v is None:
+        return None
+    return f"verdict: {v.verdict.level} ({v.verdict.reason}; on {v.samples} samples: {v.inputs})"

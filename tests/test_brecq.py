@@ -229,7 +229,9 @@ def test_cli_runs_brecq_and_reports_the_blocks(tmp_path):
     assert "block reconstruction:" in proc.stdout
     data = json.loads(report.read_text())
     assert data["config"]["reconstruction"]["iters"] == 20 and data["config"]["reconstruction"]["fallback"] == "mse"
-    assert len(data["reconstruction"]["blocks"]) >= 3 and data["reconstruction"]["samples"] == 32
+    # A quarter of the 32 samples (8) is held out for verification: 24 calibrate.
+    assert len(data["reconstruction"]["blocks"]) >= 3 and data["reconstruction"]["samples"] == 24
+    assert data["verification"]["source"] == "held-out calibration"
     bad = subprocess.run([sys.executable, "-m", "mixq_onnx.cli", str(TINY), "-o", str(out), "--brecq-iters", "5"],
                          capture_output=True, text=True)
     assert bad.returncode == ConfigError.exit_code and "--method brecq" in bad.stderr
@@ -311,3 +313,39 @@ def test_a_broken_torchvision_does_not_stop_conversion(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "converted" in proc.stdout, proc.stderr[-800:]
+
+
+def _scalar_side_input_cnn() -> onnx.ModelProto:
+    """A CNN whose second block reads a 0-d tensor computed from the graph input (a normalising scalar), as real
+    exports do (EfficientNet-Lite0's): the block's side input has no sample axis."""
+    r = rng(3)
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["sc"], keepdims=0),  # 0-d, unaffected by quantization
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Div", ["r2", "sc"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["p"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["p", "w3"], ["y"]),
+    ]
+    inits = [init("w1", r.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32)),
+             init("w2", r.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32)),
+             init("w3", r.normal(0, 0.3, (16, 10)).astype(np.float32))]
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 10])], inits, opset=13)
+
+
+@pytest.mark.parametrize("samples", [1, 9])
+def test_brecq_runs_blocks_with_a_scalar_side_input_and_batch_one(samples):
+    """Regression: a 0-d block input (and a model fixed at batch 1, so one sample per run) crashed np.concatenate."""
+    m = _scalar_side_input_cnn()
+    r = rng(4)
+    feeds = [{"x": np.abs(r.normal(size=(1, 3, 8, 8))).astype(np.float32) + 0.1} for _ in range(samples)]
+    cfg = _brecq(bits=4, iters=4, batch=4, block_weights=1)
+    result = quantize(m, QuantConfig(search=cfg.search, method=cfg.method, reconstruction=cfg.reconstruction, min_elements=0),
+                      calibration=feeds)
+    blocks = result.report.reconstruction["blocks"]
+    assert len(blocks) == 3 and all(b["status"] != "fallback" for b in blocks), blocks
+    out = run(result.model, feeds[0])[0]
+    ref = run(m, feeds[0])[0]
+    assert np.dot(out.ravel(), ref.ravel()) / (np.linalg.norm(out) * np.linalg.norm(ref)) > 0.95

@@ -127,7 +127,7 @@ def test_digits_with_calibration_end_to_end(tmp_path):
     data = json.loads(rep.read_text())
     assert all(t["output_statistics"] == "collected" for t in data["tensors"])
     assert all(e["output_error"] is not None for t in data["tensors"] for e in t["errors"])
-    assert any("output sensitivity from 64 calibration samples" in n for n in data["notes"])
+    assert any("output sensitivity from 48 calibration samples" in n for n in data["notes"])
 
 
 def test_calibration_folder_of_npy_files(tmp_path):

@@ -81,17 +81,20 @@ def test_per_tensor_reference_trap_is_avoided():
     assert len(set(_bits(result).values())) == 2
 
 
-def _uniform_bytes(m, bits: int) -> int:
-    return quantize(m, QuantConfig(search=Uniform(bits), min_elements=0)).report.totals.quantized_bytes
+def _uniform_bytes(m, bits: int, int2: bool = False) -> int:
+    return quantize(m, QuantConfig(search=Uniform(bits), allow_int2=int2, min_elements=0)).report.totals.quantized_bytes
 
 
-@pytest.mark.parametrize("target", [2.0, 4.0, 4.5, 6.0, 8.0])
-def test_target_bits_means_the_bytes_of_uniform_per_channel(target):
-    """--target-bits B is the bytes of uniform B-bit per-channel quantization, interpolated between whole widths."""
+@pytest.mark.parametrize("target, int2", [(2.0, True), (3.0, True), (4.0, False), (4.5, False), (5.0, False),
+                                          (6.0, False), (7.0, False), (8.0, False)])
+def test_target_bits_interpolates_between_the_container_widths(target, int2):
+    """--target-bits B: the uniform per-channel plans at 2 (with --int2), 4 and 8 bits, interpolated between them."""
     m, feeds = two_layer_model()
-    lo, hi = int(np.floor(target)), int(np.ceil(target))
-    limit = int(np.floor(_uniform_bytes(m, lo) + (target - lo) * (_uniform_bytes(m, hi) - _uniform_bytes(m, lo))))
-    result = quantize(m, QuantConfig(search=Budget(target_bits=target), min_elements=0))
+    anchors = [2, 4, 8] if int2 else [4, 8]
+    lo, hi = max(a for a in anchors if a <= target), min(a for a in anchors if a >= target)
+    u_lo, u_hi = _uniform_bytes(m, lo, int2), _uniform_bytes(m, hi, int2)
+    limit = u_lo if lo == hi else int(np.floor(u_lo + (target - lo) / (hi - lo) * (u_hi - u_lo)))
+    result = quantize(m, QuantConfig(search=Budget(target_bits=target), allow_int2=int2, min_elements=0))
     assert result.report.search["limit_bytes"] == limit
     assert result.report.totals.quantized_bytes <= limit
     # Every plan the search measured is listed; what it returns is the best of those that fit.
@@ -101,25 +104,37 @@ def test_target_bits_means_the_bytes_of_uniform_per_channel(target):
     assert any(x["plan"].startswith("uniform") for x in measured)
 
 
-def test_budget_max_size_and_unreachable_budget():
+def test_budgets_between_containers_are_distinct_and_mix_widths():
+    """5, 6 and 7 bits are not the 8-bit plan: each is a different size, and 5 bits mixes 4- and 8-bit tensors."""
+    m, _ = two_layer_model()
+    plans = {b: quantize(m, QuantConfig(search=Budget(target_bits=b), layouts=(PER_CHANNEL,), min_elements=0))
+             for b in (4.0, 4.5, 5.0, 6.0, 7.0, 8.0)}
+    limits = [plans[b].report.search["limit_bytes"] for b in sorted(plans)]
+    assert limits == sorted(set(limits)), limits
+    assert plans[8.0].report.totals.quantized_bytes > plans[7.0].report.totals.quantized_bytes
+    assert sorted({t.chosen.bits for t in plans[6.0].report.tensors}) == [4, 8]
+
+
+def test_budget_max_size_is_the_whole_file_and_unreachable_budget():
     m, feeds = two_layer_model()
-    q4 = _uniform_bytes(m, 4)
-    ok = quantize(m, QuantConfig(search=Budget(max_bytes=q4), min_elements=0))
-    assert ok.report.totals.quantized_bytes <= q4
-    # Per-channel only: uniform INT4 is then the smallest plan there is.
-    with pytest.raises(BudgetError, match=f"the smallest plan that fits takes {q4} bytes") as exc:
-        quantize(m, QuantConfig(search=Budget(max_bytes=q4 - 1), layouts=(PER_CHANNEL,), min_elements=0))
-    assert exc.value.smallest_reachable == q4
+    file4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).model.ByteSize()
+    ok = quantize(m, QuantConfig(search=Budget(max_bytes=file4), min_elements=0))
+    assert ok.model.ByteSize() <= file4
+    assert ok.report.search["file_bytes"] == ok.model.ByteSize()
+    # Per-channel only: uniform INT4 is then the smallest plan there is, and its file does not fit one byte less.
+    with pytest.raises(BudgetError, match=r"the smallest file that can be written takes about \d+ bytes") as exc:
+        quantize(m, QuantConfig(search=Budget(max_bytes=file4 - 1), layouts=(PER_CHANNEL,), min_elements=0))
+    assert exc.value.smallest_reachable >= file4 - 1
 
 
 def test_budget_with_int2_and_granularity_choices_mixes_at_the_int4_size():
     m, feeds = two_layer_model()
-    q4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).report.totals.quantized_bytes
-    cfg = QuantConfig(search=Budget(max_bytes=q4), allow_int2=True,
+    file4 = quantize(m, QuantConfig(search=Uniform(4), min_elements=0)).model.ByteSize()
+    cfg = QuantConfig(search=Budget(max_bytes=file4), allow_int2=True,
                       layouts=(Layout.parse("channel"), Layout.parse("block32"), Layout.parse("block128")), min_elements=0)
     result, s = quantize_and_compare(m, feeds, cfg)
     chosen = {(t.chosen.bits, t.chosen.granularity) for t in result.report.tensors}
-    assert result.report.totals.quantized_bytes <= q4
+    assert result.model.ByteSize() <= file4
     assert result.model.opset_import[0].version == 25 or all(b != 2 for b, _ in chosen)
     _, s4 = quantize_and_compare(m, feeds, QuantConfig(search=Uniform(4), min_elements=0))
     assert s >= s4 - 0.5  # never materially worse than uniform INT4 at the same bytes

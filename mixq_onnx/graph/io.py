@@ -43,15 +43,23 @@ def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:
     info = {e.key: e.value for e in tensor.external_data}
     loc = info.get("location", "")
     base = path.parent.resolve()
-    where = f"{path}: tensor '{tensor.name}' stores its data in '{loc}'"
+    where = f"{path}: tensor '{tensor.name}' stores its data in '{loc if len(loc) <= 80 else loc[:60] + '...'}'"
     if not loc or os.path.isabs(loc) or Path(loc).drive:
         raise ModelError(f"{where}, an absolute or empty path; external data must sit beside the model")
     if ".." in Path(loc).parts:
         raise ModelError(f"{where}, outside the model's folder; move the data file next to the model")
+    if any(len(part.encode()) > 255 for part in Path(loc).parts) or len(loc.encode()) > 4000:
+        raise ModelError(f"{path}: tensor '{tensor.name}' stores its data under a path of {len(loc.encode())} bytes, longer "
+                         "than file systems allow; re-save the model with a short external-data location")
     target = path.parent / loc
-    if target.is_symlink() or not str(target.resolve()).startswith(str(base) + os.sep):
+    try:
+        outside = target.is_symlink() or not str(target.resolve()).startswith(str(base) + os.sep)
+        missing = not target.is_file()
+    except OSError as exc:
+        raise ModelError(f"{where}, which cannot be opened ({exc.strerror or exc}); re-save the model with its data beside it") from exc
+    if outside:
         raise ModelError(f"{where}, a symbolic link or a path outside the model's folder; copy the data beside the model")
-    if not target.is_file():
+    if missing:
         raise ModelError(f"{where}, which does not exist; copy the data file next to the model")
 
 
@@ -274,7 +282,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str] | None,
-                      reads: tuple[Path, ...] = (), what: str = "output path") -> Path:
+                      reads: tuple[Path, ...] = (), what: str = "output path", writes: tuple[Path, ...] = ()) -> Path:
     """Refuse writing over anything the run reads, over a special file, or into a missing or read-only folder.
 
     ``reads``: every file the run reads besides the model (its external
@@ -290,6 +298,9 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
             if _resolved(target) == _resolved(r) or _same_file(target, r):
                 role = "the input model" if r == Path(input_path or "") else f"'{r}', which this run reads"
                 raise OutputError(f"{out}: the {what} would overwrite {role}; choose another path (inputs are never modified)")
+        for w in writes:
+            if _resolved(target) == _resolved(w):
+                raise OutputError(f"{out}: the {what} is '{w}', where this run writes the quantized model; choose another path")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{out}: folder '{parent}' does not exist; create it first")
@@ -312,7 +323,22 @@ TEMP_PREFIX = ".mixq-"
 
 
 def _temp_dir(parent: Path) -> Path:
+    """A new temporary folder in ``parent``, after removing those of runs that died there (kill -9 leaves them)."""
+    remove_stale(parent)
     return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the ``.mixq-PID-*`` leftovers of dead processes in ``folder``; returns what was removed."""
+    gone = []
+    for stale in stale_temp_dirs(folder):
+        try:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        except OSError:  # another run may be removing it too, or it is not ours to remove
+            continue
+        log.info("removed %s, left by a run that was killed", stale)
+        gone.append(stale)
+    return gone
 
 
 def stale_temp_dirs(folder: Path) -> list[Path]:
@@ -398,16 +424,52 @@ def _copy_range(src: Path, offset: int, length: int, dst: "os.PathLike[str] | ob
             left -= len(chunk)
 
 
-def write_tensor_data(model: onnx.ModelProto, folder: Path, data_name: str, link: bool = False) -> None:
+class _Tally:
+    """A stand-in for the data file that only counts what would be written (see :func:`output_bytes`)."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def write(self, b: bytes) -> None:
+        self.pos += len(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def __enter__(self) -> "_Tally":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def output_bytes(model: onnx.ModelProto, data_name: str, external: bool = False) -> int:
+    """The bytes :func:`stage_model` would write for ``model`` (model file plus data file), without writing them.
+
+    The same layout as the real write (tensors in order, big ones on page
+    boundaries), counted instead of copied: ``--max-size`` covers the whole output.
+    """
+    if not (external or has_external_data(model) or model.ByteSize() > EXTERNAL_THRESHOLD):
+        return model.ByteSize()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tally = _Tally()
+    write_tensor_data(copy, Path("."), data_name, sink=tally)
+    return copy.ByteSize() + tally.pos
+
+
+def write_tensor_data(model: onnx.ModelProto, folder: Path, data_name: str, link: bool = False,
+                      sink: _Tally | None = None) -> None:
     """Move every tensor's data of ``model`` (a copy, edited in place) into files in ``folder``.
 
     Inline tensors of 1 KiB or more and external tensors are written one at
     a time, in the model's order, into ``data_name``; with ``link``, an
     external tensor's whole file is hard-linked into ``folder`` instead
-    (for ONNX Runtime sessions: no copy). Memory stays at one chunk.
+    (for ONNX Runtime sessions: no copy). Memory stays at one chunk. With
+    ``sink`` nothing is written: the layout is only counted there.
     """
     linked: dict[str, str] = {}
-    with open(folder / data_name, "wb") as out:
+    with (sink if sink is not None else open(folder / data_name, "wb")) as out:
         for t in _all_tensors(model):
             if is_external(t):
                 info = _external_info(t)
@@ -422,7 +484,10 @@ def write_tensor_data(model: onnx.ModelProto, folder: Path, data_name: str, link
                 if length is None:
                     length = src.stat().st_size - offset
                 start = _pad_to(out, length)
-                _copy_range(src, offset, length, out)
+                if sink is not None:
+                    sink.pos += length
+                else:
+                    _copy_range(src, offset, length, out)
                 _set_location(t, data_name, start, length)
             elif t.data_type != TensorProto.STRING and t.ByteSize() >= _EXTERNAL_MIN_BYTES:
                 raw = _raw_bytes(t)
@@ -606,6 +671,7 @@ def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file (the JSON report) through a temporary file and a rename."""
     p = Path(path)
+    remove_stale(p.parent if str(p.parent) else Path("."))
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=p.parent if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

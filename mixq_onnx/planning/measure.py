@@ -22,6 +22,7 @@ from ..numerics.statistics import InputStats
 from ..config import Granularity, Layout, Metric, QuantConfig, Scheme, Sensitivity
 from ..executor import Executor, threads
 from ..graph.find import Skipped, WeightSite
+from ..numerics.metrics import weight_error
 from ..numerics.qdq import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 from ..numerics.rounding import round_weight
 from ..targets import TargetRules
@@ -213,7 +214,6 @@ def measure_tensor(
     if w.dtype == ml_dtypes.bfloat16:
         w = w.astype(np.float32)
     w32 = w.astype(np.float32, copy=False)
-    mean_sq = float(np.dot(w32.ravel(), w32.ravel())) / w32.size if w32.size else 0.0
     options: list[Option] = []
     ranges: dict[Layout, GroupRange] = {}
     for spec in option_specs(site, config, caps, bits_list):
@@ -223,22 +223,10 @@ def measure_tensor(
         else:
             rng = ranges.setdefault(spec.layout, GroupRange.of(w, spec.layout, spec.axis))
             diff, _ = fake_quantize(w, spec.bits, symmetric, spec.layout, spec.axis, spec.qtype, sdt, rng)
+        errors = weight_error(w32, diff)
         diff -= w32
-        flat = diff.ravel()
-        mse = float(np.dot(flat, flat)) / max(flat.size, 1)
-        options.append(
-            Option(
-                spec.bits,
-                spec.layout,
-                spec.axis,
-                spec.qtype,
-                spec.nbytes,
-                mse,
-                mse / mean_sq if mean_sq > 0 else 0.0,
-                max(float(flat.max()), -float(flat.min())) if flat.size else 0.0,
-                stats.output_error(diff, w32) if stats is not None else None,
-            )
-        )
+        options.append(Option(spec.bits, spec.layout, spec.axis, spec.qtype, spec.nbytes, *errors,
+                              stats.output_error(diff, w32) if stats is not None else None))
     return ErrorTable(site, tuple(options), sdt)
 
 

@@ -342,7 +342,7 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
         weights = {w: _tensor(floats[w]) for w in block.weights}
         for b0 in range(0, n, 16):
             for ys, members, args in tb.run(range(b0, min(b0 + 16, n)), weights, env, grad_inputs=True):
-                pairs = [(y, _tensor(np.concatenate([grads[name][s] for s in members])))
+                pairs = [(y, _tensor(_join([grads[name][s] for s in members])))
                          for y, name in zip(ys, block.outputs) if name in grads and y.requires_grad]
                 if not pairs:
                     continue
@@ -418,10 +418,10 @@ def _optimise(bm: onnx.ModelProto, block: Block, owned: list[str], start: dict[s
             for k, y in enumerate(ys):
                 if not torch.is_floating_point(y):
                     continue
-                t = tens(np.concatenate([targets[s][k] for s in members]))
+                t = tens(_join([targets[s][k] for s in members]))
                 sq = (y - t) ** 2
                 if fisher is not None:
-                    f = tens(np.concatenate([fisher[k][s] for s in members]))
+                    f = tens(_join([fisher[k][s] for s in members]))
                     total_err = total_err + (sq * f).sum().double()
                     count += float(f.sum())
                 else:
@@ -526,7 +526,7 @@ class _TorchBlock:
             key = tuple(env(i, s).shape for i in self.inputs) if self.stackable else (s,)
             groups.setdefault(key, []).append(s)
         for members in groups.values():
-            args = [_tensor(np.concatenate([env(i, s) for s in members])) for i in self.inputs]
+            args = [_tensor(_join([env(i, s) for s in members])) for i in self.inputs]
             if grad_inputs:
                 for a in args:
                     if a.is_floating_point():
@@ -549,7 +549,7 @@ class _TorchBlock:
                 ref = [ort_sess.run(None, {**{i: env(i, s) for i in self.inputs},
                                            **{w: floats[w] for w in self.block.weights}}) for s in members]
                 for k, y in enumerate(ys):
-                    r = np.concatenate([o[k] for o in ref])
+                    r = _join([np.asarray(o[k]) for o in ref])
                     yv = y.detach().numpy()
                     if yv.shape != r.shape:
                         raise _Unconvertible(f"the converted block's output {k} has shape {yv.shape}, ONNX Runtime's {r.shape}")
@@ -557,6 +557,14 @@ class _TorchBlock:
                         rel = float(np.max(np.abs(yv - r))) / max(float(np.max(np.abs(r))), 1e-12)
                         if not rel <= CONVERSION_TOLERANCE:
                             raise _Unconvertible(f"the converted block differs from ONNX Runtime by {rel:.2g} (relative)")
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """Samples joined on the first axis; a lone sample as it is (a 0-d side input, such as a scalar computed
+    from the graph input, has no axis to join on and only ever runs one sample at a time)."""
+    if len(arrays) == 1 or np.ndim(arrays[0]) == 0:
+        return np.asarray(arrays[0])
+    return np.concatenate(arrays)
 
 
 class _SoftWeight:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +31,13 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import ConfigError
-from ..graph.find import WeightSite
+from ..graph.find import WeightSite, gather_index_bounds
 from ..graph.scopes import MAIN, node_label
 from ..numerics.ranges import RangeHistogram
 from ..config import CalibMethod
 from ..numerics.statistics import InputStats
 from ..numerics.qdq import QType
-from .inputs import ORT_TYPES, session
+from .inputs import ORT_TYPES, check_index_values, is_script, script_feeds, session
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
     otherwise (sequences of different lengths, say) each part stays its own
     set of batches, so nothing needs padding.
     """
+    if is_script(path):
+        feeds = script_feeds(path, "--calib")
+        parts = [(Path(f"{path}[{i}]"), f) for i, f in enumerate(feeds)]
+        return _merged(path, parts)
     files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy")) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"{path}: no .npz or .npy files in the --calib folder")
@@ -73,6 +77,11 @@ def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
             raise ConfigError(f"{f}: cannot read calibration data ({exc}); give .npz or .npy files of arrays") from exc
     if npy:
         parts.append((path, npy))
+    return _merged(path, parts)
+
+
+def _merged(path: Path, parts: list[tuple[Path, dict[str, np.ndarray]]]) -> list[tuple[Path, dict[str, np.ndarray]]]:
+    """Parts that agree in every axis but the first, as one; otherwise as they are."""
     if len(parts) > 1 and all(
         p.keys() == parts[0][1].keys() and all(p[k].shape[1:] == parts[0][1][k].shape[1:] for k in p) for _, p in parts
     ):
@@ -80,7 +89,7 @@ def _parts_from(path: Path) -> list[tuple[Path, dict[str, np.ndarray]]]:
     return parts
 
 
-def _validate(where: Path, arrays: dict[str, np.ndarray], inputs: list) -> int:
+def _validate(where: Path, arrays: dict[str, np.ndarray], inputs: list, bounds: dict[str, int]) -> int:
     """Check one part's names, dtypes, shapes and values against the model inputs; return its sample count."""
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
@@ -99,7 +108,17 @@ def _validate(where: Path, arrays: dict[str, np.ndarray], inputs: list) -> int:
         if count is not None and a.shape[0] != count:
             raise ConfigError(f"{where}: inputs have different sample counts ({count} and {a.shape[0]} for '{i.name}')")
         count = a.shape[0]
+    check_index_values(where, arrays, bounds)
     return count or 0
+
+
+def _graph_of(model: bytes | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph (its external weights not read), whatever form it came in."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
 
 
 def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, samples: int | None, batch: int = 8) -> list[Feed]:
@@ -109,11 +128,12 @@ def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, sa
     first N (files of a folder in name order).
     """
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not is_script(p):
         raise ConfigError(f"{p}: calibration data not found; pass an .npz file or a folder of .npz/.npy files")
     if samples is not None and samples < 1:
         raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
     parts = _parts_from(p)
+    bounds = gather_index_bounds(_graph_of(model))
     inputs = session(model, config={"session.disable_prepacking": "1"}).get_inputs()
     # A fixed batch dimension of 1 in the model forces one sample per run.
     fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
@@ -121,7 +141,7 @@ def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, sa
     feeds: list[Feed] = []
     left = samples if samples is not None else None
     for where, arrays in parts:
-        count = _validate(where, arrays, inputs)
+        count = _validate(where, arrays, inputs, bounds)
         if left is not None:
             count = min(count, left)
             left -= count
@@ -240,14 +260,17 @@ def stream_tensors(model: onnx.ModelProto, wanted: list[str], feeds: list[Feed])
 
 
 def collect_input_stats(
-    model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed]
+    model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed],
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[dict[str, InputStats], dict[str, str]]:
     """Stream ``feeds`` through the float model and accumulate H per weight (keyed by tensor name)."""
     probes, skipped = _probes(model, sites)
     if not probes:
         return {}, skipped
     stats: dict[str, InputStats] = {}
-    for values in stream_tensors(model, [p.activation for p in probes], feeds):
+    for batch, values in enumerate(stream_tensors(model, [p.activation for p in probes], feeds)):
+        if progress is not None:
+            progress(batch + 1, len(feeds), "calibration statistics")
         for p in probes:
             start = time.perf_counter()
             # float32 throughout: the activations are float32, and im2col in float64 cost 2x the memory and time.
@@ -279,3 +302,44 @@ def collect_activation_ranges(
                 else:
                     hists[n].accumulate(x)
     return {n: h.choose(method, qtype, symmetric) for n, h in hists.items()}
+
+
+# Verification holds out this share of --calib, but never fewer samples than HOLDOUT_MIN nor more than half.
+HOLDOUT_FRACTION = 0.25
+HOLDOUT_MIN = 8
+
+
+def feed_samples(feed: Feed) -> int:
+    """Samples in one feed: the first axis of its first array (1 for scalars)."""
+    for v in feed.values():
+        if np.asarray(v).ndim:
+            return int(np.asarray(v).shape[0])
+    return 1
+
+
+def hold_out(feeds: list[Feed], fraction: float = HOLDOUT_FRACTION) -> tuple[list[Feed], list[Feed]]:
+    """Split calibration feeds into (kept, held out): the last ``fraction`` of the samples, at least HOLDOUT_MIN.
+
+    Nothing is held out (``held`` is empty) when ``fraction`` is 0 or the
+    data has fewer than 2 x HOLDOUT_MIN samples: calibration would be left
+    with too little. The split is by sample, from the end, so it is the
+    same on every run.
+    """
+    total = sum(feed_samples(f) for f in feeds)
+    if fraction <= 0 or total < 2 * HOLDOUT_MIN:
+        return feeds, []
+    want = min(max(int(round(total * fraction)), HOLDOUT_MIN), total // 2)
+    kept: list[Feed] = []
+    held: list[Feed] = []
+    left = total - want  # samples that stay for calibration
+    for f in feeds:
+        n = feed_samples(f)
+        if left >= n:
+            kept.append(f)
+        elif left <= 0:
+            held.append(f)
+        else:
+            kept.append({k: np.asarray(v)[:left] for k, v in f.items()})
+            held.append({k: np.asarray(v)[left:] for k, v in f.items()})
+        left -= n
+    return kept, held

@@ -10,6 +10,7 @@ chosen are returned so the caller can say what it used.
 from __future__ import annotations
 
 import logging
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,4 +172,66 @@ def generate_inputs(
                       f"pass --input-shape NAME:DxD.. for {', '.join(dynamic) or 'its inputs'}, or real samples with --inputs/--calib")
 
 
-__all__ = ["GeneratedInputs", "generate_inputs", "session", "ORT_TYPES"]
+# A data loader that never stops is cut here (with a warning): calibration and verification need a bounded set.
+MAX_SCRIPT_FEEDS = 4096
+
+
+def is_script(path: str | Path) -> bool:
+    """Whether a data path names a Python data-loader script (``loader.py`` or ``loader.py:function``)."""
+    text = str(path)
+    return text.endswith(".py") or ".py:" in text
+
+
+def script_feeds(spec: str | Path, what: str) -> list[Feed]:
+    """The feeds a data-loader script yields, as Polygraphy's ``--data-loader-script`` reads them.
+
+    ``spec`` is ``FILE.py`` or ``FILE.py:FUNCTION`` (default ``load_data``);
+    the function takes no argument and returns or yields dicts of arrays
+    keyed by input name, each a batch along the first axis. ``what`` names
+    the option in messages.
+    """
+    text = str(spec)
+    file, _, func = text.rpartition(":") if ".py:" in text else (text, "", "")
+    func = func or "load_data"
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: data-loader script not found; give FILE.py or FILE.py:FUNCTION for {what}")
+    try:
+        namespace = runpy.run_path(str(path), run_name="mixq_data_loader")
+    except Exception as exc:  # the user's code may raise anything
+        raise ConfigError(f"{path}: the data-loader script failed while loading ({type(exc).__name__}: {exc})") from exc
+    fn = namespace.get(func)
+    if not callable(fn):
+        raise ConfigError(f"{path}: defines no function '{func}'; name it with {what} {path}:FUNCTION")
+    feeds: list[Feed] = []
+    try:
+        for i, item in enumerate(fn()):
+            if i >= MAX_SCRIPT_FEEDS:
+                log.warning("%s: %s() yielded more than %d feeds; the rest are not used", path, func, MAX_SCRIPT_FEEDS)
+                break
+            if not isinstance(item, dict) or not item:
+                raise ConfigError(f"{path}: {func}() yielded a {type(item).__name__} as feed {i}; yield dicts of arrays keyed by input name")
+            feeds.append({str(k): np.asarray(v) for k, v in item.items()})
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: {func}() failed ({type(exc).__name__}: {exc})") from exc
+    if not feeds:
+        raise ConfigError(f"{path}: {func}() yielded no feeds; it must yield at least one dict of arrays")
+    return feeds
+
+
+def check_index_values(where: str | Path, arrays: Feed, bounds: dict[str, int]) -> None:
+    """Refuse token ids outside the embedding table they index (ONNX Runtime would fail, or read garbage, on them)."""
+    for name, rows in bounds.items():
+        a = arrays.get(name)
+        if a is None or not np.issubdtype(np.asarray(a).dtype, np.integer) or not np.asarray(a).size:
+            continue
+        lo, hi = int(np.min(a)), int(np.max(a))
+        if lo < -rows or hi >= rows:
+            bad = hi if hi >= rows else lo
+            raise ConfigError(f"{where}: input '{name}' holds index {bad}, outside the {rows}-row table it looks up "
+                              f"(valid: 0 to {rows - 1}); fix the token ids")
+
+
+__all__ = ["GeneratedInputs", "check_index_values", "generate_inputs", "is_script", "script_feeds", "session", "ORT_TYPES"]

@@ -31,7 +31,7 @@ from ..planning.measure import ErrorTable, Option
 from ..numerics.qdq import Grid, QuantizedTensor
 from ..numerics.rounding import Rounded, round_weight
 from ..planning.search import Decision, Plan, SearchSummary, candidates, search
-from .sensitivity import EndToEnd
+from .sensitivity import EndToEnd, Progress
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Rounder:
                 self._cache[key] = hit
         return hit
 
-    def prefetch(self, pairs: Iterable[tuple[ErrorTable, Option]]) -> None:
+    def prefetch(self, pairs: Iterable[tuple[ErrorTable, Option]], progress: Progress | None = None) -> None:
         """Round many pairs as parallel tasks (see :mod:`mixq_onnx.executor`); later ``get`` calls hit the cache."""
         method = self.config.layer_method
         todo = list({self._key(t, o, method): (t, o) for t, o in pairs if self._key(t, o, method) not in self._cache}.items())
@@ -83,8 +83,10 @@ class Rounder:
             return
         tasks = [self._task(t, o, method) for _, (t, o) in todo]
         with (threads() if self.executor is None else nullcontext(self.executor)) as run:
-            for (key, _), rounded in zip(todo, run.map(_round_task, tasks)):
+            for i, ((key, _), rounded) in enumerate(zip(todo, run.map(_round_task, tasks))):
                 self._cache[key] = rounded
+                if progress is not None:
+                    progress(i + 1, len(todo), f"rounding ({method.value})")
 
     def dequantized(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray:
         """The option's weight as the DequantizeLinear output, in the weight's own dtype."""
@@ -194,12 +196,24 @@ def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Dec
     return out
 
 
-def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evaluator: EndToEnd, rounder: Rounder) -> Plan:
-    """The searched plan, or the uniform plan that fits ``limit`` and measures better end to end."""
+def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evaluator: EndToEnd, rounder: Rounder,
+                             progress: Progress | None = None,
+                             fits: Callable[[tuple[Decision, ...]], bool] | None = None) -> Plan:
+    """The searched plan, or the uniform plan that fits and measures better end to end.
+
+    A rival fits when its bytes are within ``limit``, or when ``fits`` says
+    so (``--max-size``: the rival's own file fits, though its weights' bytes
+    are a little over a limit estimated for another plan's graph).
+    """
+    rivals = [(label, ds) for label, ds in uniform_rivals(plan, config)
+              if plan_bytes(ds) <= limit or (fits is not None and fits(ds))]
     measured = [(Measured("searched", plan_bytes(plan.decisions), measure_plan(plan.decisions, evaluator, rounder)), plan.decisions)]
-    for label, ds in uniform_rivals(plan, config):
-        if plan_bytes(ds) <= limit:
-            measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder)), ds))
+    for k, (label, ds) in enumerate(rivals):
+        if progress is not None:
+            progress(k + 1, len(rivals) + 1, "whole-plan checks")
+        measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder)), ds))
+    if progress is not None:
+        progress(len(rivals) + 1, len(rivals) + 1, "whole-plan checks")
     best, decisions = min(measured, key=lambda m: (m[0].distance, m[0].nbytes))
     if best.label != "searched":
         log.info("%s measured better end to end than the searched plan; returning it", best.label)
@@ -209,7 +223,7 @@ def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evalua
 
 
 def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss: float, evaluator: EndToEnd,
-                         rounder: Rounder, rounds: int = 6) -> Plan:
+                         rounder: Rounder, rounds: int = 6, progress: Progress | None = None) -> Plan:
     """The smallest plan whose measured end-to-end distance is at most ``max_loss``.
 
     The knapsack's summed per-weight distances predict a plan's loss; each
@@ -228,6 +242,8 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
     seen = {_signature(accurate.decisions)}
     target = max_loss
     for k in range(rounds):
+        if progress is not None:
+            progress(k + 1, rounds, "accuracy target rounds")
         plan = search(tables, config, loss=target)
         if _signature(plan.decisions) in seen:  # the rescaled target picks a plan already measured: converged
             break
@@ -264,19 +280,32 @@ def _signature(decisions: Iterable[Decision]) -> tuple[tuple[str, tuple[int, str
     return tuple((d.table.site.name, d.option.key) for d in decisions)
 
 
-def budget_limit(budget: Budget, uniform_total: dict[int, int]) -> int:
-    """Bytes of a budget: ``--max-size`` as given; ``--target-bits B`` as the bytes of uniform B-bit per-channel
-    quantization of the same tensors, interpolated linearly between whole widths (``uniform_total[b]``)."""
+def budget_limit(budget: Budget, uniform_total: dict[int, int], allow_int2: bool = False) -> int:
+    """Bytes of the weights a budget allows.
+
+    ``--target-bits B`` is B bits per weight value plus the scales and zero
+    points of per-channel storage: the bytes of the uniform per-channel
+    plans at the container widths (``uniform_total[b]`` for b = 2 with
+    ``--int2``, 4 and 8), interpolated between them. 5 bits is the INT4
+    plan plus a quarter of the gap to the INT8 plan, so every B between
+    containers gives a distinct size and a real mix. ``--max-size`` is
+    handled by the caller (it covers the whole file).
+    """
     if budget.max_bytes is not None:
         return budget.max_bytes
     b = float(budget.target_bits)  # type: ignore[arg-type]
     if b >= 8:
         return int(uniform_total[8] * b / 8)
-    lo = int(np.floor(b))
-    hi = lo + 1
-    if lo not in uniform_total:
-        lo = hi
-    return int(np.floor(uniform_total[lo] + (b - lo) * (uniform_total[hi] - uniform_total[lo])))
+    anchors = [w for w in CONTAINER_WIDTHS if w >= 4 or allow_int2]
+    lo = max(w for w in anchors if w <= b)
+    hi = min(w for w in anchors if w >= b)
+    if lo == hi:
+        return uniform_total[lo]
+    return int(np.floor(uniform_total[lo] + (b - lo) / (hi - lo) * (uniform_total[hi] - uniform_total[lo])))
+
+
+# The widths whose uniform plans anchor --target-bits: where a container's values fill it.
+CONTAINER_WIDTHS = (2, 4, 8)
 
 
 __all__ = ["Measured", "Rounder", "budget_limit", "measure_plan", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,21 +13,11 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ConfigError, VerificationError
-from .inputs import session
+from ..kinds import DataSource, Level, OutputKind, Thresholds
+from ..numerics.metrics import OutputComparison, compare_output, worst
+from .inputs import check_index_values, is_script, script_feeds, session
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """How one output of the quantized model differs from the float model's."""
-
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    sqnr_db: float
-    top1_agreement: float | None
-
 
 @dataclass(frozen=True)
 class RunComparison:
@@ -45,12 +37,29 @@ class ProviderStatus:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Whether the quantized model still does its job: good, degraded or broken on real data, unverified without.
+
+    ``reason`` names the output, metric, value and setting that decided it.
+    """
+
+    level: str
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Verification:
+    """The comparison of the written model with the float one, the data it ran on and the verdict."""
+
     inputs: str
+    source: str
     samples: int
     provider: str
     runs: tuple[RunComparison, ...]
-    providers: tuple[ProviderStatus, ...] = ()
+    providers: tuple[ProviderStatus, ...]
+    verdict: Verdict
+    thresholds: dict[str, list[float]]
 
 
 # Execution providers the quantized model is also run on when this machine's onnxruntime has them.
@@ -87,47 +96,30 @@ def _session(model: bytes | Path | onnx.ModelProto, level: ort.GraphOptimization
     return session(model, level, config or None, provider)
 
 
-def load_inputs(path: Path) -> list[dict[str, np.ndarray]]:
-    """One feed from an .npz file of arrays keyed by input name."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: not a regular file; give an .npz file of arrays keyed by input name for --inputs")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("a single array, not an .npz archive")
-            feed = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise ConfigError(f"{path}: cannot read --inputs as an .npz file ({exc})") from exc
-    if not feed:
-        raise ConfigError(f"{path}: --inputs holds no arrays; give arrays keyed by input name")
-    return [feed]
+def load_inputs(path: Path, bounds: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Verification feeds from an .npz file of arrays keyed by input name (one feed), or a data-loader script.
 
-
-def compare(reference: np.ndarray, actual: np.ndarray, name: str) -> OutputComparison:
-    """Distances between a float output and the quantized one; NaN where the float model itself overflows."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _compare(reference, actual, name)
-
-
-def _compare(reference: np.ndarray, actual: np.ndarray, name: str) -> OutputComparison:
-    r = np.asarray(reference, dtype=np.float64).ravel()
-    a = np.asarray(actual, dtype=np.float64).ravel()
-    d = a - r
-    noise = float(np.sum(d * d))
-    signal = float(np.sum(r * r))
-    denom = float(np.linalg.norm(r) * np.linalg.norm(a))
-    top1 = None
-    ref = np.asarray(reference)
-    if ref.ndim == 2 and ref.shape[1] >= 2 and np.issubdtype(ref.dtype, np.floating):
-        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(np.asarray(actual), axis=1)))
-    return OutputComparison(
-        name,
-        float(np.max(np.abs(d))) if d.size else 0.0,
-        float(np.mean(np.abs(d))) if d.size else 0.0,
-        float(np.dot(r, a) / denom) if denom > 0 else 1.0,
-        float(10 * np.log10(signal / noise)) if noise > 0 else float("inf"),
-        top1,
-    )
+    ``bounds`` (see :func:`mixq_onnx.graph.find.gather_index_bounds`) refuses token ids outside their table.
+    """
+    if is_script(path):
+        feeds = script_feeds(path, "--inputs")
+    else:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: not a regular file; give an .npz file of arrays keyed by input name, or a "
+                              "data-loader script FILE.py[:FUNCTION], for --inputs")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("a single array, not an .npz archive")
+                feed = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise ConfigError(f"{path}: cannot read --inputs as an .npz file ({exc})") from exc
+        if not feed:
+            raise ConfigError(f"{path}: --inputs holds no arrays; give arrays keyed by input name")
+        feeds = [feed]
+    for f in feeds:
+        check_index_values(path, f, bounds or {})
+    return feeds
 
 
 def _split_for_fixed_batch(feeds: list[dict[str, np.ndarray]], sess: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
@@ -145,59 +137,109 @@ def _split_for_fixed_batch(feeds: list[dict[str, np.ndarray]], sess: ort.Inferen
     return out
 
 
+def _batch(feed: dict[str, np.ndarray]) -> int:
+    """Samples in one run: the first axis of its first input with one (1 for scalar inputs)."""
+    for v in feed.values():
+        a = np.asarray(v)
+        if a.ndim:
+            return int(a.shape[0])
+    return 1
+
+
+def verdict_of(runs: tuple[RunComparison, ...], source: DataSource) -> Verdict:
+    """The worst output verdict over every setting; generated inputs only ever give 'unverified'."""
+    judged = [(Level(o.level), run.setting, o) for run in runs for o in run.outputs]
+    if not judged:
+        return Verdict(Level.UNVERIFIED.value, source.value, "no output could be compared")
+    level, setting, o = min(judged, key=lambda j: (j[0].rank, j[2].value))
+    names = {"top1": "top-1 agreement", "cosine": "mean cosine", "sqnr": "SQNR"}
+    value = f"{o.value:.1f} dB" if o.metric == "sqnr" else f"{o.value:.4f}"
+    reason = f"{o.name}: {names[o.metric]} {value} at {setting}"
+    if source is DataSource.GENERATED:
+        return Verdict(Level.UNVERIFIED.value, source.value,
+                       f"generated inputs cannot tell whether the model still works (on them it would be {level.value}: {reason})")
+    return Verdict(level.value, source.value, reason)
+
+
 def verify(
-    float_model: bytes | Path | onnx.ModelProto, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], source: str
+    float_model: bytes | Path | onnx.ModelProto, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], label: str,
+    source: DataSource = DataSource.GENERATED, thresholds: Thresholds | None = None,
+    kinds: dict[str, OutputKind] | None = None, progress: Callable[[int, int, str], None] | None = None,
 ) -> Verification:
-    """Run both models on ``feeds`` at each setting and compare every output.
+    """Run both models on ``feeds`` at each setting, compare every output and give a verdict.
 
     One session lives at a time: the float outputs are computed first and
     the float session is released before any quantized one is made, so a
     model near the memory's size can still be verified. The float session
-    maps its weights instead of pre-packing copies of them.
+    maps its weights instead of pre-packing copies of them. ``kinds`` names
+    the kind of outputs whose guess (see :mod:`mixq_onnx.numerics.metrics`)
+    is wrong; ``progress(i, n, stage)`` is told of each run.
     """
+    thresholds = thresholds or Thresholds()
+    kinds = kinds or {}
     runs = []
     ref_sess = _session(float_model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None,
                         config={"session.disable_prepacking": "1"})
     wanted = [i.name for i in ref_sess.get_inputs()]
     missing = [n for n in wanted if n not in feeds[0]]
     if missing:
-        raise ConfigError(f"verification inputs lack {missing}; the model's inputs are {wanted}")
+        raise ConfigError(f"verification inputs lack {missing} ({label}); the model's inputs are {wanted}")
     # Extra arrays (labels, say) may sit in the same .npz; they are not fed.
     feeds = [{n: f[n] for n in wanted} for f in feeds]
     feeds = _split_for_fixed_batch(feeds, ref_sess)
     if not feeds or any(np.asarray(v).ndim and np.asarray(v).shape[0] == 0 for f in feeds for v in f.values()):
         raise ConfigError("verification inputs have no samples; give at least one sample per input")
     names = [o.name for o in ref_sess.get_outputs()]
-    try:
-        refs = [ref_sess.run(None, f) for f in feeds]
-    except Exception as exc:
-        raise ConfigError(f"the float model does not run on the verification inputs ({str(exc).splitlines()[0][:200]}); pass --input-shape or --inputs") from exc
-    del ref_sess
+    unknown = sorted(set(kinds) - set(names))
+    if unknown:
+        raise ConfigError(f"--output-kind names {unknown}, which are not outputs of the model; its outputs are {names}")
     available = ort.get_available_providers()
     settings = list(SETTINGS) + [(f"{p} (ORT_ENABLE_ALL)", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None, p)
                                  for p in GPU_PROVIDERS if p in available]
+    total, done = len(feeds) * (1 + len(settings)), 0
+
+    def tick(stage: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, stage)
+
+    try:
+        refs = []
+        for f in feeds:
+            refs.append(ref_sess.run(None, f))
+            tick("verification: float model")
+    except Exception as exc:
+        raise ConfigError(f"the float model does not run on the verification inputs ({label}: {str(exc).splitlines()[0][:200]}); "
+                          "pass --input-shape or other --inputs") from exc
+    del ref_sess
+    sizes = [_batch(f) for f in feeds]
     statuses = [ProviderStatus(CPU, True)]
-    for label, level, acc, provider in settings:
+    for label_s, level, acc, provider in settings:
         try:
             sess = _session(quant_model, level, acc, provider)
             if provider not in sess.get_providers():
                 raise RuntimeError(f"{provider} did not load")
-            outs = [sess.run(None, f) for f in feeds]
+            outs = []
+            for f in feeds:
+                outs.append(sess.run(None, f))
+                tick(f"verification: {label_s.split(' (')[0]}")
         except Exception as exc:
             if provider != CPU:
                 statuses.append(ProviderStatus(provider, False, str(exc).splitlines()[0][:300]))
                 continue
-            raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label}: {str(exc).splitlines()[0][:300]}") from exc
+            raise VerificationError(f"ONNX Runtime cannot run the quantized model at {label_s}: {str(exc).splitlines()[0][:300]}") from exc
         if provider != CPU:
             statuses.append(ProviderStatus(provider, True))
         del sess
         comps = []
         for k, name in enumerate(names):
-            ref = np.concatenate([np.asarray(r[k]).reshape(1, -1) if np.asarray(r[k]).ndim == 0 else np.asarray(r[k]) for r in refs])
-            got = np.concatenate([np.asarray(o[k]).reshape(1, -1) if np.asarray(o[k]).ndim == 0 else np.asarray(o[k]) for o in outs])
-            comps.append(compare(ref, got, name))
-        runs.append(RunComparison(label, tuple(comps)))
-    # Samples = rows of the batch axis across all runs (an .npz holds many in one run).
-    samples = sum(int(np.asarray(f[wanted[0]]).shape[0]) if np.asarray(f[wanted[0]]).ndim else 1 for f in feeds) if wanted else len(feeds)
+            if not all(isinstance(r[k], np.ndarray) for r in refs) or not all(isinstance(o[k], np.ndarray) for o in outs):
+                continue  # sequence and map outputs (ZipMap) are not tensors: they have no distance
+            comps.append(compare_output(name, [r[k] for r in refs], [o[k] for o in outs], sizes, thresholds, kinds.get(name)))
+        runs.append(RunComparison(label_s, tuple(comps)))
+    samples = sum(sizes)
     statuses += [ProviderStatus(p, False, "not available in this onnxruntime build") for p in GPU_PROVIDERS if p not in available]
-    return Verification(source, samples, CPU, tuple(runs), tuple(statuses))
+    bounds = {f.name: [getattr(thresholds, f.name).good, getattr(thresholds, f.name).broken] for f in dataclasses.fields(thresholds)}
+    runs_t = tuple(runs)
+    return Verification(label, source.value, samples, CPU, runs_t, tuple(statuses), verdict_of(runs_t, source), bounds)

@@ -1,0 +1,108 @@
+"""numerics/metrics.py: output kinds, the metric each kind is judged by, and the verdict thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixq_onnx.errors import ConfigError
+from mixq_onnx.kinds import Level, OutputKind, Threshold, Thresholds
+from mixq_onnx.numerics.metrics import batch_axis, class_axis, compare_output, infer_kind, weight_error
+
+T = Thresholds()
+
+
+def _cmp(name, refs, outs, samples=None, kind=None):
+    return compare_output(name, refs, outs, samples or [r.shape[0] for r in refs], T, kind)
+
+
+def test_class_scores_are_judged_by_top1_agreement_along_the_class_axis():
+    r = np.random.default_rng(0)
+    ref = r.normal(size=(100, 10)).astype(np.float32)
+    got = ref.copy()
+    flip = np.arange(12)  # 12 of 100 rows get another top-1 class
+    got[flip, (ref[flip].argmax(1) + 1) % 10] += 10
+    c = _cmp("logits", [ref], [got])
+    assert c.kind == "classes" and c.class_axis == 1 and c.metric == "top1"
+    assert c.top1_agreement == pytest.approx(0.88) and c.level == "broken"
+    assert _cmp("logits", [ref], [ref + 1e-4]).level == "good"
+
+
+def test_maps_use_axis_1_and_ties_are_not_disagreements():
+    assert class_axis((2, 5, 4, 4)) == 1 and class_axis((2, 7)) == 1 and class_axis((3, 1)) is None
+    ref = np.zeros((1, 3, 2, 2), np.float32)  # every class tied: any pick matches the float model's best score
+    got = ref.copy()
+    got[0, 2] = 1e-6
+    c = _cmp("seg", [ref], [got])
+    assert c.class_axis == 1 and c.top1_agreement == 1.0
+
+
+def test_sequences_get_per_position_agreement_and_whole_sequence_matches_in_either_layout():
+    r = np.random.default_rng(1)
+    ntc = r.normal(size=(4, 6, 5)).astype(np.float32)
+    got = ntc.copy()
+    got[0, 0, (ntc[0, 0].argmax() + 1) % 5] += 10  # one position of the first sequence differs
+    c = _cmp("scores", [ntc], [got])
+    assert c.top1_agreement == pytest.approx(23 / 24) and c.sequence_match == pytest.approx(3 / 4)
+    # [T, N, C]: the same data with time first; the batch axis is found from the run's size.
+    assert batch_axis((6, 4, 5), 4) == 1 and batch_axis((4, 6, 5), 4) == 0
+    c2 = _cmp("scores", [ntc.transpose(1, 0, 2)], [got.transpose(1, 0, 2)], samples=[4])
+    assert c2.sequence_match == pytest.approx(3 / 4)
+
+
+def test_a_dominant_class_does_not_hide_disagreement_elsewhere():
+    """CTC-style output: mostly blank; plain agreement looks fine, agreement off the blank class does not."""
+    ref = np.zeros((1, 100, 4), np.float32)
+    ref[0, :, 0] = 5  # blank everywhere...
+    ref[0, :10, 0], ref[0, :10, 1] = 0, 5  # ...but ten character positions
+    got = ref.copy()
+    got[0, :5, 2] = 9  # half the characters change
+    c = _cmp("ctc", [ref], [got])
+    assert c.top1_agreement == pytest.approx(0.95) and c.foreground_agreement == pytest.approx(0.5)
+    assert c.value == pytest.approx(0.5) and c.level == "broken"
+
+
+def test_probabilities_get_kl_and_embeddings_mean_cosine_and_integers_exact_agreement():
+    r = np.random.default_rng(2)
+    logits = r.normal(size=(8, 6))
+    p = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    c = _cmp("output", [p], [p])
+    assert c.kind == "classes" and c.kl == pytest.approx(0.0, abs=1e-7)
+    emb = r.normal(size=(8, 32)).astype(np.float32)
+    e = _cmp("sentence_embedding", [emb], [emb + 0.01 * r.normal(size=emb.shape).astype(np.float32)])
+    assert e.kind == "embedding" and e.metric == "cosine" and 0.99 < e.mean_cosine < 1.0
+    labels = np.array([1, 2, 3, 4], np.int64)
+    lab = _cmp("label", [labels], [np.array([1, 2, 3, 0], np.int64)])
+    assert lab.kind == "labels" and lab.top1_agreement == 0.75 and lab.level == "broken"
+    boxes = r.normal(size=(1, 20, 4)).astype(np.float32)
+    assert infer_kind("boxes", [boxes])[0] is OutputKind.VALUES
+    assert _cmp("boxes", [boxes], [boxes]).metric == "sqnr"
+    # The user's word wins over the guess.
+    assert _cmp("output", [emb], [emb], kind=OutputKind.EMBEDDING).metric == "cosine"
+
+
+def test_results_over_several_runs_equal_one_run_over_all_samples():
+    r = np.random.default_rng(3)
+    ref = r.normal(size=(10, 7)).astype(np.float32)
+    got = ref + 0.3 * r.normal(size=ref.shape).astype(np.float32)
+    whole = _cmp("y", [ref], [got])
+    split = _cmp("y", [ref[:4], ref[4:]], [got[:4], got[4:]])
+    assert whole.top1_agreement == split.top1_agreement
+    assert whole.sqnr_db == pytest.approx(split.sqnr_db) and whole.cosine == pytest.approx(split.cosine)
+
+
+def test_thresholds_levels_and_parsing():
+    t = Threshold(0.99, 0.9)
+    assert (t.level(0.995), t.level(0.95), t.level(0.85)) == (Level.GOOD, Level.DEGRADED, Level.BROKEN)
+    parsed = Thresholds.parse(("top1=0.95:0.8", "sqnr=20:5"))
+    assert parsed.top1 == Threshold(0.95, 0.8) and parsed.sqnr == Threshold(20, 5) and parsed.cosine == T.cosine
+    for bad in ("top1=0.8", "kl=1:0", "top1=0.8:0.9", "top1=a:b"):
+        with pytest.raises(ConfigError):
+            Thresholds.parse((bad,))
+    assert Level.UNVERIFIED.rank < Level.BROKEN.rank < Level.DEGRADED.rank < Level.GOOD.rank
+
+
+def test_weight_error_is_mse_nmse_and_max_abs():
+    w = np.array([1.0, -2.0, 3.0, 0.0], np.float32)
+    mse, nmse, mx = weight_error(w, w + np.array([0.5, 0, -1.0, 0], np.float32))
+    assert mse == pytest.approx(0.3125) and nmse == pytest.approx(0.3125 / 3.5) and mx == pytest.approx(1.0)
