@@ -789,10 +789,10 @@ def _data(model: onnx.ModelProto, config: QuantConfig, verify_options: VerifyOpt
     shapes = parse_input_shapes(verify_options.input_shapes)
     bounds = gather_index_bounds(model)
     feeds = load_calibration(calibration.path, model, calibration.samples) if calibration else None
-    inputs = load_inputs(verify_options.inputs, bounds) if verify_options.inputs is not None and verify_options.enabled else None
+    inputs = load_inputs(verify_options.inputs, bounds) if verify_options.inputs is not None else None
     verify_feeds: list[Feed] | None = None
     label, source = "", DataSource.GENERATED
-    if inputs is not None:
+    if inputs is not None and verify_options.enabled:
         verify_feeds, label, source = inputs, f"--inputs {verify_options.inputs}", DataSource.INPUTS
     elif feeds and verify_options.enabled:
         kept, held = hold_out(feeds, verify_options.holdout)

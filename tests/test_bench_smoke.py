@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 40 s: the whole benchmark on digits, with plots
 def test_bench_runs_on_digits(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--cases", "digits", "--repeats", "1", "--latency-runs", "3",
            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]

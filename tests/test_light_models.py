@@ -12,7 +12,11 @@ from tests.helpers import LEVELS, run, sqnr_db
 from tests.light_models import available, build
 
 
-@pytest.mark.parametrize("name", available())
+# The three largest topologies (0.2-0.5 GB of weights) take most of the suite's time: they run with the slow set.
+HEAVY = ("vgg19", "zfnet512", "bvlc_alexnet")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in available()])
 def test_light_model_8bit(name):
     model = build(name)
     result = quantize(model, QuantConfig(search=Uniform(8)))

@@ -130,6 +130,31 @@ def test_sigterm_during_a_run_leaves_nothing(work):
         onnx.checker.check_model(str(work / "out.onnx"), full_check=True)
 
 
+def test_the_next_run_removes_what_a_killed_run_left_and_keeps_live_runs_files(work):
+    """kill -9 cannot be cleaned up after; every later run into the same folder removes dead runs' folders."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = work / f".mixq-{dead.pid}-abcd"
+    stale.mkdir()
+    (stale / "spilled.data").write_bytes(b"x" * 100)
+    live = work / f".mixq-{os.getpid()}-live"  # this process is alive: its folder is not ours to remove
+    live.mkdir()
+    r = cli(work, "m.onnx", "-o", "out.onnx", "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and live.exists()
+
+
+def test_an_over_long_external_data_location_is_a_clean_refusal(work):
+    p = fuzz.with_external(onnx.load(DIGITS), work, name="x.onnx", location="x.onnx.data")
+    m = onnx.load(str(p), load_external_data=False)
+    for e in m.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "d" * 5000 + ".data"
+    fuzz.save(m, p)
+    one_line_error(cli(work, "x.onnx", "-o", "out.onnx"), 3, "longer than file systems allow")
+    assert not (work / "out.onnx").exists()
+
+
 # E. special files at the output are refused, not replaced.
 def test_fifo_output_and_report_are_refused(work):
     os.mkfifo(work / "out.onnx")

@@ -190,3 +190,28 @@ def test_fake_quantize_matches_stored_integers_bit_for_bit():
                 a = quantize_weight(w, bits, sym, lay, axis, qt, np.dtype(dtype), gr).dequantize().astype(np.float32)
                 b, _ = fake_quantize(w, bits, sym, lay, axis, qt, np.dtype(dtype), gr)
                 assert a.tobytes() == b.tobytes()
+
+
+def test_max_size_bounds_the_written_file_and_5_bits_lands_between_4_and_8(tmp_path):
+    """On the digits CNN with its calibration data: the file written for --max-size fits it, and --target-bits 5
+    is a real mix whose held-out accuracy lies between the uniform 4- and 8-bit plans'."""
+    from pathlib import Path
+
+    from mixq_onnx import CalibrationOptions, VerifyOptions, quantize_file
+    from mixq_onnx.graph.io import load_model
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    digits, calib = models / "digits_cnn.onnx", CalibrationOptions(models / "digits_calib.npz")
+    verify = VerifyOptions(inputs=models / "digits_test.npz")
+    for size in (26_000, 30_000, 40_000):
+        out = tmp_path / f"m{size}.onnx"
+        quantize_file(digits, out, QuantConfig(search=Budget(max_bytes=size)), verify, calibration=calib)
+        assert out.stat().st_size <= size and not (tmp_path / f"m{size}.onnx.data").exists()
+    sqnr = {}
+    for name, search in (("4", Uniform(4)), ("5", Budget(target_bits=5)), ("8", Uniform(8))):
+        r = quantize_file(digits, tmp_path / f"b{name}.onnx", QuantConfig(search=search), verify, calibration=calib)
+        sqnr[name] = r.report.verification.runs[0].outputs[0].sqnr_db
+        if name == "5":
+            assert {t.chosen.bits for t in r.report.tensors} == {4, 8}
+    assert sqnr["4"] < sqnr["5"] < sqnr["8"], sqnr
+    assert load_model(tmp_path / "b5.onnx").model.graph.node

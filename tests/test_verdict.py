@@ -145,3 +145,32 @@ def test_the_table_shows_the_error_of_the_written_weights_not_round_to_nearest(t
         assert t["chosen"]["nmse"] == pytest.approx(nmse, rel=1e-3)
         rtn = next(e for e in t["errors"] if e["bits"] == 4 and e["granularity"] == t["chosen"]["granularity"])
         assert rtn["nmse"] != pytest.approx(nmse, rel=1e-3)  # gptq's integers are not round-to-nearest's
+
+
+def test_activations_and_smoothing_say_what_they_did(tmp_path):
+    r = _run([TINY, "-o", tmp_path / "q.onnx", "--target", "ort-cpu", "--activations", "auto", "--smooth",
+              "--calib", TINY_CALIB])
+    assert r.exit_code == 0, r.output
+    assert "--activations auto on --target ort-cpu: uint8" in r.stderr
+    act = next(x for x in r.stdout.splitlines() if x.startswith("activations: "))
+    assert "tensors quantized to uint8" in act and "left in float (" in act
+    smooth = next(x for x in r.stdout.splitlines() if x.startswith("smoothing: "))
+    assert "MatMul/Gemm inputs smoothed (alpha" in smooth
+    r = _run([DIGITS, "-o", tmp_path / "g.onnx", "--activations", "auto"])
+    assert r.exit_code == 0 and "--activations auto on --target generic: none (weight-only" in r.stderr
+
+
+def test_thresholds_and_output_kinds_can_be_set(tmp_path):
+    base = [DIGITS, "-o", tmp_path / "q.onnx", "--bits", "4", "--inputs", DIGITS_TEST, "--report", tmp_path / "r.json"]
+    r = _run(base + ["--threshold", "top1=1.0:0.9999"])  # 4 bits changes a few of 360 predictions
+    assert r.exit_code == 0, r.output
+    v = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert v["thresholds"]["top1"] == [1.0, 0.9999]
+    assert v["runs"][0]["outputs"][0]["top1_agreement"] < 0.9999 and v["verdict"]["level"] == "broken"
+    r = _run(base + ["--output-kind", "logits=values"])
+    out = json.loads((tmp_path / "r.json").read_text())["verification"]["runs"][0]["outputs"][0]
+    assert out["kind"] == "values" and out["metric"] == "sqnr"
+    bad = _run(base + ["--output-kind", "nope=values"])
+    assert bad.exit_code == 2 and "not outputs of the model" in bad.stderr
+    bad = _run(base + ["--threshold", "top1=high"])
+    assert bad.exit_code == 2 and "METRIC=GOOD:BROKEN" in bad.stderr

@@ -1,6 +1,6 @@
 """Seeded hostile cases against the ``mixq-onnx`` command: every run must fail cleanly or succeed completely.
 
-    python tools/fuzz.py                  # 540 cases, 2 workers (about 10 minutes on 2 cores)
+    python tools/fuzz.py                  # 588 cases, 2 workers (about 10 minutes on 2 cores)
     python tools/fuzz.py --cases 60       # a quick sample of every class
     python tools/fuzz.py --seed 7 -v      # another corpus, printing each case
 
@@ -17,10 +17,13 @@ with a time limit, and judges the result. A **defect** is any of:
 - any input file (model, its data, calibration, inputs) changed;
 - a special file (FIFO) at the output replaced.
 
-Classes: damaged files and paths, hostile external data, hostile tensors,
-random graph mutations of real models, malformed QDQ for ``check``, bad
-options and bad sample files, signals during the run (SIGTERM, SIGINT,
-SIGKILL mid-write), and concurrent writers to one output.
+Classes: damaged files and paths, hostile external data (over-long
+locations too), hostile tensors, random graph mutations of real models,
+malformed QDQ for ``check``, bad options and bad sample files, signals
+during the run (SIGTERM, SIGINT, SIGKILL mid-write; the next run must
+remove what a killed one left), concurrent writers to one output, sparse
+initializers and wrong declared output shapes, block reconstruction's
+calibration inputs, and ``--require`` verdicts that must write nothing.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def files_and_paths(d: Path, r: np.random.Generator) -> Case:
 
 
 def external_data(d: Path, r: np.random.Generator) -> Case:
-    kind = r.integers(0, 8)
+    kind = r.integers(0, 9)
     base = onnx.load(str(DIGITS))
     if kind == 0:
         p = with_external(base, d)
@@ -170,6 +173,8 @@ def external_data(d: Path, r: np.random.Generator) -> Case:
         info["location"].value = "../" + info["location"].value
     elif kind == 5:
         (d / "m.onnx.data").write_bytes((d / "m.onnx.data").read_bytes()[: int(r.integers(0, 1000))])
+    elif kind == 8:
+        info["location"].value = ("d" * int(r.integers(256, 6000))) + ".data"  # longer than any file name may be
     elif kind == 6:
         bad = [("offset", "abc"), ("length", "-4"), ("checksum", "00"), ("offset", str(10**12))][int(r.integers(0, 4))]
         if bad[0] in info:
@@ -363,6 +368,71 @@ def bad_options(d: Path, r: np.random.Generator) -> Case:
     return Case("options", f"bad --inputs {kind}", ["m.onnx", "-o", "out.onnx", "--inputs", "i.npz"], protect=protect)
 
 
+def sparse_and_shapes(d: Path, r: np.random.Generator) -> Case:
+    """Models ONNX Runtime runs but whose rewrite the full checker could refuse: sparse initializers read by
+    ordinary ops, and declared output shapes that contradict what the graph computes."""
+    kind = int(r.integers(0, 3))
+    m = mm_model(np.random.default_rng(int(r.integers(0, 2**31))).normal(size=(64, 64)).astype(np.float32))
+    g = m.graph
+    if kind in (0, 1):
+        nnz = int(r.integers(1, 20))
+        vals = numpy_helper.from_array(np.random.default_rng(kind).normal(size=nnz).astype(np.float32), "sp")
+        idx = numpy_helper.from_array(np.sort(np.random.default_rng(kind).choice(128, nnz, replace=False)).astype(np.int64), "sp_i")
+        g.sparse_initializer.append(helper.make_sparse_tensor(vals, idx, [2, 64]))
+        op = ["Add", "Mul"][kind]
+        out = g.output[0].name
+        g.node.append(helper.make_node(op, [out, "sp"], ["z"], name="sparse_reader"))
+        g.output[0].name = "z"
+    else:
+        # The output declares a rank the graph does not compute (ORT warns and runs it).
+        dims = g.output[0].type.tensor_type.shape
+        dims.ClearField("dim")
+        dims.dim.add().dim_value = 1
+        dims.dim.add().dim_param = "seq"
+        dims.dim.add().dim_value = 5
+    save(m, d / "m.onnx")
+    bits = ["--bits", "4"] if r.integers(0, 2) else ["--target-bits", "4"]
+    return Case("repair", f"{['sparse Add', 'sparse Mul', 'wrong output rank'][kind]} {' '.join(bits)}",
+                ["m.onnx", "-o", "out.onnx", *bits], protect=["m.onnx"])
+
+
+def brecq_inputs(d: Path, r: np.random.Generator) -> Case:
+    """Block reconstruction's inputs: single-sample folders, batch-1 models, odd calibration shapes."""
+    kind = int(r.integers(0, 4))
+    shutil.copy(DIGITS, d / "m.onnx")
+    x = np.load(TEST_SET)["image"]
+    if kind == 0:
+        (d / "cal").mkdir()
+        np.save(d / "cal" / "image.npy", x[:1])
+        calib = "cal"
+    elif kind == 1:
+        m = onnx.load(str(DIGITS))
+        m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # batch fixed at 1: one sample per run
+        save(m, d / "m.onnx")
+        np.savez(d / "c.npz", image=x[: int(r.integers(1, 12))])
+        calib = "c.npz"
+    elif kind == 2:
+        np.savez(d / "c.npz", image=x[:5, :, :, :4])  # wrong spatial size
+        calib = "c.npz"
+    else:
+        (d / "cal").mkdir()
+        for i in range(int(r.integers(1, 4))):
+            np.savez(d / "cal" / f"{i}.npz", image=x[i * 3:(i + 1) * 3 + i])  # parts of different sizes
+        calib = "cal"
+    return Case("brecq", f"brecq calibration {kind}", ["m.onnx", "-o", "out.onnx", "--bits", "4", "--method", "brecq",
+                                                       "--calib", calib, "--brecq-iters", "3"], protect=["m.onnx"])
+
+
+def verdicts(d: Path, r: np.random.Generator) -> Case:
+    """--require below the verdict must fail cleanly: exit 6, nothing written, no report."""
+    shutil.copy(DIGITS, d / "m.onnx")
+    shutil.copy(TEST_SET, d / "t.npz")
+    args = ["m.onnx", "-o", "out.onnx", "--report", "r.json", "--require", str(r.choice(["good", "degraded"]))]
+    if r.integers(0, 2):
+        args += ["--bits", "2", "--int2", "--min-elements", "0", "--inputs", "t.npz"]  # broken on real data
+    return Case("verdict", " ".join(args[5:]), args, report="r.json", protect=["m.onnx", "t.npz"])
+
+
 def signals(d: Path, r: np.random.Generator) -> Case:
     shutil.copy(DIGITS, d / "m.onnx")
     sig = [signal.SIGTERM, signal.SIGINT, signal.SIGKILL][int(r.integers(0, 3))]
@@ -381,7 +451,8 @@ def concurrent_writers(d: Path, r: np.random.Generator) -> Case:
 CLASSES: tuple[tuple[str, Gen, int], ...] = (
     ("paths", files_and_paths, 60), ("external", external_data, 40), ("tensors", hostile_tensors, 70),
     ("mutation", graph_mutation, 240), ("check", malformed_qdq, 30), ("options", bad_options, 70),
-    ("signals", signals, 20), ("concurrent", concurrent_writers, 10),
+    ("signals", signals, 20), ("concurrent", concurrent_writers, 10), ("repair", sparse_and_shapes, 20),
+    ("brecq", brecq_inputs, 16), ("verdict", verdicts, 12),
 )
 
 
@@ -490,12 +561,12 @@ def run_case(case: Case, d: Path) -> dict:
     if leftovers and not killed:
         problems.append(f"temporary files left: {leftovers[:3]}")
     if killed and leftovers:
-        # A SIGKILLed run cannot clean up; --clean-temp must.
+        # A SIGKILLed run cannot clean up; the next run into the same folder must.
         shutil.copy(DIGITS, d / "m2.onnx")
-        subprocess.run([sys.executable, "-m", "mixq_onnx.cli", "m2.onnx", "-o", "o2.onnx", "--clean-temp", "-q", "--no-verify"],
+        subprocess.run([sys.executable, "-m", "mixq_onnx.cli", "m2.onnx", "-o", "o2.onnx", "-q", "--no-verify"],
                        cwd=d, env=env, capture_output=True, timeout=TIMEOUT)
         if list(Path(d).rglob(".mixq-*")):
-            problems.append("--clean-temp left a killed run's temporary files")
+            problems.append("a later successful run left a killed run's temporary files")
     return {"class": case.cls, "name": case.name, "exit": codes, "seconds": round(seconds, 2), "defects": problems,
             "stderr": results[0][2].strip().splitlines()[-1][:200] if results[0][2].strip() else ""}
 
@@ -530,7 +601,7 @@ def run(n: int, seed: int, workers: int, verbose: bool = False) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=int, default=540)
+    ap.add_argument("--cases", type=int, default=588)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write every case's result here")

@@ -263,8 +263,16 @@ def model_files(path: str | os.PathLike[str]) -> list[Path]:
     except Exception:  # an unreadable model has no data files we could damage
         return files
     locs = {e.value for t in _all_tensors(m) for e in t.external_data if e.key == "location"}
-    files += [p.parent / loc for loc in sorted(locs) if (p.parent / loc).is_file()]
+    files += [p.parent / loc for loc in sorted(locs) if _is_file(p.parent / loc)]
     return files
+
+
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False for a name the file system cannot even look up (too long, say)."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
 
 
 def _resolved(p: Path) -> Path:
