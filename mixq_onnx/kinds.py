@@ -247,10 +247,23 @@ class Threshold:
         if not (math.isfinite(self.good) and math.isfinite(self.broken)) or self.broken > self.good:
             raise ConfigError(f"a verdict threshold needs finite GOOD >= BROKEN, got good {self.good:g}, broken {self.broken:g}")
 
-    def level(self, value: float) -> Level:
+    def level(self, value: float, count: int | None = None) -> Level:
+        """The level of ``value``; for a rate measured on ``count`` trials, broken only when even the upper end of
+        its one-sided 95% (Wilson) interval is below ``broken``: 2 flips in 16 samples are no proof of a broken model."""
         if not math.isfinite(value):
             return Level.GOOD if value > 0 else Level.BROKEN
-        return Level.GOOD if value >= self.good else (Level.BROKEN if value < self.broken else Level.DEGRADED)
+        if value >= self.good:
+            return Level.GOOD
+        upper = wilson_upper(value, count) if count else value
+        return Level.BROKEN if upper < self.broken else Level.DEGRADED
+
+
+def wilson_upper(rate: float, count: int, z: float = 1.645) -> float:
+    """The upper end of the Wilson score interval of a rate observed on ``count`` trials."""
+    p, n = min(max(rate, 0.0), 1.0), float(count)
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 @dataclass(frozen=True)

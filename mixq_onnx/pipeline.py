@@ -836,6 +836,10 @@ def quantize_file(
     out = check_output_path(output_path, input_path, reads) if output_path is not None else None
     loaded = load_model(input_path)
     check_runs_in_ort(Path(input_path), loaded.model)
+    outputs = [o.name for o in loaded.model.graph.output]
+    unknown = sorted({n for n, _ in verify_options.kinds} - set(outputs))
+    if unknown:
+        raise ConfigError(f"--output-kind names {unknown}, which are not outputs of the model; its outputs are {outputs}")
     config = config or QuantConfig()
     data = _data(loaded.model, config, verify_options, calibration, out is not None)
     result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,

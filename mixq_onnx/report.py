@@ -357,6 +357,8 @@ def _output_line(o: OutputComparison) -> str:
         parts.append(f"top-1 agreement {o.top1_agreement:.2%}{where}")
     if o.foreground_agreement is not None:
         parts.append(f"off the dominant class {o.foreground_agreement:.2%}")
+    if o.decoded_agreement is not None:
+        parts.append(f"decoded (1 - CER) {o.decoded_agreement:.2%}")
     if o.sequence_match is not None:
         parts.append(f"whole sequences {o.sequence_match:.2%}")
     if o.kl is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixq_onnx.errors import ConfigError
-from mixq_onnx.kinds import Level, OutputKind, Threshold, Thresholds
+from mixq_onnx.kinds import Level, OutputKind, Threshold, Thresholds, wilson_upper
 from mixq_onnx.numerics.metrics import batch_axis, class_axis, compare_output, infer_kind, weight_error
 
 T = Thresholds()
@@ -18,14 +18,17 @@ def _cmp(name, refs, outs, samples=None, kind=None):
 
 def test_class_scores_are_judged_by_top1_agreement_along_the_class_axis():
     r = np.random.default_rng(0)
-    ref = r.normal(size=(100, 10)).astype(np.float32)
+    ref = r.normal(size=(1000, 10)).astype(np.float32)
     got = ref.copy()
-    flip = np.arange(12)  # 12 of 100 rows get another top-1 class
+    flip = np.arange(120)  # 12% of the rows get another top-1 class
     got[flip, (ref[flip].argmax(1) + 1) % 10] += 10
     c = _cmp("logits", [ref], [got])
     assert c.kind == "classes" and c.class_axis == 1 and c.metric == "top1"
     assert c.top1_agreement == pytest.approx(0.88) and c.level == "broken"
     assert _cmp("logits", [ref], [ref + 1e-4]).level == "good"
+    # The same rate on 16 samples is no proof: 2 flips in 16 are degraded, not broken.
+    few = _cmp("logits", [ref[:16]], [np.concatenate([got[:2], ref[2:16]])])
+    assert few.top1_agreement == pytest.approx(0.875) and few.level == "degraded"
 
 
 def test_maps_use_axis_1_and_ties_are_not_disagreements():
@@ -50,16 +53,40 @@ def test_sequences_get_per_position_agreement_and_whole_sequence_matches_in_eith
     assert c2.sequence_match == pytest.approx(3 / 4)
 
 
-def test_a_dominant_class_does_not_hide_disagreement_elsewhere():
-    """CTC-style output: mostly blank; plain agreement looks fine, agreement off the blank class does not."""
-    ref = np.zeros((1, 100, 4), np.float32)
-    ref[0, :, 0] = 5  # blank everywhere...
-    ref[0, :10, 0], ref[0, :10, 1] = 0, 5  # ...but ten character positions
+def _ctc(paths: list[list[int]], classes: int = 5) -> np.ndarray:
+    """Scores [N, T, C] whose argmax along C is each path (class 0 is the blank)."""
+    out = np.zeros((len(paths), len(paths[0]), classes), np.float32)
+    for n, path in enumerate(paths):
+        for t, c in enumerate(path):
+            out[n, t, c] = 5.0
+    return out
+
+
+def test_ctc_sequences_are_judged_after_decoding_like_an_ocr_user_would():
+    """Mostly blank outputs: a flip at a character's edge changes no text; a changed character does."""
+    f = [[0, 1, 1, 0, 0, 2, 0, 0, 3, 0, 0, 0]] * 4  # decodes to 1 2 3
+    edge = [[0, 1, 0, 0, 0, 2, 2, 0, 3, 0, 0, 0]] * 4  # the same text, other positions
+    c = _cmp("ctc", [_ctc(f)], [_ctc(edge)])
+    assert c.top1_agreement < 0.9 and c.decoded_agreement == 1.0 and c.metric == "decoded" and c.level == "good"
+    wrong = [[0, 1, 1, 0, 0, 4, 0, 0, 3, 0, 0, 0]] * 3 + [[0, 1, 1, 0, 0, 2, 0, 0, 3, 0, 0, 0]]  # 3 of 12 characters
+    c = _cmp("ctc", [_ctc(f)], [_ctc(wrong)])
+    assert c.top1_agreement == pytest.approx(45 / 48) and c.decoded_agreement == pytest.approx(0.75)
+    assert c.level == "broken"
+    # [T, N, C] (a recurrent recognizer's layout) gives the same.
+    c2 = _cmp("ctc", [_ctc(f).transpose(1, 0, 2)], [_ctc(wrong).transpose(1, 0, 2)], samples=[4])
+    assert c2.decoded_agreement == pytest.approx(0.75)
+
+
+def test_a_dominant_background_in_maps_does_not_hide_disagreement_elsewhere():
+    """Segmentation-style [N, C, H, W]: mostly background; agreement off the background class decides."""
+    ref = np.zeros((1, 3, 10, 10), np.float32)
+    ref[0, 0] = 5  # background everywhere...
+    ref[0, 0, :1], ref[0, 1, :1] = 0, 5  # ...but one row of class 1
     got = ref.copy()
-    got[0, :5, 2] = 9  # half the characters change
-    c = _cmp("ctc", [ref], [got])
+    got[0, 2, 0, :5] = 9  # half of it changes
+    c = _cmp("seg", [ref], [got])
     assert c.top1_agreement == pytest.approx(0.95) and c.foreground_agreement == pytest.approx(0.5)
-    assert c.value == pytest.approx(0.5) and c.level == "broken"
+    assert c.metric == "top1-foreground" and c.value == pytest.approx(0.5) and c.level == "broken"
 
 
 def test_probabilities_get_kl_and_embeddings_mean_cosine_and_integers_exact_agreement():
@@ -71,8 +98,8 @@ def test_probabilities_get_kl_and_embeddings_mean_cosine_and_integers_exact_agre
     emb = r.normal(size=(8, 32)).astype(np.float32)
     e = _cmp("sentence_embedding", [emb], [emb + 0.01 * r.normal(size=emb.shape).astype(np.float32)])
     assert e.kind == "embedding" and e.metric == "cosine" and 0.99 < e.mean_cosine < 1.0
-    labels = np.array([1, 2, 3, 4], np.int64)
-    lab = _cmp("label", [labels], [np.array([1, 2, 3, 0], np.int64)])
+    labels = np.tile(np.array([1, 2, 3, 4], np.int64), 10)
+    lab = _cmp("label", [labels], [np.where(labels == 4, 0, labels)])
     assert lab.kind == "labels" and lab.top1_agreement == 0.75 and lab.level == "broken"
     boxes = r.normal(size=(1, 20, 4)).astype(np.float32)
     assert infer_kind("boxes", [boxes])[0] is OutputKind.VALUES
@@ -100,6 +127,9 @@ def test_thresholds_levels_and_parsing():
         with pytest.raises(ConfigError):
             Thresholds.parse((bad,))
     assert Level.UNVERIFIED.rank < Level.BROKEN.rank < Level.DEGRADED.rank < Level.GOOD.rank
+    # Rates: broken only when the upper end of the one-sided 95% interval is below the bound.
+    assert t.level(0.85, 20) is Level.DEGRADED and t.level(0.85, 2000) is Level.BROKEN
+    assert wilson_upper(0.5, 100) == pytest.approx(0.5809, abs=1e-3)
 
 
 def test_weight_error_is_mse_nmse_and_max_abs():

@@ -38,8 +38,10 @@ _VALUES_NAME = re.compile(r"box|bbox|coord|regress|offset|landmark|depth|flow", 
 class OutputComparison:
     """How one output of the quantized model differs from the float model's, and what that means.
 
-    ``metric`` and ``value`` are what the verdict of this output reads
-    (``top1``, ``cosine`` or ``sqnr``); ``level`` is that verdict.
+    ``metric`` and ``value`` are what the verdict of this output reads:
+    ``top1``, ``top1-foreground`` (off a dominant class), ``decoded``
+    (1 - CER of CTC-decoded sequences; these three use the top-1
+    thresholds), ``cosine`` or ``sqnr``; ``level`` is that verdict.
     """
 
     name: str
@@ -51,6 +53,7 @@ class OutputComparison:
     sqnr_db: float
     top1_agreement: float | None
     foreground_agreement: float | None
+    decoded_agreement: float | None
     sequence_match: float | None
     mean_cosine: float | None
     kl: float | None
@@ -123,6 +126,7 @@ class _Sums:
         self.kl_sum, self.kl_n = 0.0, 0
         self.labels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ref argmax, got argmax, tie-aware agree)
         self.seq_match, self.seq_n = 0, 0
+        self.sequences: list[tuple[np.ndarray, np.ndarray]] = []  # (ref, got) argmax per sequence: [sequences, steps]
 
     def add_values(self, r: np.ndarray, a: np.ndarray) -> None:
         d = a - r
@@ -171,6 +175,9 @@ def _compare(name: str, refs: list[np.ndarray], outs: list[np.ndarray], samples:
                 per = np.moveaxis(best, b, 0).reshape(best.shape[b], -1)
                 s.seq_match += int(np.sum(np.all(per, axis=1)))
                 s.seq_n += per.shape[0]
+                if r.ndim == 3:  # [N, T, C] or [T, N, C]: text and token sequences
+                    s.sequences.append((np.moveaxis(ra, b, 0).reshape(ra.shape[b], -1),
+                                        np.moveaxis(aa, b, 0).reshape(aa.shape[b], -1)))
             if probabilities:
                 kl, k = _kl(r, a, axis)
                 s.kl_sum += kl
@@ -185,12 +192,14 @@ def _compare(name: str, refs: list[np.ndarray], outs: list[np.ndarray], samples:
             s.cos_n += int(cos.size)
     cosine = s.dot / math.sqrt(s.signal * s.norm_a) if s.signal > 0 and s.norm_a > 0 else 1.0
     sqnr = 10 * math.log10(s.signal / s.noise) if s.noise > 0 and s.signal > 0 else (math.inf if s.noise == 0 else -math.inf)
-    top1 = foreground = None
+    top1 = foreground = decoded = None
+    trials = {}
     if s.labels:
         ra = np.concatenate([x[0] for x in s.labels])
         aa = np.concatenate([x[1] for x in s.labels])
         agree = np.concatenate([x[2] for x in s.labels])
         top1 = float(np.mean(agree)) if agree.size else 1.0
+        trials["top1"] = int(agree.size)
         positions = sum(x[0].size for x in s.labels)
         if positions > sum(samples) and ra.size:
             # One class (CTC blank, background) filling most positions makes plain agreement look better than it is.
@@ -199,21 +208,72 @@ def _compare(name: str, refs: list[np.ndarray], outs: list[np.ndarray], samples:
             if counts.max() >= 0.5 * ra.size:
                 fg = (ra != dominant) | (aa != dominant)
                 foreground = float(np.mean(agree[fg])) if np.any(fg) else 1.0
+                trials["top1-foreground"] = int(np.sum(fg))
+                if s.sequences:
+                    decoded, trials["decoded"] = decoded_agreement(s.sequences, int(dominant))
     mean_cos = s.cos_sum / s.cos_n if s.cos_n else None
     if kind in (OutputKind.CLASSES, OutputKind.LABELS) and top1 is not None:
-        metric, value, bound = "top1", min(top1, foreground if foreground is not None else 1.0), thresholds.top1
+        # Sequences with a blank class are read after CTC decoding (a flip at a character's edge changes no text);
+        # maps with a background class by their agreement off it; anything else by plain agreement.
+        if decoded is not None:
+            metric, value = "decoded", decoded
+        elif foreground is not None and foreground < top1:
+            metric, value = "top1-foreground", foreground
+        else:
+            metric, value = "top1", top1
+        bound = thresholds.top1
     elif kind is OutputKind.EMBEDDING and mean_cos is not None:
         metric, value, bound = "cosine", mean_cos, thresholds.cosine
     else:
         kind = OutputKind.VALUES if kind is not OutputKind.LABELS else kind
         metric, value, bound = "sqnr", sqnr, thresholds.sqnr
-    level = bound.level(value) if not math.isnan(value) else Level.BROKEN
+    level = bound.level(value, trials.get(metric)) if not math.isnan(value) else Level.BROKEN
     return OutputComparison(
         name, kind.value, axis if kind is OutputKind.CLASSES else None,
         s.max_abs, s.sum_abs / s.count if s.count else 0.0, cosine, sqnr,
-        top1, foreground, s.seq_match / s.seq_n if s.seq_n else None, mean_cos,
+        top1, foreground, decoded, s.seq_match / s.seq_n if s.seq_n else None, mean_cos,
         s.kl_sum / s.kl_n if s.kl_n else None, metric, value, level.value,
     )
+
+
+def _collapse(seq: np.ndarray, blank: int) -> list[int]:
+    """CTC decoding of one argmax path: repeats merged, then the blank class dropped."""
+    if not seq.size:
+        return []
+    keep = np.concatenate([[True], seq[1:] != seq[:-1]])
+    return [int(x) for x in seq[keep] if x != blank]
+
+
+def _edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance between two label sequences."""
+    if not a or not b:
+        return len(a) + len(b)
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def decoded_agreement(sequences: list[tuple[np.ndarray, np.ndarray]], blank: int) -> tuple[float, int]:
+    """1 - the character error rate of the quantized model's decoded sequences against the float model's.
+
+    Both argmax paths are decoded as CTC does (repeats merged, the blank
+    class dropped); the edit distance is summed over sequences and divided by
+    the float sequences' total length: what an OCR user measures as CER
+    against the float model. Returns it with that length (the trials it rests on).
+    """
+    errors = length = 0
+    for ref, got in sequences:
+        for r_row, g_row in zip(ref, got):
+            a, b = _collapse(r_row, blank), _collapse(g_row, blank)
+            errors += _edit_distance(a, b)
+            length += len(a)
+    if length == 0:
+        return (1.0 if errors == 0 else 0.0), max(errors, 1)
+    return max(0.0, 1.0 - errors / length), length
 
 
 def weight_error(w: np.ndarray, approx: np.ndarray) -> tuple[float, float, float]:

@@ -152,7 +152,8 @@ def verdict_of(runs: tuple[RunComparison, ...], source: DataSource) -> Verdict:
     if not judged:
         return Verdict(Level.UNVERIFIED.value, source.value, "no output could be compared")
     level, setting, o = min(judged, key=lambda j: (j[0].rank, j[2].value))
-    names = {"top1": "top-1 agreement", "cosine": "mean cosine", "sqnr": "SQNR"}
+    names = {"top1": "top-1 agreement", "top1-foreground": "top-1 agreement off the dominant class",
+             "decoded": "decoded agreement (1 - CER)", "cosine": "mean cosine", "sqnr": "SQNR"}
     value = f"{o.value:.1f} dB" if o.metric == "sqnr" else f"{o.value:.4f}"
     reason = f"{o.name}: {names[o.metric]} {value} at {setting}"
     if source is DataSource.GENERATED:
