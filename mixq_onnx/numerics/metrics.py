@@ -244,7 +244,7 @@ def _collapse(seq: np.ndarray, blank: int) -> list[int]:
     return [int(x) for x in seq[keep] if x != blank]
 
 
-def _edit_distance(a: list[int], b: list[int]) -> int:
+def edit_distance(a: list[int], b: list[int]) -> int:
     """Levenshtein distance between two label sequences."""
     if not a or not b:
         return len(a) + len(b)
@@ -269,7 +269,7 @@ def decoded_agreement(sequences: list[tuple[np.ndarray, np.ndarray]], blank: int
     for ref, got in sequences:
         for r_row, g_row in zip(ref, got):
             a, b = _collapse(r_row, blank), _collapse(g_row, blank)
-            errors += _edit_distance(a, b)
+            errors += edit_distance(a, b)
             length += len(a)
     if length == 0:
         return (1.0 if errors == 0 else 0.0), max(errors, 1)
@@ -290,4 +290,5 @@ def worst(levels: list[Level]) -> Level:
     return min(levels, key=lambda lv: lv.rank, default=Level.GOOD)
 
 
-__all__ = ["OutputComparison", "batch_axis", "class_axis", "compare_output", "infer_kind", "weight_error", "worst"]
+__all__ = ["OutputComparison", "batch_axis", "class_axis", "compare_output", "decoded_agreement", "edit_distance", "infer_kind",
+           "weight_error", "worst"]
