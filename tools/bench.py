@@ -266,9 +266,8 @@ def run_case(case, work: Path, repeats: int, latency_runs: int, log) -> tuple[li
             totals = json.loads(report.read_text())["totals"]
             avg_bits = totals["avg_bits"]
             if m.name == "uniform 4":
-                # The budget search at exactly uniform INT4's weight bytes: only INT2 and granularity can mix there.
-                methods.insert(0, Method("budget at the uniform-INT4 size", "budget (ours)",
-                                         ("--max-size", str(totals["quantized_bytes"]), *BUDGET_OPTS)))
+                # The budget search at exactly uniform INT4's weight bytes (--target-bits 4): only INT2 and granularity can mix there.
+                methods.insert(0, Method("budget at the uniform-INT4 size", "budget (ours)", ("--target-bits", "4", *BUDGET_OPTS)))
         scores = case.score(ref, outputs(out, case.eval_feeds))
         folded = latency_ms(out, case.eval_feeds[0], latency_runs, fold_dq=True) if "ours" in m.family else None
         row = Row(m, out.stat().st_size, avg_bits, scores, seconds, rss, latency_ms(out, case.eval_feeds[0], latency_runs), folded, op_counts(out))

@@ -5,8 +5,9 @@
     python tools/bench_search.py --cases digits     # quick
 
 For each model: uniform 4 and 8 bits as yardsticks, then ``--target-bits 4``
-(the bytes of uniform 4-bit per-channel) and ``--max-size`` at 1.25x those
-bytes, each data-free and with 32 calibration samples, with round-to-nearest
+(the bytes of uniform 4-bit per-channel) and ``--max-size`` at the
+uniform-INT4 file plus a quarter of its weights' bytes (1.25x for the
+weights; ``--max-size`` covers the whole file), each data-free and with 32 calibration samples, with round-to-nearest
 and GPTQ, and with weight, output (calibration only) and end-to-end
 sensitivity. The searches run with their default option set (per-channel,
 per-tensor and block 32/64/128; no INT2). Each row is one fresh process,
@@ -33,12 +34,14 @@ from bench_rounding import write_calib_folder  # noqa: E402
 CALIB_SAMPLES = 32
 
 
-def configs(int4_bytes: int) -> list[tuple[str, str, str, str, list[str]]]:
+def configs(int4_bytes: int, int4_file: int) -> list[tuple[str, str, str, str, list[str]]]:
     """(budget, data, method, sensitivity, CLI args); '{calib}' marks the calibration folder."""
     out = [("uniform 8", "none", "rtn", "-", ["--bits", "8"]),
            ("uniform 4", "none", "rtn", "-", ["--bits", "4"]),
            ("uniform 4", "calib", "gptq", "-", ["--bits", "4", "--method", "gptq", "--calib", "{calib}"])]
-    for budget, args in (("--target-bits 4", ["--target-bits", "4"]), ("--max-size 1.25x INT4", ["--max-size", str(int(1.25 * int4_bytes))])):
+    # --max-size is the whole file: the uniform-INT4 file plus a quarter of its weights' bytes gives the weights 1.25x.
+    roomy = str(int(int4_file + 0.25 * int4_bytes))
+    for budget, args in (("--target-bits 4", ["--target-bits", "4"]), ("--max-size 1.25x INT4", ["--max-size", roomy])):
         for sens in ("weight", "e2e"):
             out.append((budget, "none", "rtn", sens, [*args, "--sensitivity", sens]))
         for method in ("rtn", "gptq"):
@@ -56,7 +59,7 @@ def run_case(case, work: Path, log) -> tuple[str, list[dict]]:
     run_measured({"model": str(case.model), "out": str(out), "spec": {"cli": ["--bits", "4"]}, "calib": ""})
     int4 = json.loads(Path(str(out) + ".json").read_text())["totals"]["quantized_bytes"]
     rows, data = [], []
-    for budget, source, method, sens, args in configs(int4):
+    for budget, source, method, sens, args in configs(int4, out.stat().st_size):
         cli = [str(folder) if a == "{calib}" else a for a in args]
         seconds, rss = run_measured({"model": str(case.model), "out": str(out), "spec": {"cli": cli}, "calib": ""})
         scores = case.score(ref, outputs(out, case.eval_feeds))
