@@ -845,6 +845,9 @@ def quantize_file(
     result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
                       out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx")
     result.report.input = str(input_path)
+    if data.evaluation is not None and data.evaluation is data.verify:
+        result.report.notes.append("without --calib the search measured its plans on the --inputs samples, which the "
+                                   "verification then reuses: hold some out of the search with --calib for an unbiased verdict")
     if out is None:
         return result
     # The model is written in full beside OUT, verified there, and only then moved into place: OUT either holds

@@ -174,3 +174,13 @@ def test_thresholds_and_output_kinds_can_be_set(tmp_path):
     assert bad.exit_code == 2 and "not outputs of the model" in bad.stderr
     bad = _run(base + ["--threshold", "top1=high"])
     assert bad.exit_code == 2 and "METRIC=GOOD:BROKEN" in bad.stderr
+
+
+def test_without_calib_the_search_measures_on_inputs_and_says_the_verdict_reuses_them(tmp_path):
+    rep = tmp_path / "r.json"
+    r = _run([DIGITS, "-o", tmp_path / "q.onnx", "--target-bits", "4", "--inputs", DIGITS_TEST, "--report", rep])
+    assert r.exit_code == 0, r.output
+    data = json.loads(rep.read_text())
+    assert data["end_to_end"]["source"] == f"--inputs {DIGITS_TEST}"
+    assert any("verification then reuses" in n for n in data["notes"])
+    assert not any("ranks plans on generated inputs" in n for n in data["notes"])
