@@ -310,6 +310,7 @@ def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: W
         log.info("the file would take %d bytes (%d besides the weights); searching again with %d bytes for the weights",
                  size, fixed, limit)
         measured = dataclasses.replace(measured, limit=limit)
+
         def file_fits(ds: tuple[Decision, ...], chosen: Chosen = chosen, measured: Measured = measured) -> bool:
             # Only rivals within a few bytes per weight of the limit can fit once their own graph is counted.
             if plan_bytes(ds) > measured.limit + 32 * len(ds):  # type: ignore[operator]
