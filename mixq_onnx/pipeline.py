@@ -17,18 +17,18 @@ import numpy as np
 import onnx
 
 from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
-from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, feed_samples, hold_out, load_calibration
-from .config import MAX_BITS, MIN_BITS, Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
+from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, hold_out, load_calibration
+from .config import Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError, VerdictError
 from .executor import Executor
 from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
 from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, output_bytes, stage_model, tensor_nbytes
-from .runtime.inputs import Feed, generate_inputs, is_script, session
+from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import Rounder, RoundedSequence, budget_limit, plan_bytes, never_worse_than_uniform, smallest_within_loss
+from .runtime.plans import CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, plan_bytes, never_worse_than_uniform, smallest_within_loss
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
@@ -186,7 +186,7 @@ def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tu
     if not isinstance(budget, Budget):
         return None
     used = [s for s in sites if specs.get(s.name)]
-    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in range(MIN_BITS, MAX_BITS + 1)}
+    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in CONTAINER_WIDTHS}
     limit = budget_limit(budget, totals, config.allow_int2)
     if budget.max_bytes is not None:
         limit -= fixed_bytes

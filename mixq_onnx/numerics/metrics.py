@@ -285,10 +285,5 @@ def weight_error(w: np.ndarray, approx: np.ndarray) -> tuple[float, float, float
     return mse, (mse / mean_sq if mean_sq > 0 else 0.0), (max(float(flat.max()), -float(flat.min())) if flat.size else 0.0)
 
 
-def worst(levels: list[Level]) -> Level:
-    """The lowest verdict of several (good when there is none)."""
-    return min(levels, key=lambda lv: lv.rank, default=Level.GOOD)
-
-
 __all__ = ["OutputComparison", "batch_axis", "class_axis", "compare_output", "decoded_agreement", "edit_distance", "infer_kind",
-           "weight_error", "worst"]
+           "weight_error"]

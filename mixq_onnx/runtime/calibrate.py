@@ -37,7 +37,7 @@ from ..numerics.ranges import RangeHistogram
 from ..config import CalibMethod
 from ..numerics.statistics import InputStats
 from ..numerics.qdq import QType
-from .inputs import ORT_TYPES, check_index_values, is_script, script_feeds, session
+from .inputs import ORT_TYPES, check_index_values, feed_samples, is_script, script_feeds, session
 
 log = logging.getLogger(__name__)
 
@@ -307,14 +307,6 @@ def collect_activation_ranges(
 # Verification holds out this share of --calib, but never fewer samples than HOLDOUT_MIN nor more than half.
 HOLDOUT_FRACTION = 0.25
 HOLDOUT_MIN = 8
-
-
-def feed_samples(feed: Feed) -> int:
-    """Samples in one feed: the first axis of its first array (1 for scalars)."""
-    for v in feed.values():
-        if np.asarray(v).ndim:
-            return int(np.asarray(v).shape[0])
-    return 1
 
 
 def hold_out(feeds: list[Feed], fraction: float = HOLDOUT_FRACTION) -> tuple[list[Feed], list[Feed]]:

@@ -221,6 +221,14 @@ def script_feeds(spec: str | Path, what: str) -> list[Feed]:
     return feeds
 
 
+def feed_samples(feed: Feed) -> int:
+    """Samples in one feed: the first axis of its first array that has one (1 for scalars only)."""
+    for v in feed.values():
+        if np.asarray(v).ndim:
+            return int(np.asarray(v).shape[0])
+    return 1
+
+
 def check_index_values(where: str | Path, arrays: Feed, bounds: dict[str, int]) -> None:
     """Refuse token ids outside the embedding table they index (ONNX Runtime would fail, or read garbage, on them)."""
     for name, rows in bounds.items():
@@ -234,4 +242,4 @@ def check_index_values(where: str | Path, arrays: Feed, bounds: dict[str, int]) 
                               f"(valid: 0 to {rows - 1}); fix the token ids")
 
 
-__all__ = ["GeneratedInputs", "check_index_values", "generate_inputs", "is_script", "script_feeds", "session", "ORT_TYPES"]
+__all__ = ["GeneratedInputs", "check_index_values", "feed_samples", "generate_inputs", "is_script", "script_feeds", "session", "ORT_TYPES"]

@@ -14,8 +14,8 @@ import onnxruntime as ort
 
 from ..errors import ConfigError, VerificationError
 from ..kinds import DataSource, Level, OutputKind, Thresholds
-from ..numerics.metrics import OutputComparison, compare_output, worst
-from .inputs import check_index_values, is_script, script_feeds, session
+from ..numerics.metrics import OutputComparison, compare_output
+from .inputs import check_index_values, feed_samples, is_script, script_feeds, session
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,6 @@ def _split_for_fixed_batch(feeds: list[dict[str, np.ndarray]], sess: ort.Inferen
     return out
 
 
-def _batch(feed: dict[str, np.ndarray]) -> int:
-    """Samples in one run: the first axis of its first input with one (1 for scalar inputs)."""
-    for v in feed.values():
-        a = np.asarray(v)
-        if a.ndim:
-            return int(a.shape[0])
-    return 1
-
-
 def verdict_of(runs: tuple[RunComparison, ...], source: DataSource) -> Verdict:
     """The worst output verdict over every setting; generated inputs only ever give 'unverified'."""
     judged = [(Level(o.level), run.setting, o) for run in runs for o in run.outputs]
@@ -214,7 +205,7 @@ def verify(
         raise ConfigError(f"the float model does not run on the verification inputs ({label}: {str(exc).splitlines()[0][:200]}); "
                           "pass --input-shape or other --inputs") from exc
     del ref_sess
-    sizes = [_batch(f) for f in feeds]
+    sizes = [feed_samples(f) for f in feeds]
     statuses = [ProviderStatus(CPU, True)]
     for label_s, level, acc, provider in settings:
         try:
