@@ -49,7 +49,7 @@ from .executor import ExecutionOptions, ExecutorKind, make_executor
 from .graph.check import check_model
 from .graph.io import check_output_path, load_model, remove_stale, write_text_atomic
 from .pipeline import GENERATED_WARNING, CalibrationOptions, VerifyOptions, quantize_file
-from .kinds import DataSource, Level, OutputKind, Thresholds
+from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .report import format_table, verdict_line
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -70,7 +70,7 @@ def build_config(
     sensitivity: str = "e2e", method: str = "rtn", search_with_method: bool = False, bias_correction: bool = False,
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
     max_loss: float | None = None, e2e_samples: int = 32, smooth: str | None = None, quantize_attention: bool = False,
-    reconstruction: Reconstruction | None = None,
+    reconstruction: Reconstruction | None = None, evaluation: str = "blocks", eval_block_weights: int = 4,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
@@ -103,6 +103,8 @@ def build_config(
         metric=Metric(metric),
         sensitivity=Sensitivity(sensitivity),
         e2e_samples=e2e_samples,
+        evaluation=Evaluation(evaluation),
+        eval_block_weights=eval_block_weights,
         min_elements=min_elements,
         keep_float=keep_float,
         force_bits=tuple(ForceBits.parse(f) for f in force_bits),
@@ -156,7 +158,8 @@ def quant_config(p: Params) -> QuantConfig:
         sensitivity=p["sensitivity"], method=p["method"], search_with_method=p["search_with_method"],
         bias_correction=p["bias_correction"], activations=p["activations"], calib_method=p["calib_method"],
         target=p["target"], max_loss=p["max_loss"], e2e_samples=p["e2e_samples"], smooth=p["smooth"],
-        quantize_attention=p["quantize_attention"], reconstruction=reconstruction)
+        quantize_attention=p["quantize_attention"], reconstruction=reconstruction, evaluation=p["evaluation"],
+        eval_block_weights=p["eval_block_weights"])
 
 
 def parse_output_kinds(specs: tuple[str, ...]) -> tuple[tuple[str, OutputKind], ...]:
@@ -399,6 +402,12 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   "--calib samples or generated inputs), output (the layer's output error on --calib data) or weight (roundoff)."),
     click.option("--e2e-samples", type=int, default=32, show_default=True, help="Samples the end-to-end measurements use (the first "
                   "calibration samples, else generated inputs)."),
+    click.option("--evaluation", type=click.Choice([e.value for e in Evaluation]), default="blocks", show_default=True,
+                  help="Where end-to-end sensitivity measures each option: blocks (on the weight's own block, carried to the "
+                  "outputs by a gain fitted per block on a few whole-model runs; the report gives the proxy's rank "
+                  "correlation) or model (the whole model for every option: slower, exact)."),
+    click.option("--eval-block-weights", type=int, default=4, show_default=True,
+                  help="Block-wise evaluation: the most quantized weights merged into one block (a layer that has more stays whole)."),
     click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md)."),
 ))
 

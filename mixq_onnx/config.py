@@ -18,6 +18,7 @@ from .kinds import (
     Activations,
     BLOCK_SIZES,
     CalibMethod,
+    Evaluation,
     Granularity,
     LayerWeighting,
     Layout,
@@ -148,6 +149,10 @@ class QuantConfig:
     sensitivity: Sensitivity = Sensitivity.E2E
     # Samples the end-to-end measurements use (calibration samples first, else generated inputs).
     e2e_samples: int = 32
+    # Where each option's end-to-end distance is measured: its own block (default) or the whole model.
+    evaluation: Evaluation = Evaluation.BLOCKS
+    # Quantized weights per evaluation block (a block is cut further only where the graph allows).
+    eval_block_weights: int = 4
     min_elements: int = 1024
     keep_float: tuple[str, ...] = ()
     force_bits: tuple[ForceBits, ...] = ()
@@ -192,6 +197,8 @@ class QuantConfig:
                               "add --activations (auto, uint8 or int8) or drop --smooth")
         if self.e2e_samples < 1:
             raise ConfigError(f"--e2e-samples must be at least 1, got {self.e2e_samples}")
+        if self.eval_block_weights < 1:
+            raise ConfigError(f"--eval-block-weights must be at least 1, got {self.eval_block_weights}")
         if isinstance(self.search, MaxLoss) and self.sensitivity is not Sensitivity.E2E:
             raise ConfigError("--max-loss measures the model end to end; it cannot be combined with --sensitivity "
                               f"{self.sensitivity.value}")
@@ -230,6 +237,8 @@ class QuantConfig:
             "metric": self.metric.value,
             "sensitivity": self.sensitivity.value,
             "e2e_samples": self.e2e_samples,
+            "evaluation": self.evaluation.value,
+            "eval_block_weights": self.eval_block_weights,
             "min_elements": self.min_elements,
             "keep_float": list(self.keep_float),
             "force_bits": [f"{r.pattern}={r.bits}" for r in self.force_bits],

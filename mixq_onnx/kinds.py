@@ -100,6 +100,20 @@ class Sensitivity(enum.Enum):
     OUTPUT = "output"
 
 
+class Evaluation(enum.Enum):
+    """How end-to-end sensitivity measures one option.
+
+    ``blocks``: on the weight's own block, from the float activations at the
+    block's boundary, times the block's gain fitted on a few end-to-end
+    runs (see :mod:`mixq_onnx.runtime.blockwise`); where the model cannot be
+    cut, and for weights no single block owns, the whole model is run.
+    ``model``: the whole model for every option.
+    """
+
+    BLOCKS = "blocks"
+    MODEL = "model"
+
+
 class Method(enum.Enum):
     """How a weight is rounded onto its chosen grid (``--method``)."""
 

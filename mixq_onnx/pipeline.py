@@ -39,8 +39,9 @@ from .numerics.rounding import Rounded
 from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
+from .runtime.blockwise import BlockProxy
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
-from .kinds import DataSource, Level, OutputKind, Thresholds
+from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,23 @@ def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: lis
     if not ev.eligibility.names:
         return None, "no weight can be fed to ONNX Runtime: " + "; ".join(sorted(set(ev.eligibility.reasons.values())))
     return ev, ""
+
+
+def _block_proxy(evaluator: EndToEnd, sites: tuple[WeightSite, ...], config: QuantConfig
+                 ) -> tuple[BlockProxy | None, str]:
+    """The block-wise evaluator where asked and where the model can be cut, else None and why not."""
+    if config.evaluation is not Evaluation.BLOCKS:
+        return None, ""
+    try:
+        proxy = BlockProxy(evaluator, sites, config.eval_block_weights)
+    except Exception as exc:  # ONNX Runtime raises its own types for blocks it cannot run alone
+        msg = f"the model's blocks cannot be run alone ({str(exc).splitlines()[0][:200]}); every option runs the whole model"
+        log.warning(msg)
+        return None, msg
+    if not proxy.usable:
+        proxy.close()
+        return None, "the model cannot be cut into blocks; every option runs the whole model"
+    return proxy, ""
 
 
 def quantize(
@@ -511,11 +529,19 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         def choose(ts: list[ErrorTable]) -> dict[str, Option]:
             return {d.table.site.name: d.option for d in search(ts, config, limit).decisions}
 
-        tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
-                                     refine_with=rounder.dequantized if config.method is not Method.RTN else None)
+        proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config)
+        try:
+            tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
+                                         refine_with=rounder.dequantized if config.method is not Method.RTN else None,
+                                         proxy=proxy)
+        finally:
+            if proxy is not None:
+                proxy.close()
         e2e_info = {**evaluator.describe(), "screen_feeds": summary.screen_feeds, "feeds": summary.feeds,
                     "options_screened": summary.screened, "options_refined": summary.refined,
-                    "estimated_from_weight_error": summary.estimated}
+                    "estimated_from_weight_error": summary.estimated, "evaluation": config.evaluation.value,
+                    **({"block_proxy": summary.proxy} if summary.proxy is not None else {}),
+                    **({"whole_model_because": why_whole} if why_whole else {})}
     if evaluator is not None and evaluation_source.startswith("generated"):
         msg = ("the search ranks plans on generated inputs (no --calib or --inputs): its end-to-end distances say how "
                "the outputs move on random data, not on yours")

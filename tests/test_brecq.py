@@ -16,6 +16,7 @@ from onnx import helper
 from mixq_onnx import QuantConfig, Uniform, quantize
 from mixq_onnx.graph.blocks import block_model, partition
 from mixq_onnx.runtime.calibrate import load_calibration
+from mixq_onnx.runtime.store import ActivationStore
 from mixq_onnx.config import Method, Reconstruction
 from mixq_onnx.errors import ConfigError
 from mixq_onnx.graph.find import find_weights
@@ -264,8 +265,8 @@ def test_fisher_weights_are_the_squared_loss_gradients_at_each_block_output(tmp_
     # The weightless Relu joins the first block.
     assert [b.outputs for b in part.blocks] == [("a",), ("logits",)]
     infos = {w: (onnx.TensorProto.FLOAT, a.shape) for w, a in (("w1", w1), ("w2", w2))}
-    store, note = brecq._fisher(model, part, samples, {"w1": w1, "w2": w2}, infos, brecq._Store(2**20, tmp_path / "g"),
-                                brecq._Store(0, tmp_path / "a"))  # the float outputs all go to disk
+    store, note = brecq._fisher(model, part, samples, {"w1": w1, "w2": w2}, infos, ActivationStore(2**20, tmp_path / "g"),
+                                ActivationStore(0, tmp_path / "a"))  # the float outputs all go to disk
     assert note == ""
     h = x.astype(np.float64) @ w1
     z = np.maximum(h, 0) @ w2

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _table import bench_setup, generated_by, markdown_table, publish_section  # noqa: E402
+from _table import markdown_table, run_cases  # noqa: E402
 from bench import outputs, run_measured  # noqa: E402
 from bench_rounding import write_calib_folder  # noqa: E402
 
@@ -84,24 +83,11 @@ def run_case(case, work: Path, log) -> tuple[str, list[dict]]:
 
 
 def main() -> None:
-    from bench_cases import CASES
-
-    args, work, t0 = bench_setup(__doc__, ROOT)
-    parts, summary = [], {}
-    for name in args.cases.split(","):
-        print(f"case {name}", flush=True)
-        text, data = run_case(CASES[name](args.cache), work, lambda s: print(s, flush=True))
-        parts.append(text)
-        summary[name] = data
-    minutes = (time.time() - t0) / 60
-    section = (
-        "## Bit-width search at the uniform-INT4 size: weight, output and end-to-end sensitivity\n\n"
-        + generated_by("bench_search.py", args.cases, minutes) + " "
-        "*plan returned*: the plan the search measured best end to end among itself and the uniform plans that fit "
-        "(`searched`, or the uniform rival that won). *bytes / INT4*: quantized weight bytes over those of uniform "
-        "4-bit per-channel.\n\n" + "\n".join(parts)
-    )
-    publish_section(args.out, "search", section, summary, minutes)
+    run_cases(__doc__, ROOT, "bench_search.py", "search",
+              "Bit-width search at the uniform-INT4 size: weight, output and end-to-end sensitivity",
+              "*plan returned*: the plan the search measured best end to end among itself and the uniform plans that fit "
+              "(`searched`, or the uniform rival that won). *bytes / INT4*: quantized weight bytes over those of uniform "
+              "4-bit per-channel.", run_case)
 
 
 if __name__ == "__main__":

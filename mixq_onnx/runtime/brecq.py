@@ -45,6 +45,7 @@ from ..errors import ConfigError
 from .inputs import session
 from ..numerics.qdq import QuantizedTensor, broadcast, logical_range
 from .sensitivity import OutputKind, output_kind
+from .store import ActivationStore, tensor_info
 from ..numerics.rounding import ADAROUND_BETA, ADAROUND_WARMUP, GAMMA, ZETA
 
 log = logging.getLogger(__name__)
@@ -111,47 +112,6 @@ class ReconstructionResult:
         }
 
 
-class _Store:
-    """Per-sample activations by tensor name; arrays beyond the memory budget go to memory-mapped files."""
-
-    def __init__(self, budget_bytes: int, folder: Path) -> None:
-        self.budget = budget_bytes
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.in_memory = 0
-        self.spilled = 0
-        self.values: dict[str, list[np.ndarray]] = {}
-        self._held: dict[str, int] = {}  # bytes this store holds in memory, by name
-        self._files = 0
-
-    def put(self, name: str, arrays: list[np.ndarray]) -> None:
-        size = sum(a.nbytes for a in arrays)
-        if self.in_memory + size <= self.budget:
-            self.in_memory += size
-            self._held[name] = size
-            self.values[name] = arrays
-            return
-        path = self.folder / f"{self._files}.npy"
-        self._files += 1
-        flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
-        np.save(path, flat)
-        mapped = np.load(path, mmap_mode="r")
-        out, at = [], 0
-        for a in arrays:
-            out.append(mapped[at : at + a.size].reshape(a.shape))
-            at += a.size
-        self.spilled += size
-        self.values[name] = out
-
-    def share(self, name: str, other: "_Store") -> None:
-        """Use ``other``'s arrays for ``name`` (the tensor is the same in both models)."""
-        self.values[name] = other.values[name]
-
-    def drop(self, name: str) -> None:
-        self.values.pop(name, None)
-        self.in_memory -= self._held.pop(name, 0)
-
-
 def split_samples(feeds: Sequence[Feed], limit: int) -> list[Feed]:
     """One feed per sample (the first axis is the sample axis, as for --calib), at most ``limit``."""
     out: list[Feed] = []
@@ -188,7 +148,7 @@ def reconstruct(
             later_reads[name] = b.index
     with tempfile.TemporaryDirectory(prefix="mixq-brecq-") as tmp:
         budget = options.memory_mb * 2**20
-        env_f, env_q = _Store(budget // 2, Path(tmp) / "float"), _Store(budget // 2, Path(tmp) / "quantized")
+        env_f, env_q = ActivationStore(budget // 2, Path(tmp) / "float"), ActivationStore(budget // 2, Path(tmp) / "quantized")
         for i in model.graph.input:
             if all(i.name in s for s in samples):
                 env_f.put(i.name, [s[i.name] for s in samples])
@@ -197,9 +157,9 @@ def reconstruct(
         if options.fisher:
             # The float outputs of every block (only while the gradients are computed) and the squared gradients each
             # take up to half the budget; both spill beyond it.
-            scratch = _Store(budget // 2, Path(tmp) / "all")
+            scratch = ActivationStore(budget // 2, Path(tmp) / "all")
             fisher, fisher_note = _fisher(model, part, samples, floats, weight_infos,
-                                          _Store(budget // 2, Path(tmp) / "fisher"), scratch)
+                                          ActivationStore(budget // 2, Path(tmp) / "fisher"), scratch)
             fisher_scratch = scratch.spilled
             if fisher_note:
                 log.warning("Fisher weighting: %s", fisher_note)
@@ -223,10 +183,10 @@ def reconstruct(
 
 def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dict[str, QuantizedTensor],
                floats: dict[str, np.ndarray], tensors: dict[str, QuantizedTensor], weight_infos: dict[str, tuple[int, Shape]],
-               samples: list[Feed], env_f: _Store, env_q: _Store, fisher: _Store | None, options: Reconstruction,
+               samples: list[Feed], env_f: ActivationStore, env_q: ActivationStore, fisher: ActivationStore | None, options: Reconstruction,
                progress: Progress | None, total: int) -> BlockOutcome:
     """Float targets, the optimisation where possible, then the quantized outputs for the next block."""
-    infos = {**weight_infos, **{i: _info(env_f.values[i]) for i in block.inputs}}
+    infos = {**weight_infos, **{i: tensor_info(env_f.values[i]) for i in block.inputs}}
     bm = _with_single_outputs(block_model(model, block, infos, block.weights))
     sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     names = [o.name for o in sess.get_outputs()]
@@ -256,7 +216,7 @@ def _run_block(model: onnx.ModelProto, block: Block, part: Partition, start: dic
     return outcome
 
 
-def _fisher_for(block: Block, targets: list[list[np.ndarray]], fisher: _Store | None) -> list[list[np.ndarray]] | None:
+def _fisher_for(block: Block, targets: list[list[np.ndarray]], fisher: ActivationStore | None) -> list[list[np.ndarray]] | None:
     """The block's Fisher weights per output and sample (zeros where no gradient reached), or None."""
     if fisher is None or not any(name in fisher.values for name in block.outputs):
         return None
@@ -292,7 +252,7 @@ def _loss_gradient(values: list[np.ndarray]) -> list[np.ndarray] | None:
 
 
 def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats: dict[str, np.ndarray],
-            weight_infos: dict[str, tuple[int, Shape]], store: _Store, scratch: _Store) -> tuple[_Store | None, str]:
+            weight_infos: dict[str, tuple[int, Shape]], store: ActivationStore, scratch: ActivationStore) -> tuple[ActivationStore | None, str]:
     """Squared gradients of the pseudo-label loss at every block output, per sample, or (None, why not).
 
     The float model runs block by block in ONNX Runtime, keeping every block
@@ -310,7 +270,7 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
             scratch.put(i.name, [s[i.name] for s in samples])
     models = []
     for block in part.blocks:
-        infos = {**weight_infos, **{i: _info(acts[i]) for i in block.inputs}}
+        infos = {**weight_infos, **{i: tensor_info(acts[i]) for i in block.inputs}}
         bm = _with_single_outputs(block_model(model, block, infos, block.weights))
         sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         outs = [sess.run(None, {**{i: acts[i][s] for i in block.inputs}, **{w: floats[w] for w in block.weights}})
@@ -364,17 +324,6 @@ def _fisher(model: onnx.ModelProto, part: Partition, samples: list[Feed], floats
     return store, note
 
 
-def _info(arrays: list[np.ndarray]) -> tuple[int, Shape]:
-    """Element type and shape over all samples: a dimension that varies gets a name."""
-    first = arrays[0]
-    dims: list[int | str] = list(first.shape)
-    for a in arrays[1:]:
-        for d, (x, y) in enumerate(zip(first.shape, a.shape)):
-            if x != y:
-                dims[d] = f"d{d}"
-    return helper.np_dtype_to_tensor_dtype(first.dtype), tuple(dims)
-
-
 class _Unconvertible(Exception):
     """The block cannot be trusted in PyTorch; the message says why."""
 
@@ -392,7 +341,7 @@ def _with_single_outputs(bm: onnx.ModelProto) -> onnx.ModelProto:
 
 def _optimise(bm: onnx.ModelProto, block: Block, owned: list[str], start: dict[str, QuantizedTensor],
               floats: dict[str, np.ndarray], targets: list[list[np.ndarray]], fisher: list[list[np.ndarray]] | None,
-              samples: list[Feed], env_q: _Store, options: Reconstruction, progress: Progress | None, total: int
+              samples: list[Feed], env_q: ActivationStore, options: Reconstruction, progress: Progress | None, total: int
               ) -> tuple[dict[str, QuantizedTensor], BlockOutcome]:
     """Learn the rounding of the weights ``owned`` by this block against its float outputs ``targets``.
 

@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -32,6 +33,9 @@ from ..graph.find import Source, WeightSite
 from ..graph.scopes import MAIN, iter_scopes
 from .inputs import Feed, session
 from ..planning.measure import ErrorTable, Option
+
+if TYPE_CHECKING:
+    from .blockwise import BlockProxy
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +213,14 @@ class EndToEnd:
                 rows = r
         return groups
 
+    def run_groups(self, chosen: Sequence[int]) -> list[list[int]]:
+        """How the feeds in ``chosen`` are run: stacked in groups when batching agrees, else one at a time."""
+        return self._groups(chosen) if self.batched else [[i] for i in chosen]
+
+    def stacked(self, group: Sequence[int]) -> Feed:
+        """The feeds of one group as one feed (stacked along axis 0)."""
+        return _stack([self.feeds[i] for i in group])
+
     def subsample(self, count: int) -> tuple[int, ...]:
         """``count`` feeds spread evenly over all of them (every k-th), so a sorted sample set is still covered."""
         n = len(self.feeds)
@@ -237,9 +249,8 @@ class EndToEnd:
         chosen = range(len(self.feeds)) if feeds is None else feeds
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
-        groups = self._groups(chosen) if self.batched else [[i] for i in chosen]
-        for group in groups:
-            feed = _stack([self.feeds[i] for i in group])
+        for group in self.run_groups(chosen):
+            feed = self.stacked(group)
             ref = [np.concatenate([self.references[i][k] for i in group]) if len(group) > 1 else self.references[group[0]][k]
                    for k in range(len(self.output_names))]
             outs = run(feed)
@@ -319,6 +330,8 @@ class E2ESummary:
     screened: int
     refined: int
     estimated: dict[str, str]
+    # The block-wise proxy's summary (see mixq_onnx.runtime.blockwise), when it measured some weights.
+    proxy: dict[str, object] | None = None
 
 
 def _hull_neighbours(options: Sequence[Option], values: dict[tuple[int, str], float], chosen: Option) -> list[Option]:
@@ -354,6 +367,7 @@ def attach_e2e(
     progress: Progress | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
     refine_with: Dequantize | None = None,
+    proxy: "BlockProxy | None" = None,
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
@@ -366,6 +380,12 @@ def attach_e2e(
     ``refine_with`` (default ``dequantize``) rounds the refined options: the
     pipeline passes the final rounding method, so the values that decide
     are those of the weights that will be written.
+
+    With a ``proxy`` (:class:`mixq_onnx.runtime.blockwise.BlockProxy`), the
+    weights it owns are measured on their own block on every sample instead,
+    carried to the outputs by each block's fitted gain; stage 2 then only
+    re-measures them (on their block) with ``refine_with``.
+
     Weights the evaluator cannot swap get their weight-error value times
     the median distance/error ratio of the others, and are listed. Weights
     in ``skip`` (forced widths) are not measured.
@@ -375,34 +395,68 @@ def attach_e2e(
     screen_feeds = len(screen)
     swappable = set(evaluator.eligibility.names)
     work = [t for t in tables if t.site.name in swappable and t.site.name not in skip]
+    by_block = {t.site.name for t in work if proxy is not None and proxy.owns(t.site.name)}
     total = sum(len(t.options) for t in work)
     screened: dict[str, dict[tuple[int, str], float]] = {}
     done = 0
-    for t in work:
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, label)
+
+    proxy_info = None
+    if proxy is not None and by_block:
+        raw: dict[str, dict[tuple[int, str], float]] = {}
+        for t in (t for t in work if t.site.name in by_block):
+            values = raw[t.site.name] = {}
+            for o in t.options:
+                values[o.key] = proxy.raw(t.site.name, dequantize(t, o))
+                step("block sensitivity")
+        tables_by_name = {t.site.name: t for t in work}
+        options = {(t.site.name, o.key): o for t in work for o in t.options}
+        summary = proxy.fit(raw, lambda n, k: dequantize(tables_by_name[n], options[(n, k)]),
+                            lambda n, k: f"{k[0]} bits {k[1]}", progress=progress)
+        proxy_info = summary.describe()
+        for name, values in raw.items():
+            gain = proxy.gains[name]
+            screened[name] = {k: gain * v for k, v in values.items()}
+    for t in (t for t in work if t.site.name not in by_block):
         values = screened[t.site.name] = {}
         for o in t.options:
             values[o.key] = evaluator.distance({t.site.name: dequantize(t, o)}, screen)
-            done += 1
-            if progress is not None:
-                progress(done, total, "end-to-end sensitivity")
+            step("end-to-end sensitivity")
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
-    if screen_feeds < n_feeds or refine_with is not None:
+    whole_needs = screen_feeds < n_feeds or refine_with is not None
+    if any((t.site.name in by_block and refine_with is not None) or (t.site.name not in by_block and whole_needs)
+           for t in work):
+        round_final = refine_with or dequantize
+
+        def measure(t: ErrorTable, o: Option) -> float:
+            if t.site.name in by_block:
+                return proxy.distance(t.site.name, round_final(t, o))  # type: ignore[union-attr]
+            return evaluator.distance({t.site.name: round_final(t, o)})
+
         picked = choose([_with_e2e(t, screened.get(t.site.name)) for t in tables])
-        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
+        todo = [(t, o) for t in work if t.site.name not in by_block or refine_with is not None
+                for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
         for i, (t, o) in enumerate(todo):
-            full[t.site.name][o.key] = evaluator.distance({t.site.name: (refine_with or dequantize)(t, o)})
+            full[t.site.name][o.key] = measure(t, o)
             if progress is not None:
                 progress(i + 1, len(todo), "end-to-end refinement")
         # A weight the subsample hardly exercised (a branch those samples do not take, say) cannot be
         # rescaled from it: all its options are measured on every sample.
-        blind = [(t, o) for t in work if not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
+        blind = [(t, o) for t in work if t.site.name not in by_block
+                 and not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
                  and any(v > 0 for v in full[t.site.name].values()) for o in t.options if o.key not in full[t.site.name]]
         for t, o in blind:
-            full[t.site.name][o.key] = evaluator.distance({t.site.name: (refine_with or dequantize)(t, o)})
+            full[t.site.name][o.key] = measure(t, o)
         refined = len(todo) + len(blind)
-    else:
-        full = screened
+    for t in work:
+        if not full[t.site.name] and (t.site.name in by_block or not whole_needs):
+            full[t.site.name] = screened[t.site.name]
     final: dict[str, dict[tuple[int, str], float]] = {}
     for t in work:
         s, f = screened[t.site.name], full[t.site.name]
@@ -422,8 +476,9 @@ def attach_e2e(
         else:
             estimated[t.site.name] = evaluator.eligibility.reasons.get(t.site.name, "not measured")
             out.append(_with_e2e(t, {o.key: o.nmse * scale for o in t.options}))
-    log.info("end-to-end sensitivity: %d options screened on %d feed(s), %d refined on %d", total, screen_feeds, refined, n_feeds)
-    return out, E2ESummary(screen_feeds, n_feeds, total, refined, estimated)
+    log.info("end-to-end sensitivity: %d options screened on %d feed(s) (%d on their block), %d refined on %d", total,
+             screen_feeds, sum(len(t.options) for t in work if t.site.name in by_block), refined, n_feeds)
+    return out, E2ESummary(screen_feeds, n_feeds, total, refined, estimated, proxy_info)
 
 
 def _with_e2e(t: ErrorTable, values: dict[tuple[int, str], float] | None) -> ErrorTable:

@@ -1,0 +1,143 @@
+"""The block-wise evaluator: cuts, block distances, per-weight gains, the proxy against the whole model, spilling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mixq_onnx import QuantConfig
+from mixq_onnx.cli import main
+from mixq_onnx.graph.find import find_weights
+from mixq_onnx.graph.io import load_model
+from mixq_onnx.runtime.blockwise import BlockProxy, spearman
+from mixq_onnx.runtime.sensitivity import EndToEnd
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+TINY = MODELS / "tiny_transformer.onnx"
+LINES = MODELS / "digit_lines_crnn.onnx"
+
+
+def _evaluator(model_path: Path, calib: Path, samples: int = 16) -> tuple[EndToEnd, list]:
+    model = load_model(model_path).model
+    sites = list(find_weights(model, QuantConfig()).weights)
+    data = np.load(calib)
+    feeds = [{k: data[k][i : i + 1] for k in data.files} for i in range(samples)]
+    return EndToEnd(model, sites, feeds, "calibration samples"), sites
+
+
+def _rtn(w: np.ndarray, bits: int) -> np.ndarray:
+    """Asymmetric round-to-nearest per output row, as a stand-in for any rounding the search measures."""
+    axes = tuple(range(1, w.ndim))
+    lo = np.minimum(w.min(axis=axes, keepdims=True), 0)
+    hi = np.maximum(w.max(axis=axes, keepdims=True), 0)
+    step = np.where(hi > lo, (hi - lo) / (2**bits - 1), 1.0)
+    return (np.round((w - lo) / step) * step + lo).astype(w.dtype)
+
+
+@pytest.mark.parametrize("path,calib,cut", [(TINY, MODELS / "tiny_transformer_calib.npz", 4),
+                                            (LINES, MODELS / "digit_lines_calib.npz", 1)])
+def test_proxy_ranks_options_as_the_whole_model_does(path, calib, cut):
+    """On real models, gain x block distance orders every (weight, width) pair as whole-model runs do."""
+    ev, sites = _evaluator(path, calib)
+    proxy = BlockProxy(ev, sites, cut)
+    try:
+        assert proxy.usable and len(proxy.partition.blocks) > 1
+        owned = [s for s in sites if proxy.owns(s.name)]
+        assert len(owned) >= 3
+        raw, truth = {}, {}
+        for s in owned:
+            w = s.array
+            # The float weight reproduces the block's float outputs: the reference is the same session's.
+            assert proxy.raw(s.name, w) == 0.0
+            raw[s.name] = {(b, "channel"): proxy.raw(s.name, _rtn(w, b)) for b in (3, 4, 6)}
+            assert raw[s.name][(3, "channel")] > raw[s.name][(4, "channel")] > raw[s.name][(6, "channel")] > 0
+            truth.update({(s.name, k): ev.distance({s.name: _rtn(w, k[0])}) for k in raw[s.name]})
+        by_name = {s.name: s for s in owned}
+        summary = proxy.fit(raw, lambda n, k: _rtn(by_name[n].array, k[0]), lambda n, k: str(k))
+        assert summary.weights == len(proxy.owner) and summary.rank_correlation is not None
+        pairs = sorted(truth)
+        predicted = [proxy.gains[n] * raw[n][k] for n, k in pairs]
+        # Within one width (the comparisons a budget search makes across weights), where there are enough weights to
+        # rank (the recognizer has three), and over all widths.
+        for width in (3, 6) if len(owned) >= 5 else ():
+            sel = [i for i, (_, k) in enumerate(pairs) if k[0] == width]
+            assert spearman([predicted[i] for i in sel], [truth[pairs[i]] for i in sel]) >= 0.85
+        assert spearman(predicted, [truth[p] for p in pairs]) >= 0.9
+    finally:
+        proxy.close()
+
+
+def test_a_gain_per_block_would_misrank_the_weights_of_one_block():
+    """Why gains are per weight: in one attention block, block distance alone misorders the end-to-end effect."""
+    ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz")
+    proxy = BlockProxy(ev, sites, 4)
+    try:
+        block = max(proxy.partition.blocks, key=lambda b: len(b.weights))
+        by_name = {s.name: s for s in sites}
+        ratios = [ev.distance({w: _rtn(by_name[w].array, 4)}) / proxy.raw(w, _rtn(by_name[w].array, 4)) for w in block.weights]
+        assert max(ratios) > 5 * min(ratios)
+    finally:
+        proxy.close()
+
+
+def test_spilled_boundary_activations_give_the_same_distances():
+    ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz", samples=8)
+    held, spilled = BlockProxy(ev, sites, 4), BlockProxy(ev, sites, 4, store_bytes=0)
+    try:
+        assert held.store.spilled == 0 and spilled.store.spilled > 0
+        folder = Path(spilled.store.folder)
+        for s in (s for s in sites if held.owns(s.name)):
+            q = _rtn(s.array, 4)
+            assert spilled.raw(s.name, q) == held.raw(s.name, q)
+    finally:
+        held.close()
+        spilled.close()
+    assert not folder.exists()
+
+
+def test_spearman_handles_ties_and_constants():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
+    assert spearman([1, 2], [1, 2]) is None
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def _run(tmp_path: Path, evaluation: str, budget: str) -> dict:
+    out = tmp_path / f"{evaluation}_{budget}.onnx"
+    res = CliRunner().invoke(main, [str(TINY), "-o", str(out), "--target-bits", budget, "--evaluation", evaluation,
+                                    "--calib", str(MODELS / "tiny_transformer_calib.npz"), "--inputs",
+                                    str(MODELS / "tiny_transformer_test.npz"), "--report", str(out) + ".json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(Path(str(out) + ".json").read_text())
+
+
+def test_cli_block_evaluation_is_the_default_and_costs_fewer_whole_model_runs(tmp_path):
+    """Both evaluators on the tiny transformer: the block-wise one runs the whole model far less, and its plan holds up."""
+    model, blocks = _run(tmp_path, "model", "4.5"), _run(tmp_path, "blocks", "4.5")
+    proxy = blocks["end_to_end"]["block_proxy"]
+    assert blocks["config"]["evaluation"] == "blocks" and "block_proxy" not in model["end_to_end"]
+    assert proxy["blocks"] > 1 and proxy["weights"] == blocks["end_to_end"]["weights_measured"]
+    assert proxy["checked"] >= 8 and proxy["rank_correlation"] >= 0.8
+    assert blocks["end_to_end"]["evaluations"] * 2 < model["end_to_end"]["evaluations"]
+    # Whole plans are still measured end to end: the returned plan is no worse than the uniform ones that fit,
+    # and within a small factor of what the whole-model search returns at the same budget.
+    s = blocks["search"]
+    rivals = [m["distance"] for m in s["measured"] if m["plan"].startswith("uniform") and m["bytes"] <= s["limit_bytes"]]
+    assert s["distance"] <= min(rivals)
+    assert s["distance"] <= 1.5 * model["search"]["distance"]
+    assert blocks["verification"]["verdict"]["level"] == "good"
+
+
+def test_default_evaluation_is_blocks_and_a_bad_block_size_is_refused():
+    from mixq_onnx.errors import ConfigError
+    from mixq_onnx.kinds import Evaluation
+
+    assert QuantConfig().evaluation is Evaluation.BLOCKS
+    with pytest.raises(ConfigError, match="--eval-block-weights"):
+        QuantConfig(eval_block_weights=0)
