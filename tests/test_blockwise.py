@@ -141,3 +141,32 @@ def test_default_evaluation_is_blocks_and_a_bad_block_size_is_refused():
     assert QuantConfig().evaluation is Evaluation.BLOCKS
     with pytest.raises(ConfigError, match="--eval-block-weights"):
         QuantConfig(eval_block_weights=0)
+
+
+def test_cache_like_outputs_do_not_stop_the_cuts(tmp_path):
+    """A decoder exported with a KV cache returns each layer's keys and values: those graph outputs stay cuttable."""
+    import onnx
+    from onnx import helper
+
+    from mixq_onnx.graph.blocks import partition
+
+    model = onnx.load(TINY)
+    # The key and value projections of both layers, as a cache export returns them (present.*).
+    present = ["val_17", "val_25", "val_64", "val_72"]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in present)
+    path = tmp_path / "tiny_present.onnx"
+    onnx.save(model, path)
+    ev, sites = _evaluator(path, MODELS / "tiny_transformer_calib.npz", samples=8)
+    names = [s.name for s in sites if s.name in ev.swappable]
+    plain = partition(ev.model, names, 4)
+    cut = partition(ev.model, names, 4, outputs_cut=True)
+    assert len(plain.blocks) < len(cut.blocks) == len(partition(load_model(TINY).model, names, 4).blocks)
+    made = {o for b in cut.blocks for o in b.outputs}
+    assert set(present) <= made  # each is an output of the block that makes it
+    proxy = BlockProxy(ev, sites, 4)
+    try:
+        assert proxy.usable
+        s = next(s for s in sites if proxy.owns(s.name) and s.name not in ("tok.weight", "pos.weight"))
+        assert proxy.raw(s.name, s.array) == 0.0 and proxy.raw(s.name, _rtn(s.array, 4)) > 0
+    finally:
+        proxy.close()

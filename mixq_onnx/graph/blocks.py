@@ -51,8 +51,15 @@ class Partition:
     shared: tuple[str, ...]
 
 
-def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int) -> Partition:
-    """Blocks of the main graph, in order; ``weights`` are the quantized weights' names (main-graph constants)."""
+def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int, outputs_cut: bool = False) -> Partition:
+    """Blocks of the main graph, in order; ``weights`` are the quantized weights' names (main-graph constants).
+
+    ``outputs_cut``: a graph output that no later node reads does not keep
+    a cut from being made (a decoder's ``present.*`` cache outputs, one pair
+    per layer, would otherwise leave no cut at all); the block that makes it
+    lists it among its outputs all the same. Block reconstruction keeps the
+    default, whose blocks hand every graph output to the last block.
+    """
     g = model.graph
     wanted = set(weights)
     constants = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
@@ -82,8 +89,9 @@ def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int) 
         for r in reads(g.node[k]):
             if r not in constants:
                 last_use[r] = pos
-    for o in g.output:
-        last_use[o.name] = len(act)
+    graph_outputs = {o.name for o in g.output}
+    for name in graph_outputs if not outputs_cut else ():
+        last_use[name] = len(act)
     made_at: dict[str, int] = {name: -1 for name in graph_inputs}
     for pos, k in enumerate(act):
         for o in g.node[k].output:
@@ -118,7 +126,19 @@ def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int) 
         else:
             merged.append((s0, s1))
             count = n
+    if outputs_cut:  # made in a block, listed as its output, but no longer alive across later cuts
+        for name in graph_outputs:
+            if name in made_at:
+                last_use[name] = max(last_use.get(name, -1), _span_end(merged, made_at[name]))
     return _blocks(model, act, merged, const_nodes, constants, weight_of, affected, last_use, wanted)
+
+
+def _span_end(spans: list[tuple[int, int]], pos: int) -> int:
+    """The end of the span that holds position ``pos`` (so a tensor made there counts as the span's output)."""
+    for s0, s1 in spans:
+        if s0 <= pos < s1:
+            return s1
+    return pos
 
 
 def _blocks(model: onnx.ModelProto, act: list[int], spans: list[tuple[int, int]], const_nodes: set[int],

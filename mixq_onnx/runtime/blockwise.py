@@ -138,7 +138,7 @@ class BlockProxy:
         self.evaluator = evaluator
         model = evaluator.model
         eligible = [s for s in sites if s.name in evaluator.swappable and overridable(s)]
-        self.partition: Partition = partition(model, [s.name for s in eligible], block_weights)
+        self.partition: Partition = partition(model, [s.name for s in eligible], block_weights, outputs_cut=True)
         shared = set(self.partition.shared)
         self.owner = {w: b.index for b in self.partition.blocks for w in b.weights if w not in shared}
         self.infos = {s.name: (helper.np_dtype_to_tensor_dtype(s.np_dtype), s.shape) for s in eligible}
