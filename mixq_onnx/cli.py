@@ -406,6 +406,10 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   help="Where end-to-end sensitivity measures each option: blocks (on the weight's own block, carried to the "
                   "outputs by a gain fitted per block on a few whole-model runs; the report gives the proxy's rank "
                   "correlation) or model (the whole model for every option: slower, exact)."),
+    click.option("--sensitivity-cache", type=click.Path(path_type=Path), metavar="FILE",
+                  help="Keep the end-to-end measurements in FILE and reuse them: a rerun or a sweep over budgets measures only "
+                  "what is new. A file made for another model, other samples or other rounding settings is not used (the run "
+                  "says so) and is replaced."),
     click.option("--eval-block-weights", type=int, default=4, show_default=True,
                   help="Block-wise evaluation: the most quantized weights merged into one block (a layer that has more stays whole)."),
     click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md)."),
@@ -532,12 +536,13 @@ def quantize(model: Path, **params: Any) -> None:
         if report_path is not None:
             reads = tuple(p for p in (params["calib_path"], params["inputs_path"], params["data_loader_script"]) if p is not None)
             writes = (output, output.parent / (output.name + ".data")) if output is not None else ()
-            check_output_path(report_path, model, reads, what="report path", writes=writes)
+            check_output_path(report_path, model, reads, what="report path",
+                              writes=writes + ((params["sensitivity_cache"],) if params["sensitivity_cache"] else ()))
         progress = _Progress(not quiet, sys.stderr.isatty())
         try:
             with make_executor(execution) as executor:
                 result = quantize_file(model, None if plan_only else output, config, verify_options, progress,
-                                       calibration, executor)
+                                       calibration, executor, params["sensitivity_cache"])
         except VerdictError as exc:
             progress.close()
             if not quiet:

@@ -6,6 +6,7 @@ The CLI is a thin layer over :func:`quantize` and :func:`quantize_file`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections import Counter
@@ -24,7 +25,8 @@ from .executor import Executor
 from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
-from .graph.io import EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, output_bytes, stage_model, tensor_nbytes
+from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, model_digest,
+                       output_bytes, stage_model, tensor_nbytes, write_text_atomic)
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
@@ -40,6 +42,7 @@ from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
+from .planning.cache import SensitivityCache, feeds_digest
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
 from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
@@ -238,6 +241,19 @@ def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: lis
     return ev, ""
 
 
+def _sensitivity_cache(path: Path, base: onnx.ModelProto, evaluator: EndToEnd, calibration: list[Feed] | None,
+                       config: QuantConfig) -> SensitivityCache:
+    """The cache file's measurements, valid only for this model, these samples and the settings that change a value."""
+    settings = {"scheme": config.scheme.value, "method": config.method.value, "layer_method": config.layer_method.value,
+                "search_with_method": config.search_with_method, "evaluation": config.evaluation.value,
+                "eval_block_weights": config.eval_block_weights, "bias_correction": config.bias_correction}
+    context = {"model": model_digest(base), "samples": feeds_digest(evaluator.feeds),
+               # Data-aware rounding reads the calibration statistics; round-to-nearest does not.
+               "calibration": feeds_digest(calibration) if config.layer_method is not Method.RTN else "-",
+               "settings": json.dumps(settings, sort_keys=True)}
+    return SensitivityCache(path, context)
+
+
 def _block_proxy(evaluator: EndToEnd, sites: tuple[WeightSite, ...], config: QuantConfig
                  ) -> tuple[BlockProxy | None, str]:
     """The block-wise evaluator where asked and where the model can be cut, else None and why not."""
@@ -265,8 +281,13 @@ def quantize(
     scratch: Path | None = None,
     executor: Executor | None = None,
     output_name: str = "model_q.onnx",
+    sensitivity_cache: Path | None = None,
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
+
+    ``sensitivity_cache``: a file of end-to-end measurements to reuse and
+    extend (see :mod:`mixq_onnx.planning.cache`); the output is the same
+    with or without it.
 
     ``output_name`` is the file name the model will be saved under (its
     data file's name is stored in the model, so ``--max-size`` counts it).
@@ -299,11 +320,16 @@ def quantize(
         evaluation = evaluation or []
     measured = measure_errors(prepared, config, calibration, progress, executor)
     rounder = Rounder(config, measured.stats, executor)
-    chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, bool(calibration), progress)
-    written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
-    if isinstance(config.search, Budget) and config.search.max_bytes is not None:
-        measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
-                                              progress, output_name)
+    chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, calibration, progress,
+                           sensitivity_cache)
+    try:
+        written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
+        if isinstance(config.search, Budget) and config.search.max_bytes is not None:
+            measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
+                                                  progress, output_name)
+    finally:
+        if chosen.memo is not None:  # what was measured stays useful even if writing fails
+            write_text_atomic(chosen.memo.path, chosen.memo.text(), "the sensitivity cache")
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
 
 
@@ -342,7 +368,7 @@ def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: W
                     w.spill.close()
 
         try:
-            plan = pick_plan(list(chosen.tables), config, limit, chosen.evaluator, rounder, progress, file_fits)
+            plan = pick_plan(list(chosen.tables), config, limit, chosen.evaluator, rounder, progress, file_fits, chosen.memo)
         except BudgetError as exc:
             smallest = int(exc.smallest_reachable) + fixed
             raise BudgetError(f"{prepared.where}: --max-size {max_bytes} bytes cannot be met: the smallest file that can be "
@@ -506,14 +532,26 @@ class Chosen:
     # What the plan was picked from, so a tighter budget can be searched again without measuring again.
     tables: tuple[ErrorTable, ...] = ()
     evaluator: EndToEnd | None = None
+    # The measurements this run made or reused (--sensitivity-cache), saved when the run ends.
+    memo: SensitivityCache | None = None
 
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
-                  evaluation_source: str, calibrated: bool, progress: Progress | None) -> Chosen:
-    """End-to-end sensitivity where asked, the search, and the whole-plan checks (never worse than uniform; --max-loss)."""
+                  evaluation_source: str, calibration: list[Feed] | None, progress: Progress | None,
+                  cache_path: Path | None = None) -> Chosen:
+    """End-to-end sensitivity where asked, the search, and the whole-plan checks (never worse than uniform; --max-loss).
+
+    ``cache_path``: the ``--sensitivity-cache`` file whose measurements are
+    reused where they were made on the same model, samples and settings.
+    """
     tables, limit, notes = list(measured.tables), measured.limit, []
+    calibrated = bool(calibration)
     evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
         if _uses_e2e(config) else (None, "")
+    memo = _sensitivity_cache(cache_path, prepared.base, evaluator, calibration, config) \
+        if cache_path is not None and evaluator is not None else None
+    if memo is not None and memo.discarded:
+        notes.append(memo.note)
     e2e_info: dict[str, object] | None = None
     if _uses_e2e(config) and evaluator is None:
         if isinstance(config.search, MaxLoss):
@@ -531,9 +569,10 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
 
         proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config)
         try:
+            labels = (config.layer_method.value if config.search_with_method else Method.RTN.value, config.layer_method.value)
             tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
                                          refine_with=rounder.dequantized if config.method is not Method.RTN else None,
-                                         proxy=proxy)
+                                         proxy=proxy, memo=memo, labels=labels)
         finally:
             if proxy is not None:
                 proxy.close()
@@ -547,7 +586,7 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
                "the outputs move on random data, not on yours")
         log.warning(msg)
         notes.append(msg)
-    plan = pick_plan(tables, config, limit, evaluator, rounder, progress)
+    plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
     if evaluator is not None:
         e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
     if isinstance(config.search, Uniform):
@@ -557,17 +596,20 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
                    f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
             log.warning(msg)
             notes.append(msg)
-    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator)
+    if memo is not None:
+        e2e_info = {**(e2e_info or {}), "sensitivity_cache": memo.describe()}
+    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo)
 
 
 def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, evaluator: EndToEnd | None, rounder: Rounder,
-              progress: Progress | None, fits: Callable[[tuple[Decision, ...]], bool] | None = None) -> Plan:
+              progress: Progress | None, fits: Callable[[tuple[Decision, ...]], bool] | None = None,
+              memo: SensitivityCache | None = None) -> Plan:
     """The search on measured tables, then the whole-plan checks (never worse than uniform; --max-loss)."""
     plan = search(tables, config, limit)
     if evaluator is not None and isinstance(config.search, Budget):
-        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder, progress, fits)  # type: ignore[arg-type]
+        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder, progress, fits, memo)  # type: ignore[arg-type]
     elif evaluator is not None and isinstance(config.search, MaxLoss):
-        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder, progress=progress)
+        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder, progress=progress, memo=memo)
     return plan
 
 
@@ -850,17 +892,22 @@ def quantize_file(
     progress: Progress | None = None,
     calibration: CalibrationOptions | None = None,
     executor: Executor | None = None,
+    sensitivity_cache: str | os.PathLike[str] | None = None,
 ) -> QuantizeResult:
     """Quantize ``input_path``, verify it in ONNX Runtime and write ``output_path`` atomically.
 
     With ``output_path`` None nothing is written (a plan only). A verdict
     below ``verify_options.require`` raises :class:`VerdictError` (carrying
-    the result) and writes nothing.
+    the result) and writes nothing. ``sensitivity_cache`` is read and
+    rewritten (see :func:`quantize`), also for a plan only.
     """
     verify_options = verify_options or VerifyOptions()
     reads = tuple(f for p in (calibration.path if calibration else None, verify_options.inputs) if p is not None
                   for f in _data_files(Path(p)))
     out = check_output_path(output_path, input_path, reads) if output_path is not None else None
+    cache = check_output_path(sensitivity_cache, input_path, reads, what="sensitivity cache",
+                              writes=(out, out.parent / (out.name + ".data")) if out is not None else ()) \
+        if sensitivity_cache is not None else None
     loaded = load_model(input_path)
     check_runs_in_ort(Path(input_path), loaded.model)
     outputs = [o.name for o in loaded.model.graph.output]
@@ -870,7 +917,8 @@ def quantize_file(
     config = config or QuantConfig()
     data = _data(loaded.model, config, verify_options, calibration, out is not None)
     result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
-                      out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx")
+                      out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx",
+                      cache)
     result.report.input = str(input_path)
     if data.evaluation is not None and data.evaluation is data.verify:
         result.report.notes.append("without --calib the search measured its plans on the --inputs samples, which the "

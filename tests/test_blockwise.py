@@ -58,7 +58,8 @@ def test_proxy_ranks_options_as_the_whole_model_does(path, calib, cut):
             assert raw[s.name][(3, "channel")] > raw[s.name][(4, "channel")] > raw[s.name][(6, "channel")] > 0
             truth.update({(s.name, k): ev.distance({s.name: _rtn(w, k[0])}) for k in raw[s.name]})
         by_name = {s.name: s for s in owned}
-        summary = proxy.fit(raw, lambda n, k: _rtn(by_name[n].array, k[0]), lambda n, k: str(k))
+        summary = proxy.fit(raw, lambda n, k: ev.distance({n: _rtn(by_name[n].array, k[0])}, proxy.screen),
+                            lambda n, k: proxy.raw(n, _rtn(by_name[n].array, k[0]), "screen"), lambda n, k: str(k))
         assert summary.weights == len(proxy.owner) and summary.rank_correlation is not None
         pairs = sorted(truth)
         predicted = [proxy.gains[n] * raw[n][k] for n, k in pairs]
@@ -89,11 +90,11 @@ def test_spilled_boundary_activations_give_the_same_distances():
     ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz", samples=8)
     held, spilled = BlockProxy(ev, sites, 4), BlockProxy(ev, sites, 4, store_bytes=0)
     try:
-        assert held.store.spilled == 0 and spilled.store.spilled > 0
         folder = Path(spilled.store.folder)
         for s in (s for s in sites if held.owns(s.name)):
             q = _rtn(s.array, 4)
             assert spilled.raw(s.name, q) == held.raw(s.name, q)
+        assert held.store.spilled == 0 and spilled.store.spilled > 0
     finally:
         held.close()
         spilled.close()

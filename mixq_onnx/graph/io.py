@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -676,8 +677,33 @@ def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external
     return staged
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file (the JSON report) through a temporary file and a rename."""
+def model_digest(model: onnx.ModelProto) -> str:
+    """A digest of the model: its graph as serialized (deterministic) and the bytes of every external data file.
+
+    External files are read in chunks (seconds for gigabytes), never held
+    whole; a model with the same graph and the same weights gives the
+    same digest wherever it was loaded from.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    files: dict[str, None] = {}
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for t in _all_tensors(light):
+        if is_external(t):
+            info = _external_info(t)
+            files[info["location"]] = None
+            # The location is absolute in memory (see load_model): keep only its name, the bytes are hashed below.
+            _set_location(t, Path(info["location"]).name, int(info.get("offset", 0)), _declared_length(t, info))
+    h.update(light.SerializeToString(deterministic=True))
+    for location in sorted(files):
+        with open(location, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, what: str = "the report") -> None:
+    """Write a text file (the JSON report, the sensitivity cache) through a temporary file and a rename."""
     p = Path(path)
     remove_stale(p.parent if str(p.parent) else Path("."))
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=p.parent if str(p.parent) else ".")
@@ -687,4 +713,4 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         os.replace(tmp, p)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{p}: could not write the report ({exc.strerror or exc}); check the path") from exc
+        raise OutputError(f"{p}: could not write {what} ({exc.strerror or exc}); check the path") from exc

@@ -154,7 +154,7 @@ class BlockProxy:
         everything, screened = evaluator.run_groups(range(n)), evaluator.run_groups(self.screen)
         self.groups = everything + screened
         self._views = {"all": range(len(everything)), "screen": range(len(everything), len(self.groups))}
-        self._float_pass()
+        self._passed = False  # the float pass runs at the first block measurement (a warm cache may need none)
 
     @property
     def usable(self) -> bool:
@@ -192,8 +192,7 @@ class BlockProxy:
 
     def _float_pass(self) -> None:
         """Run the float model block by block on every group of samples, keeping what the owning blocks read."""
-        if not self.usable:
-            return
+        self._passed = True
         blocks = self.partition.blocks
         last_owner = max(self.owner.values())
         needed: dict[str, int] = {}  # tensor -> the last block that reads it
@@ -230,6 +229,8 @@ class BlockProxy:
 
         ``view``: on every sample ("all") or on the screening samples ("screen").
         """
+        if not self._passed:
+            self._float_pass()
         block = self.partition.blocks[self.owner[name]]
         sess, names = self._block_session(block)
         noise = signal = 0.0
@@ -245,8 +246,8 @@ class BlockProxy:
         self.block_runs += len(self._views[view])
         return noise / signal if signal > 0 else noise
 
-    def fit(self, raw: dict[str, dict[Key, float]], array: Callable[[str, Key], np.ndarray],
-            labels: Callable[[str, Key], str], checks: int = CHECKS,
+    def fit(self, raw: dict[str, dict[Key, float]], end_to_end: Callable[[str, Key], float],
+            screen_raw: Callable[[str, Key], float], labels: Callable[[str, Key], str], checks: int = CHECKS,
             progress: Callable[[int, int, str], None] | None = None) -> ProxySummary:
         """Each weight's gain from its probe, then held-out checks of the proxy, end to end on the screening samples.
 
@@ -255,6 +256,9 @@ class BlockProxy:
         enough to stay in the near-linear range the other options share.
         The gain is the probe's end-to-end distance over its block distance
         on the same samples; ``raw`` holds block distances on every sample.
+        ``end_to_end(name, key)`` measures an option on the whole model and
+        ``screen_raw(name, key)`` on its block, both on :attr:`screen`
+        (the caller rounds the weight, and may answer from a cache).
         """
         probes: list[tuple[str, Key]] = []
         for name, values in raw.items():
@@ -269,10 +273,9 @@ class BlockProxy:
         measured: dict[tuple[str, Key], float] = {}
         on_screen: dict[str, float] = {}
         for done, (name, key) in enumerate(probes + held):
-            a = array(name, key)
-            measured[(name, key)] = self.evaluator.distance({name: a}, self.screen)
+            measured[(name, key)] = end_to_end(name, key)
             if (name, key) in probe_set:
-                on_screen[name] = self.raw(name, a, "screen")
+                on_screen[name] = screen_raw(name, key)
             if progress is not None:
                 progress(done + 1, len(probes) + len(held), "block gains and checks")
         # A weight whose options never move its block's outputs (on these samples) gets no gain: its distances are 0.
@@ -283,10 +286,6 @@ class BlockProxy:
         rho = spearman([c.proxy for c in found if not c.probe], [c.measured for c in found if not c.probe])
         return ProxySummary(len(self.partition.blocks), len(self.owner), self.gains, found, rho, self.block_runs,
                             self.store.spilled)
-
-    def distance(self, name: str, array: np.ndarray) -> float:
-        """The proxy for the end-to-end distance: the block's gain times its block distance."""
-        return self.gains[name] * self.raw(name, array)
 
 
 __all__ = ["BLOCK_WEIGHTS", "BlockProxy", "ProxyCheck", "ProxySummary", "spearman"]

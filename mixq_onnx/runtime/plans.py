@@ -11,6 +11,7 @@ cache), so what is compared is what is written.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from ..graph.find import WeightSite
 from ..graph.io import Spill, has_external_data
 from ..graph.rewrite import apply_plan
 from ..numerics.statistics import InputStats
+from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
 from ..numerics.qdq import Grid, QuantizedTensor
 from ..numerics.rounding import Rounded, round_weight
@@ -148,15 +150,21 @@ def plan_model(model: onnx.ModelProto, decisions: Sequence[Decision], rounder: R
     return apply_plan(model, weights, tensors, any(d.option.qtype.bits == 2 for d in decisions), spill=spill)
 
 
-def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> float:
+def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder,
+                 memo: SensitivityCache | None = None) -> float:
     """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap).
 
     The plan is measured as a model with DequantizeLinear nodes, not by
     feeding a float copy of every weight: memory holds one rounded weight at
     a time (its integers go to a scratch file when the model's weights live
-    on disk), not the whole model again.
+    on disk), not the whole model again. ``memo`` answers a plan measured
+    before (keyed by every weight's option and the rounding method).
     """
     ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
+    if memo is not None:
+        digest = hashlib.blake2b(repr(_signature(ds)).encode(), digest_size=16).hexdigest()
+        return memo.measured(("plan", rounder.config.layer_method.value, digest),
+                             lambda: measure_plan(ds, evaluator, rounder))
     rounder.prefetch((d.table, d.option) for d in ds)
     spill = Spill() if has_external_data(evaluator.model) else None
     try:
@@ -198,7 +206,8 @@ def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Dec
 
 def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evaluator: EndToEnd, rounder: Rounder,
                              progress: Progress | None = None,
-                             fits: Callable[[tuple[Decision, ...]], bool] | None = None) -> Plan:
+                             fits: Callable[[tuple[Decision, ...]], bool] | None = None,
+                             memo: SensitivityCache | None = None) -> Plan:
     """The searched plan, or the uniform plan that fits and measures better end to end.
 
     A rival fits when its bytes are within ``limit``, or when ``fits`` says
@@ -207,11 +216,11 @@ def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evalua
     """
     rivals = [(label, ds) for label, ds in uniform_rivals(plan, config)
               if plan_bytes(ds) <= limit or (fits is not None and fits(ds))]
-    measured = [(Measured("searched", plan_bytes(plan.decisions), measure_plan(plan.decisions, evaluator, rounder)), plan.decisions)]
+    measured = [(Measured("searched", plan_bytes(plan.decisions), measure_plan(plan.decisions, evaluator, rounder, memo)), plan.decisions)]
     for k, (label, ds) in enumerate(rivals):
         if progress is not None:
             progress(k + 1, len(rivals) + 1, "whole-plan checks")
-        measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder)), ds))
+        measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder, memo)), ds))
     if progress is not None:
         progress(len(rivals) + 1, len(rivals) + 1, "whole-plan checks")
     best, decisions = min(measured, key=lambda m: (m[0].distance, m[0].nbytes))
@@ -223,7 +232,8 @@ def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evalua
 
 
 def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss: float, evaluator: EndToEnd,
-                         rounder: Rounder, rounds: int = 6, progress: Progress | None = None) -> Plan:
+                         rounder: Rounder, rounds: int = 6, progress: Progress | None = None,
+                         memo: SensitivityCache | None = None) -> Plan:
     """The smallest plan whose measured end-to-end distance is at most ``max_loss``.
 
     The knapsack's summed per-weight distances predict a plan's loss; each
@@ -233,7 +243,7 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
     most accurate plan is over the loss.
     """
     accurate = search(tables, config, loss=0.0)  # nothing meets 0: the bisection ends at the most accurate plan
-    best_d = measure_plan(accurate.decisions, evaluator, rounder)
+    best_d = measure_plan(accurate.decisions, evaluator, rounder, memo)
     measured = [Measured("most accurate", plan_bytes(accurate.decisions), best_d)]
     if best_d > max_loss:
         raise BudgetError(f"--max-loss {max_loss:g} cannot be met: even the most accurate plan ({plan_bytes(accurate.decisions)} "
@@ -248,7 +258,7 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
         if _signature(plan.decisions) in seen:  # the rescaled target picks a plan already measured: converged
             break
         seen.add(_signature(plan.decisions))
-        d = measure_plan(plan.decisions, evaluator, rounder)
+        d = measure_plan(plan.decisions, evaluator, rounder, memo)
         predicted = float(plan.summary.details["predicted"])
         m = Measured(f"searched, round {k + 1} (predicted {predicted:.3g})", plan_bytes(plan.decisions), d)
         measured.append(m)
@@ -264,7 +274,7 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
         if _signature(ds) in seen:
             continue
         seen.add(_signature(ds))
-        d = measure_plan(ds, evaluator, rounder)
+        d = measure_plan(ds, evaluator, rounder, memo)
         m = Measured(label, plan_bytes(ds), d)
         measured.append(m)
         if d <= max_loss:

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..graph.find import Source, WeightSite
 from ..graph.scopes import MAIN, iter_scopes
 from .inputs import Feed, session
+from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
 
 if TYPE_CHECKING:
@@ -368,6 +369,8 @@ def attach_e2e(
     skip: set[str] | frozenset[str] = frozenset(),
     refine_with: Dequantize | None = None,
     proxy: "BlockProxy | None" = None,
+    memo: SensitivityCache | None = None,
+    labels: tuple[str, str] = ("rtn", "rtn"),
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
@@ -389,6 +392,11 @@ def attach_e2e(
     Weights the evaluator cannot swap get their weight-error value times
     the median distance/error ratio of the others, and are listed. Weights
     in ``skip`` (forced widths) are not measured.
+
+    ``memo`` answers measurements made before (``--sensitivity-cache``),
+    keyed by what was measured, the weight, the option, how it was rounded
+    (``labels``: the screening and the final rounding's names) and on which
+    samples.
     """
     n_feeds = len(evaluator.feeds)
     screen = evaluator.subsample(math.ceil(n_feeds / 8))
@@ -406,17 +414,28 @@ def attach_e2e(
         if progress is not None:
             progress(done, total, label)
 
+    def cached(parts: tuple, compute: Callable[[], float]) -> float:
+        return memo.measured(parts, compute) if memo is not None else compute()
+
+    def whole(t: ErrorTable, o: Option, rounding: Dequantize, label: str, feeds: Sequence[int] | None) -> float:
+        return cached(("e2e", t.site.name, *o.key, label, "all" if feeds is None else "screen"),
+                      lambda: evaluator.distance({t.site.name: rounding(t, o)}, feeds))
+
+    def block(t: ErrorTable, o: Option, rounding: Dequantize, label: str, view: str = "all") -> float:
+        return cached(("block", t.site.name, *o.key, label, view), lambda: proxy.raw(t.site.name, rounding(t, o), view))  # type: ignore[union-attr]
+
     proxy_info = None
     if proxy is not None and by_block:
         raw: dict[str, dict[tuple[int, str], float]] = {}
         for t in (t for t in work if t.site.name in by_block):
             values = raw[t.site.name] = {}
             for o in t.options:
-                values[o.key] = proxy.raw(t.site.name, dequantize(t, o))
+                values[o.key] = block(t, o, dequantize, labels[0])
                 step("block sensitivity")
         tables_by_name = {t.site.name: t for t in work}
         options = {(t.site.name, o.key): o for t in work for o in t.options}
-        summary = proxy.fit(raw, lambda n, k: dequantize(tables_by_name[n], options[(n, k)]),
+        summary = proxy.fit(raw, lambda n, k: whole(tables_by_name[n], options[(n, k)], dequantize, labels[0], screen),
+                            lambda n, k: block(tables_by_name[n], options[(n, k)], dequantize, labels[0], "screen"),
                             lambda n, k: f"{k[0]} bits {k[1]}", progress=progress)
         proxy_info = summary.describe()
         for name, values in raw.items():
@@ -425,19 +444,19 @@ def attach_e2e(
     for t in (t for t in work if t.site.name not in by_block):
         values = screened[t.site.name] = {}
         for o in t.options:
-            values[o.key] = evaluator.distance({t.site.name: dequantize(t, o)}, screen)
+            values[o.key] = whole(t, o, dequantize, labels[0], screen)
             step("end-to-end sensitivity")
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
     whole_needs = screen_feeds < n_feeds or refine_with is not None
     if any((t.site.name in by_block and refine_with is not None) or (t.site.name not in by_block and whole_needs)
            for t in work):
-        round_final = refine_with or dequantize
+        round_final, final_label = (refine_with, labels[1]) if refine_with is not None else (dequantize, labels[0])
 
         def measure(t: ErrorTable, o: Option) -> float:
             if t.site.name in by_block:
-                return proxy.distance(t.site.name, round_final(t, o))  # type: ignore[union-attr]
-            return evaluator.distance({t.site.name: round_final(t, o)})
+                return proxy.gains[t.site.name] * block(t, o, round_final, final_label)  # type: ignore[union-attr]
+            return whole(t, o, round_final, final_label, None)
 
         picked = choose([_with_e2e(t, screened.get(t.site.name)) for t in tables])
         todo = [(t, o) for t in work if t.site.name not in by_block or refine_with is not None

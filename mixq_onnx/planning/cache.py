@@ -1,0 +1,111 @@
+"""A file of measured distances (``--sensitivity-cache``), so a rerun or a budget sweep does not measure again.
+
+Every end-to-end number the search takes is a measurement of one thing: a
+weight at one option (rounded one way) on a set of samples, a block
+distance, or a whole plan. Each is stored under a key that names it
+(``e2e|weight|4|block32|rtn|screen``...). The file also records what every
+value depends on besides its key: a digest of the model (graph and weight
+bytes), of the samples the measurements ran on, of the calibration data
+(data-aware rounding), and the settings that change a measurement (scheme,
+rounding method, evaluator). When any of them differs the file is *stale*:
+nothing in it is used, the run says so, and the file is rewritten with the
+new run's values. A cache is never reused for another model or other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mixq-onnx sensitivity cache 1"
+
+
+def feeds_digest(feeds: Iterable[Mapping[str, np.ndarray]] | None) -> str:
+    """A digest of samples: every input's name, dtype, shape and bytes, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for feed in feeds or ():
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _key(parts: Iterable[object]) -> str:
+    return "|".join(str(p) for p in parts)
+
+
+class SensitivityCache:
+    """Measured distances by key, read from and written to one JSON file, valid for one ``context``."""
+
+    def __init__(self, path: Path, context: Mapping[str, str]) -> None:
+        self.path = path
+        self.context = dict(sorted(context.items()))
+        self.values: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+        self.note = ""
+        # True when the file was there but could not be used (stale or unreadable): it is replaced, and the run says so.
+        self.discarded = False
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            self.note = f"{self.path}: new sensitivity cache"
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError("not a sensitivity cache of this version")
+            stored = {str(k): str(v) for k, v in data["context"].items()}
+            values = {str(k): float(v) for k, v in data["values"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.note = f"{self.path}: not a usable sensitivity cache ({exc}); measuring afresh and replacing it"
+            self.discarded = True
+            log.warning(self.note)
+            return
+        changed = sorted(k for k in set(stored) | set(self.context) if stored.get(k) != self.context.get(k))
+        if changed:
+            self.note = (f"{self.path}: stale sensitivity cache (made for another {', '.join(changed)}); "
+                         "nothing in it is used, and it is replaced with this run's measurements")
+            self.discarded = True
+            log.warning(self.note)
+            return
+        self.values = values
+        self.note = f"{self.path}: sensitivity cache with {len(values)} measurements"
+
+    def measured(self, parts: Iterable[object], compute: Callable[[], float]) -> float:
+        """The stored value for ``parts``, or ``compute()`` stored under it."""
+        key = _key(parts)
+        hit = self.values.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        value = float(compute())
+        self.values[key] = value
+        return value
+
+    def has(self, parts: Iterable[object]) -> bool:
+        return _key(parts) in self.values
+
+    def text(self) -> str:
+        """The file's content: sorted keys and shortest round-tripping floats, so the same values give the same bytes."""
+        values = {k: (v if math.isfinite(v) else str(v)) for k, v in sorted(self.values.items())}
+        return json.dumps({"format": FORMAT, "context": self.context, "values": values}, indent=0, sort_keys=True) + "\n"
+
+    def describe(self) -> dict[str, object]:
+        return {"path": str(self.path), "hits": self.hits, "misses": self.misses, "stored": len(self.values),
+                "note": self.note}
+
+
+__all__ = ["FORMAT", "SensitivityCache", "feeds_digest"]

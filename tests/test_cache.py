@@ -1,0 +1,105 @@
+"""--sensitivity-cache: reruns and budget sweeps reuse measurements, the output does not change, stale files are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from mixq_onnx.cli import main
+from mixq_onnx.planning.cache import SensitivityCache, feeds_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "tiny_transformer.onnx"
+CALIB = ROOT / "models" / "tiny_transformer_calib.npz"
+
+
+def _run(tmp_path: Path, name: str, *args: str, model: Path = TINY) -> tuple[dict, bytes]:
+    out = tmp_path / f"{name}.onnx"
+    res = CliRunner().invoke(main, [str(model), "-o", str(out), "--no-verify", "--report", str(out) + ".json", *args])
+    assert res.exit_code == 0, res.output
+    return json.loads(Path(str(out) + ".json").read_text()), out.read_bytes()
+
+
+def test_a_budget_sweep_reuses_the_measurements_and_writes_the_same_bytes(tmp_path):
+    cache = tmp_path / "sens.json"
+    common = ("--calib", str(CALIB), "--sensitivity-cache", str(cache))
+    cold, _ = _run(tmp_path, "cold", "--target-bits", "4.5", *common)
+    info = cold["end_to_end"]["sensitivity_cache"]
+    assert info["hits"] == 0 and info["misses"] == info["stored"] > 50
+    assert cache.exists()
+    for budget in ("4", "5"):
+        warm, written = _run(tmp_path, f"warm{budget}", "--target-bits", budget, *common)
+        w = warm["end_to_end"]["sensitivity_cache"]
+        # Every per-option measurement is reused; only whole plans not measured before are new.
+        assert w["hits"] > 50 and w["misses"] <= 3, w
+        assert warm["end_to_end"]["evaluations"] <= 3 < cold["end_to_end"]["evaluations"]
+        _, plain = _run(tmp_path, f"plain{budget}", "--target-bits", budget, "--calib", str(CALIB))
+        assert written == plain  # the cache changes the cost, never the result
+    again, _ = _run(tmp_path, "again", "--target-bits", "4.5", *common)
+    assert again["end_to_end"]["sensitivity_cache"]["misses"] == 0
+
+
+def test_a_cache_made_for_another_model_data_or_rounding_is_not_used(tmp_path):
+    cache = tmp_path / "sens.json"
+    _run(tmp_path, "first", "--target-bits", "4.5", "--calib", str(CALIB), "--sensitivity-cache", str(cache))
+    # The same graph with one weight nudged: the model digest changes.
+    model = onnx.load(TINY)
+    t = next(t for t in model.graph.initializer if t.name == "val_42")
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.001), t.name))
+    nudged = tmp_path / "nudged.onnx"
+    onnx.save(model, nudged)
+    cases = [(("--calib", str(CALIB)), "model", nudged),
+             (("--calib", str(tmp_path / "reversed.npz")), "samples", TINY),
+             (("--calib", str(CALIB), "--scheme", "symmetric"), "settings", TINY)]
+    data = np.load(CALIB)
+    # Other samples: the search measures on the first ones, and these are the last ones first.
+    np.savez(tmp_path / "reversed.npz", **{k: data[k][::-1] for k in data.files})
+    for args, what, path in cases:
+        _run(tmp_path, "base", "--target-bits", "4.5", "--calib", str(CALIB), "--sensitivity-cache", str(cache))
+        report, _ = _run(tmp_path, "other", "--target-bits", "4.5", *args, "--sensitivity-cache", str(cache), model=path)
+        info = report["end_to_end"]["sensitivity_cache"]
+        assert info["hits"] == 0 and "stale" in info["note"] and what in info["note"], info
+        assert any("stale sensitivity cache" in n for n in report["notes"])
+
+
+def test_an_unreadable_cache_is_replaced_with_a_note(tmp_path):
+    cache = tmp_path / "sens.json"
+    cache.write_text("{not json")
+    report, _ = _run(tmp_path, "x", "--target-bits", "4.5", "--calib", str(CALIB), "--sensitivity-cache", str(cache))
+    assert "not a usable sensitivity cache" in report["end_to_end"]["sensitivity_cache"]["note"]
+    assert json.loads(cache.read_text())["values"]
+
+
+def test_the_cache_may_not_overwrite_the_model_or_the_output(tmp_path):
+    out = tmp_path / "q.onnx"
+    for target in (TINY, out):
+        res = CliRunner().invoke(main, [str(TINY), "-o", str(out), "--target-bits", "4.5", "--sensitivity-cache", str(target)])
+        assert res.exit_code != 0 and "sensitivity cache" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_values_round_trip_exactly_and_the_file_is_deterministic(tmp_path):
+    path = tmp_path / "c.json"
+    cache = SensitivityCache(path, {"model": "m"})
+    values = {("e2e", "w", 4, "channel", "rtn", "all"): 0.1 + 0.2, ("plan", "rtn", "x"): float("inf"), ("b",): 1e-300}
+    for k, v in values.items():
+        assert cache.measured(k, lambda v=v: v) == v
+    path.write_text(cache.text())
+    again = SensitivityCache(path, {"model": "m"})
+    assert not again.discarded and again.text() == cache.text()
+    for k, v in values.items():
+        assert again.measured(k, lambda: -1.0) == v
+    assert again.hits == 3 and again.misses == 0
+
+
+def test_feeds_digest_sees_values_shapes_and_names():
+    a = [{"x": np.zeros((2, 3), np.float32)}]
+    assert feeds_digest(a) == feeds_digest([{"x": np.zeros((2, 3), np.float32)}])
+    assert feeds_digest(a) != feeds_digest([{"x": np.zeros((3, 2), np.float32)}])
+    assert feeds_digest(a) != feeds_digest([{"y": np.zeros((2, 3), np.float32)}])
+    assert feeds_digest(a) != feeds_digest([{"x": np.ones((2, 3), np.float32)}])
