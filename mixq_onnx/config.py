@@ -73,7 +73,7 @@ class Budget:
 
     Exactly one of ``target_bits`` (bits per weight value plus per-channel
     scales: the uniform per-channel plans at the container widths,
-    interpolated, see :func:`mixq_onnx.runtime.plans.budget_limit`) and
+    interpolated, see :func:`mixq_onnx.planning.search.budget_limit`) and
     ``max_bytes`` (the whole output file: model and external data) is set.
     """
 

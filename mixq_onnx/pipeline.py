@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,8 @@ from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_externa
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, plan_bytes, never_worse_than_uniform, smallest_within_loss
+from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, plan_bytes, plan_key,
+                            never_worse_than_uniform, smallest_within_loss)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
@@ -43,6 +44,7 @@ from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
 from .planning.cache import SensitivityCache, feeds_digest
+from .planning.curve import CurvePoint, accuracy_size_curve
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
 from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
@@ -190,8 +192,7 @@ def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tu
     if not isinstance(budget, Budget):
         return None
     used = [s for s in sites if specs.get(s.name)]
-    totals = {b: sum(uniform_bytes(s, b, config, caps) for s in used) for b in CONTAINER_WIDTHS}
-    limit = budget_limit(budget, totals, config.allow_int2)
+    limit = budget_limit(budget, _uniform_totals(used, config, caps), config.allow_int2)
     if budget.max_bytes is not None:
         limit -= fixed_bytes
     smallest = 0
@@ -210,6 +211,11 @@ def _budget_limit(where: str, config: QuantConfig, caps: Capabilities, sites: tu
         raise BudgetError(f"{where}: budget of {limit} bytes{bits} cannot be met: the smallest plan that fits takes {smallest} bytes "
                           f"(ask for --max-size {smallest} or more, allow --int2, or force fewer tensors)", smallest)
     return limit
+
+
+def _uniform_totals(sites: Sequence[WeightSite], config: QuantConfig, caps: Capabilities) -> dict[int, int]:
+    """The weights' bytes in the uniform per-channel plan at each container width: what --target-bits interpolates."""
+    return {b: sum(uniform_bytes(s, b, config, caps) for s in sites) for b in CONTAINER_WIDTHS}
 
 
 def _fixed_bytes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> int:
@@ -328,7 +334,7 @@ def quantize(
             measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
                                                   progress, output_name)
     finally:
-        if chosen.memo is not None:  # what was measured stays useful even if writing fails
+        if chosen.memo is not None and chosen.memo.path is not None:  # what was measured stays useful if writing fails
             write_text_atomic(chosen.memo.path, chosen.memo.text(), "the sensitivity cache")
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
 
@@ -532,8 +538,10 @@ class Chosen:
     # What the plan was picked from, so a tighter budget can be searched again without measuring again.
     tables: tuple[ErrorTable, ...] = ()
     evaluator: EndToEnd | None = None
-    # The measurements this run made or reused (--sensitivity-cache), saved when the run ends.
+    # The measurements this run made or reused (kept in --sensitivity-cache when given).
     memo: SensitivityCache | None = None
+    # The best plan at each budget, from the same measurements.
+    curve: tuple[CurvePoint, ...] = ()
 
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
@@ -548,8 +556,10 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
     calibrated = bool(calibration)
     evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
         if _uses_e2e(config) else (None, "")
-    memo = _sensitivity_cache(cache_path, prepared.base, evaluator, calibration, config) \
-        if cache_path is not None and evaluator is not None else None
+    # Without a file the measurements are still kept for this run: a plan measured twice (--max-size refits) runs once,
+    # and the curve can say which of its plans were measured.
+    memo = (_sensitivity_cache(cache_path, prepared.base, evaluator, calibration, config) if cache_path is not None
+            else SensitivityCache(None, {})) if evaluator is not None else None
     if memo is not None and memo.discarded:
         notes.append(memo.note)
     e2e_info: dict[str, object] | None = None
@@ -587,6 +597,9 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         log.warning(msg)
         notes.append(msg)
     plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
+    curve = () if isinstance(config.search, Uniform) else tuple(accuracy_size_curve(
+        tables, config, _uniform_totals([t.site for t in tables], config, measured.caps),
+        lambda ds: memo.peek(plan_key(ds, evaluator, rounder)) if memo is not None and evaluator is not None else None))
     if evaluator is not None:
         e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
     if isinstance(config.search, Uniform):
@@ -596,9 +609,9 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
                    f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
             log.warning(msg)
             notes.append(msg)
-    if memo is not None:
+    if memo is not None and memo.path is not None:
         e2e_info = {**(e2e_info or {}), "sensitivity_cache": memo.describe()}
-    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo)
+    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo, curve)
 
 
 def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, evaluator: EndToEnd | None, rounder: Rounder,
@@ -704,7 +717,8 @@ def _report(prepared: Prepared, measured: Measured, chosen: Chosen, written: Wri
         notes.append(f"{fallbacks} tensors kept a simpler rounding than --method {config.method.value} (see 'rounding' in --report)")
     inv_report = dataclasses.replace(prepared.inventory, skipped=prepared.inventory.skipped + measured.not_allowed)
     report = build_report(inv_report, plan, config.describe(), opset_info, str(prepared.path) if prepared.path else None, None,
-                          notes, measured.no_stats, written.rounding, written.activations, chosen.end_to_end, written.errors)
+                          notes, measured.no_stats, written.rounding, written.activations, chosen.end_to_end, written.errors,
+                          chosen.curve)
     report.reconstruction = written.reconstruction.describe() if written.reconstruction is not None else None
     if prepared.smoothing is not None and report.activations is not None:
         report.activations["smoothing"] = prepared.smoothing.describe()

@@ -8,10 +8,12 @@ import math
 import types
 import typing
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .graph.find import Inventory
+from .planning.curve import CurvePoint
 from .planning.search import Plan
 from .numerics.metrics import OutputComparison
 from .runtime.verify import Verification
@@ -126,6 +128,8 @@ class Report:
     runtime: dict[str, Any] | None = None
     # Block reconstruction (--method brecq): the blocks, what each did and its block-output error before and after.
     reconstruction: dict[str, Any] | None = None
+    # The accuracy-size curve: the plan the same measurements pick at each --target-bits, predicted and measured.
+    curve: list[CurvePoint] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -200,6 +204,7 @@ def build_report(
     activations: dict[str, Any] | None = None,
     end_to_end: dict[str, Any] | None = None,
     written_errors: dict[str, tuple[float, float, float]] | None = None,
+    curve: Sequence[CurvePoint] = (),
 ) -> Report:
     """The report of a plan; ``written_errors`` replace the chosen option's (round-to-nearest) errors where the
     written integers came from another rounding method."""
@@ -236,7 +241,7 @@ def build_report(
         logical / params if params else 0.0,
     )
     return Report(input_path, output_path, config, opset, {"mode": plan.summary.mode, **plan.summary.details},
-                  tensors, skipped, inventory.quant_ops, totals, None, notes, activations, end_to_end)
+                  tensors, skipped, inventory.quant_ops, totals, None, notes, activations, end_to_end, curve=list(curve))
 
 
 def _size(n: float) -> str:
@@ -270,6 +275,19 @@ def _search_lines(search: dict[str, Any], t: Totals) -> list[str]:
     return out
 
 
+def curve_lines(curve: Sequence[CurvePoint]) -> list[str]:
+    """The accuracy-size curve as a small table: one row per budget whose plan differs in size."""
+    if not curve:
+        return []
+    rows = [("--target-bits", "weights", "bits/weight", f"predicted {curve[0].quantity}", "measured")]
+    rows += [(f"{p.target_bits:g}", _size(p.bytes), f"{p.bits_per_weight:.3f}", f"{p.predicted:.4g}",
+              "-" if p.measured is None else f"{p.measured:.4g}") for p in curve]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["accuracy-size curve (the best plan these measurements predict at each budget; pick a size, rerun with "
+            "--sensitivity-cache to reuse them):"] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                                                      for r in rows]
+
+
 def format_table(report: Report, max_rows: int = 0) -> str:
     """A readable table: one row per quantized tensor, then skips, totals and the check."""
     rows = [("tensor", "op", "shape", "params", "bits", "layout", "store", "bytes", "nmse", "reason")]
@@ -297,6 +315,7 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         f"{t.avg_logical_bits:.3f} logical bits"
     )
     lines.extend(_search_lines(report.search, t))
+    lines.extend(curve_lines(report.curve))
     e = report.end_to_end
     if e:
         lines.append(f"end-to-end: {e['samples']} sample(s), {e['source']}; distance per output: "

@@ -54,15 +54,16 @@ def test_proxy_ranks_options_as_the_whole_model_does(path, calib, cut):
             w = s.array
             # The float weight reproduces the block's float outputs: the reference is the same session's.
             assert proxy.raw(s.name, w) == 0.0
-            raw[s.name] = {(b, "channel"): proxy.raw(s.name, _rtn(w, b)) for b in (3, 4, 6)}
+            raw[s.name] = {(b, "channel"): proxy.raw(s.name, _rtn(w, b), "screen") for b in (3, 4, 6)}
             assert raw[s.name][(3, "channel")] > raw[s.name][(4, "channel")] > raw[s.name][(6, "channel")] > 0
             truth.update({(s.name, k): ev.distance({s.name: _rtn(w, k[0])}) for k in raw[s.name]})
         by_name = {s.name: s for s in owned}
         summary = proxy.fit(raw, lambda n, k: ev.distance({n: _rtn(by_name[n].array, k[0])}, proxy.screen),
-                            lambda n, k: proxy.raw(n, _rtn(by_name[n].array, k[0]), "screen"), lambda n, k: str(k))
+                            lambda n, k: str(k))
         assert summary.weights == len(proxy.owner) and summary.rank_correlation is not None
         pairs = sorted(truth)
-        predicted = [proxy.gains[n] * raw[n][k] for n, k in pairs]
+        # The proxy on every sample, as the refinement measures it, against whole-model runs on every sample.
+        predicted = [proxy.predict(n, proxy.raw(n, _rtn(by_name[n].array, k[0]))) for n, k in pairs]
         # Within one width (the comparisons a budget search makes across weights), where there are enough weights to
         # rank (the recognizer has three), and over all widths.
         for width in (3, 6) if len(owned) >= 5 else ():
@@ -90,15 +91,37 @@ def test_spilled_boundary_activations_give_the_same_distances():
     ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz", samples=8)
     held, spilled = BlockProxy(ev, sites, 4), BlockProxy(ev, sites, 4, store_bytes=0)
     try:
-        folder = Path(spilled.store.folder)
+        folder = Path(spilled._tmp.name)
         for s in (s for s in sites if held.owns(s.name)):
             q = _rtn(s.array, 4)
-            assert spilled.raw(s.name, q) == held.raw(s.name, q)
-        assert held.store.spilled == 0 and spilled.store.spilled > 0
+            assert spilled.raw(s.name, q, "screen") == held.raw(s.name, q, "screen")
+        assert held.spilled == 0 and spilled.spilled > 0 and any(folder.rglob("*.npy"))
     finally:
         held.close()
         spilled.close()
     assert not folder.exists()
+
+
+def test_the_refinement_view_takes_fewer_samples_rather_than_pass_its_memory_budget():
+    ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz", samples=16)
+    roomy = BlockProxy(ev, sites, 4)
+    probe = BlockProxy(ev, sites, 4)
+    s = next(s for s in sites if roomy.owns(s.name))
+    try:
+        roomy.raw(s.name, s.array)
+        assert roomy.samples["all"] == tuple(range(16)) and roomy.spilled == 0
+        probe.raw(s.name, s.array, "screen")
+        per_sample = probe.stores["screen"].in_memory / len(probe.screen)
+        tight = BlockProxy(ev, sites, 4, store_bytes=int(per_sample * 6))
+        try:
+            assert tight.raw(s.name, _rtn(s.array, 4)) > 0
+            assert len(tight.screen) <= len(tight.samples["all"]) <= 6 < 16
+            assert tight.stores["all"].in_memory <= tight.store_bytes and tight.spilled == 0
+        finally:
+            tight.close()
+    finally:
+        roomy.close()
+        probe.close()
 
 
 def test_spearman_handles_ties_and_constants():

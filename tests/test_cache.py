@@ -35,9 +35,10 @@ def test_a_budget_sweep_reuses_the_measurements_and_writes_the_same_bytes(tmp_pa
     for budget in ("4", "5"):
         warm, written = _run(tmp_path, f"warm{budget}", "--target-bits", budget, *common)
         w = warm["end_to_end"]["sensitivity_cache"]
-        # Every per-option measurement is reused; only whole plans not measured before are new.
-        assert w["hits"] > 50 and w["misses"] <= 3, w
-        assert warm["end_to_end"]["evaluations"] <= 3 < cold["end_to_end"]["evaluations"]
+        # Every whole-model measurement of an option is reused: what is new is a few options another budget refines
+        # (on their block) and the whole plans not measured before.
+        assert w["hits"] > 50 and w["misses"] <= 0.2 * w["hits"], w
+        assert warm["end_to_end"]["evaluations"] <= 3 < cold["end_to_end"]["evaluations"] / 5
         _, plain = _run(tmp_path, f"plain{budget}", "--target-bits", budget, "--calib", str(CALIB))
         assert written == plain  # the cache changes the cost, never the result
     again, _ = _run(tmp_path, "again", "--target-bits", "4.5", *common)

@@ -93,10 +93,11 @@ def generated_by(script: str, cases: str, minutes: float) -> str:
             f"onnxruntime {onnxruntime.__version__}.")
 
 
-def run_cases(doc: str, root: Path, script: str, key: str, title: str, preface: str, run_case) -> None:
+def run_cases(doc: str, root: Path, script: str, key: str, title: str, preface: str, run_case, extra=()) -> None:
     """The main of a per-case benchmark: each case's section, then one RESULTS.md section and its JSON data.
 
-    ``run_case(case, work, log)`` returns (Markdown text, data rows).
+    ``run_case(case, work, log)`` returns (Markdown text, data rows); each of ``extra(work, log)`` adds a section
+    of its own after the cases.
     """
     import sys
     import time
@@ -111,6 +112,10 @@ def run_cases(doc: str, root: Path, script: str, key: str, title: str, preface: 
         text, data = run_case(CASES[name](args.cache), work, lambda s: print(s, flush=True))
         parts.append(text)
         summary[name] = data
+    for more in extra:
+        text, data = more(work, lambda s: print(s, flush=True))
+        parts.append(text)
+        summary[more.__name__] = data
     minutes = (time.time() - t0) / 60
     section = f"## {title}\n\n" + generated_by(script, args.cases, minutes) + " " + preface + "\n\n" + "\n".join(parts)
     publish_section(args.out, key, section, summary, minutes)

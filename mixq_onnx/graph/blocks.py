@@ -51,7 +51,8 @@ class Partition:
     shared: tuple[str, ...]
 
 
-def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int, outputs_cut: bool = False) -> Partition:
+def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int, outputs_cut: bool = False,
+              anywhere: bool = False) -> Partition:
     """Blocks of the main graph, in order; ``weights`` are the quantized weights' names (main-graph constants).
 
     ``outputs_cut``: a graph output that no later node reads does not keep
@@ -59,6 +60,13 @@ def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int, 
     per layer, would otherwise leave no cut at all); the block that makes it
     lists it among its outputs all the same. Block reconstruction keeps the
     default, whose blocks hand every graph output to the last block.
+
+    ``anywhere``: cut between any two nodes, not only where one tensor that
+    depends on a weight crosses: blocks are then runs of nodes holding up
+    to ``max_weights`` weights, whose outputs are every tensor they make
+    that is read later. For a measurement on float inputs (the block-wise
+    evaluator) any cut works; block reconstruction, which carries quantized
+    activations forward, needs the narrow ones.
     """
     g = model.graph
     wanted = set(weights)
@@ -105,7 +113,7 @@ def partition(model: onnx.ModelProto, weights: Sequence[str], max_weights: int, 
             diff[pos + 1] += 1
             diff[end + 1] -= 1
     alive = np.cumsum(diff)  # alive[p + 1]: affected tensors alive across the place after position p
-    cut_after = [pos for pos in range(len(act) - 1) if alive[pos + 1] <= 1]
+    cut_after = [pos for pos in range(len(act) - 1) if anywhere or alive[pos + 1] <= 1]
     block_weights = [
         {w for r in reads(g.node[k]) for w in weight_of.get(r, set())} for k in act
     ]

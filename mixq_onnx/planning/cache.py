@@ -47,7 +47,8 @@ def _key(parts: Iterable[object]) -> str:
 class SensitivityCache:
     """Measured distances by key, read from and written to one JSON file, valid for one ``context``."""
 
-    def __init__(self, path: Path, context: Mapping[str, str]) -> None:
+    def __init__(self, path: Path | None, context: Mapping[str, str]) -> None:
+        """``path`` None keeps the measurements for this run only."""
         self.path = path
         self.context = dict(sorted(context.items()))
         self.values: dict[str, float] = {}
@@ -59,6 +60,8 @@ class SensitivityCache:
         self._load()
 
     def _load(self) -> None:
+        if self.path is None:
+            return
         if not self.path.exists():
             self.note = f"{self.path}: new sensitivity cache"
             return
@@ -95,8 +98,9 @@ class SensitivityCache:
         self.values[key] = value
         return value
 
-    def has(self, parts: Iterable[object]) -> bool:
-        return _key(parts) in self.values
+    def peek(self, parts: Iterable[object]) -> float | None:
+        """The stored value for ``parts`` if there is one (nothing is measured)."""
+        return self.values.get(_key(parts))
 
     def text(self) -> str:
         """The file's content: sorted keys and shortest round-tripping floats, so the same values give the same bytes."""

@@ -229,6 +229,34 @@ def _smallest_within(
                                            "sensitivity": _label(config, tables)})
 
 
+def budget_limit(budget: Budget, uniform_total: dict[int, int], allow_int2: bool = False) -> int:
+    """Bytes of the weights a budget allows.
+
+    ``--target-bits B`` is B bits per weight value plus the scales and zero
+    points of per-channel storage: the bytes of the uniform per-channel
+    plans at the container widths (``uniform_total[b]`` for b = 2 with
+    ``--int2``, 4 and 8), interpolated between them. 5 bits is the INT4
+    plan plus a quarter of the gap to the INT8 plan, so every B between
+    containers gives a distinct size and a real mix. ``--max-size`` is
+    handled by the caller (it covers the whole file).
+    """
+    if budget.max_bytes is not None:
+        return budget.max_bytes
+    b = float(budget.target_bits)  # type: ignore[arg-type]
+    if b >= 8:
+        return int(uniform_total[8] * b / 8)
+    anchors = [w for w in CONTAINER_WIDTHS if w >= 4 or allow_int2]
+    lo = max(w for w in anchors if w <= b)
+    hi = min(w for w in anchors if w >= b)
+    if lo == hi:
+        return uniform_total[lo]
+    return int(np.floor(uniform_total[lo] + (b - lo) / (hi - lo) * (uniform_total[hi] - uniform_total[lo])))
+
+
+# The widths whose uniform plans anchor --target-bits: where a container's values fill it.
+CONTAINER_WIDTHS = (2, 4, 8)
+
+
 DP_MAX_CELLS = 40_000_000
 
 

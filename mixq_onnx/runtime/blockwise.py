@@ -30,10 +30,13 @@ rank correlation with the proxy (Spearman) goes into the report. Whole plans
 are still measured end to end (see :mod:`mixq_onnx.runtime.plans`), so
 "never worse than uniform" does not rest on the proxy.
 
-The cost is the float pass, one probe per weight and a fixed number of
-checks (each a whole-model run on an eighth of the samples) and, per
-option, one block's run on every sample: options x the model becomes
-weights / 8 x the model plus options x one block.
+The measurements follow the end-to-end evaluator's two stages: every
+option on the screening samples, then the options a budget shift could pick
+(the chosen one and its neighbours on the weight's size/distance hull) on
+every sample, both on the block. The cost is the float pass, one probe per
+weight and a fixed number of checks (each a whole-model run on an eighth of
+the samples), and block runs: options x the model becomes weights / 8 x
+the model plus options x one block.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from onnx import helper
 from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from .inputs import session
-from .sensitivity import EndToEnd, overridable
+from .sensitivity import EndToEnd, _rows, overridable
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,13 @@ log = logging.getLogger(__name__)
 BLOCK_WEIGHTS = 4
 # Options measured end to end, besides the probes, to state the proxy's rank correlation.
 CHECKS = 16
-# Boundary activations kept in memory; the rest is memory-mapped from a scratch folder.
-STORE_BYTES = 512 * 2**20
+# Weights that get a second probe, to measure how the end-to-end distance grows with the block distance.
+SLOPES = 8
+# The exponent of that growth is kept within this range (1: proportional).
+EXPONENT_RANGE = (0.25, 1.5)
+# Boundary activations kept in memory per view; the "all" view takes fewer samples rather than pass it (the screening
+# view, at least one sample, spills to memory-mapped files beyond it).
+STORE_BYTES = 1024 * 2**20
 
 Key = tuple[int, str]
 
@@ -76,7 +84,7 @@ class ProxyCheck:
     block: int
     proxy: float
     measured: float
-    probe: bool
+    probe: bool  # used to fit the gains or the exponent (not held out)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class ProxySummary:
     blocks: int
     weights: int
     gains: dict[str, float]
+    exponent: float
     checks: tuple[ProxyCheck, ...]
     rank_correlation: float | None
     block_runs: int
@@ -100,6 +109,7 @@ class ProxySummary:
             "block_runs": self.block_runs,
             "spilled_bytes": self.spilled_bytes,
             "gains": {name: float(f"{g:.4g}") for name, g in sorted(self.gains.items())},
+            "exponent": self.exponent,
             "rank_correlation": self.rank_correlation,
             "checked": len(held_out),
             "median_abs_log10_ratio": float(np.median(logs)) if logs else None,
@@ -138,35 +148,39 @@ class BlockProxy:
         self.evaluator = evaluator
         model = evaluator.model
         eligible = [s for s in sites if s.name in evaluator.swappable and overridable(s)]
-        self.partition: Partition = partition(model, [s.name for s in eligible], block_weights, outputs_cut=True)
+        self.partition: Partition = partition(model, [s.name for s in eligible], block_weights, outputs_cut=True, anywhere=True)
         shared = set(self.partition.shared)
         self.owner = {w: b.index for b in self.partition.blocks for w in b.weights if w not in shared}
         self.infos = {s.name: (helper.np_dtype_to_tensor_dtype(s.np_dtype), s.shape) for s in eligible}
         self.gains: dict[str, float] = {}
+        self.exponent = 1.0
         self.block_runs = 0
         self._session: tuple[int, ort.InferenceSession, list[str]] | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="mixq-blocks-")
-        self.store = ActivationStore(store_bytes, Path(self._tmp.name))
+        self.store_bytes = store_bytes
         n = len(evaluator.feeds)
         self.screen = tuple(screen) if screen is not None else evaluator.subsample(math.ceil(n / 8))
-        # Every sample, then the screening samples again (grouped as the whole-model runs on them group them), so a
-        # probe's block distance is measured on exactly the samples of its end-to-end run.
-        everything, screened = evaluator.run_groups(range(n)), evaluator.run_groups(self.screen)
-        self.groups = everything + screened
-        self._views = {"all": range(len(everything)), "screen": range(len(everything), len(self.groups))}
-        self._passed = False  # the float pass runs at the first block measurement (a warm cache may need none)
+        # The screening samples, grouped as the whole-model runs on them group them, so a probe's block distance is
+        # measured on exactly the samples of its end-to-end run; "all" is every sample, or as many as the store holds.
+        self.samples: dict[str, tuple[int, ...]] = {"screen": self.screen}
+        self.stores: dict[str, ActivationStore] = {}
+        self.groups: dict[str, list[list[int]]] = {}
 
     @property
     def usable(self) -> bool:
         """Whether the model was cut: one block is the whole model, where the end-to-end evaluator is as cheap."""
         return len(self.partition.blocks) > 1 and bool(self.owner)
 
+    @property
+    def spilled(self) -> int:
+        return sum(s.spilled for s in self.stores.values())
+
     def owns(self, name: str) -> bool:
         return name in self.owner
 
     def close(self) -> None:
         self._session = None
-        self.store = ActivationStore(0, Path(self._tmp.name))
+        self.stores = {}
         self._tmp.cleanup()
 
     def _block_session(self, block: Block) -> tuple[ort.InferenceSession, list[str]]:
@@ -174,7 +188,8 @@ class BlockProxy:
         if self._session is not None and self._session[0] == block.index:
             return self._session[1], self._session[2]
         self._session = None
-        sess, names = self._new_session(block, {i: tensor_info(self.store.values[i]) for i in block.inputs})
+        store = next(iter(self.stores.values()))
+        sess, names = self._new_session(block, {i: tensor_info(store.values[i]) for i in block.inputs})
         self._session = (block.index, sess, names)
         return sess, names
 
@@ -182,45 +197,73 @@ class BlockProxy:
         """A session of the block alone; the weights it owns are overridable initializers, so a run can swap one.
 
         The float pass uses the same model, so the reference outputs are
-        those of this very session with nothing swapped.
+        those of this very session with nothing swapped. Activation inputs
+        (rank 2 or more) are declared with free dimensions: the views group
+        samples differently, and the batch is not always the first axis
+        (a recurrent layer's ``[T, N, C]``). Shapes and sizes (rank 0 and
+        1) keep theirs: operators such as Resize read their lengths.
         """
+        infos = {k: (t, tuple(f"d{i}" for i in range(len(dims))) if len(dims) >= 2 else dims)
+                 for k, (t, dims) in infos.items()}
         bm = block_model(self.evaluator.model, block, infos, [])
         owned = [w for w in block.weights if self.owner.get(w) == block.index]
         bm.graph.input.extend(helper.make_tensor_value_info(w, *self.infos[w]) for w in owned)
-        sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False)
         return sess, [o.name for o in sess.get_outputs()]
 
-    def _float_pass(self) -> None:
-        """Run the float model block by block on every group of samples, keeping what the owning blocks read."""
-        self._passed = True
+    def _view(self, view: str) -> tuple[ActivationStore, list[list[int]]]:
+        """The stored float activations of a view, made by a float pass on first use.
+
+        The screening view comes first. The "all" view takes every sample
+        unless their boundary activations would pass the store's budget
+        (images of hundreds of pixels a side keep hundreds of megabytes per
+        sample): then as many samples, spread over all of them, as fit.
+        """
+        if view in self.stores:
+            return self.stores[view], self.groups[view]
+        if view == "all":
+            screen_store, _ = self._view("screen")
+            n = len(self.evaluator.feeds)
+            rows = sum(_rows(self.evaluator.feeds[i]) for i in self.screen)
+            per_row = (screen_store.in_memory + screen_store.spilled) / max(rows, 1)
+            fit = int(self.store_bytes // per_row) if per_row > 0 else n
+            self.samples["all"] = tuple(range(n)) if fit >= sum(_rows(f) for f in self.evaluator.feeds) \
+                else self.evaluator.subsample(max(fit // max(rows // len(self.screen), 1), len(self.screen)))
+            if self.samples["all"] == self.screen:  # no room for more samples than the screening ones: the same view
+                self.stores["all"], self.groups["all"] = self.stores["screen"], self.groups["screen"]
+                return self.stores["all"], self.groups["all"]
+        store = ActivationStore(self.store_bytes, Path(self._tmp.name) / view)
+        groups = self.evaluator.run_groups(self.samples[view])
+        self._float_pass(store, groups)
+        self.stores[view], self.groups[view] = store, groups
+        return store, groups
+
+    def _float_pass(self, store: ActivationStore, groups: list[list[int]]) -> None:
+        """Run the float model block by block on ``groups``, keeping what the owning blocks read and make."""
         blocks = self.partition.blocks
         last_owner = max(self.owner.values())
         needed: dict[str, int] = {}  # tensor -> the last block that reads it
         for b in blocks:
             for name in b.inputs:
                 needed[name] = b.index
-        env: dict[str, list[np.ndarray]] = {}
-        feeds = [self.evaluator.stacked(g) for g in self.groups]
-        for name in feeds[0]:
-            env[name] = [f[name] for f in feeds]
-        owning = {i for i in self.owner.values()}
+        feeds = [self.evaluator.stacked(g) for g in groups]
+        env: dict[str, list[np.ndarray]] = {name: [f[name] for f in feeds] for name in feeds[0]}
+        owning = set(self.owner.values())
         for b in blocks:
             if b.index > last_owner:
                 break
             missing = [i for i in b.inputs if i not in env]
             if missing:  # an input that is neither fed nor made earlier (an optional graph input left out)
                 raise RuntimeError(f"block {b.index} reads {missing[0]!r}, which no earlier block makes")
-            if b.index in owning:
-                for name in b.inputs:
-                    if name not in self.store.values:
-                        self.store.put(name, env[name])
             sess, names = self._new_session(b, {i: tensor_info(env[i]) for i in b.inputs})
-            outs = [sess.run(None, {i: env[i][g] for i in b.inputs}) for g in range(len(self.groups))]
-            self.block_runs += len(self.groups)
+            outs = [sess.run(None, {i: env[i][g] for i in b.inputs}) for g in range(len(groups))]
+            self.block_runs += len(groups)
             for k, name in enumerate(names):
                 env[name] = [o[k] for o in outs]
-                if b.index in owning:
-                    self.store.put(f"{b.index}/out/{name}", env[name])
+            # A tensor has one float value: stored once, whether a block reads it or makes it (or both).
+            for name in (*b.inputs, *names) if b.index in owning else ():
+                if name not in store.values:
+                    store.put(name, env[name])
             for name in [n for n in env if needed.get(n, -1) <= b.index and n not in feeds[0]]:
                 del env[name]
 
@@ -229,63 +272,81 @@ class BlockProxy:
 
         ``view``: on every sample ("all") or on the screening samples ("screen").
         """
-        if not self._passed:
-            self._float_pass()
+        store, groups = self._view(view)
         block = self.partition.blocks[self.owner[name]]
         sess, names = self._block_session(block)
         noise = signal = 0.0
-        for g in self._views[view]:
-            outs = sess.run(None, {**{i: self.store.values[i][g] for i in block.inputs}, name: array})
+        for g in range(len(groups)):
+            outs = sess.run(None, {**{i: store.values[i][g] for i in block.inputs}, name: array})
             for k, out in enumerate(outs):
-                ref = self.store.values[f"{block.index}/out/{names[k]}"][g]
+                ref = store.values[names[k]][g]
                 if not np.issubdtype(ref.dtype, np.floating):
                     continue
                 d = np.asarray(out, np.float64) - np.asarray(ref, np.float64)
                 noise += float(np.sum(d * d))
                 signal += float(np.sum(np.square(ref, dtype=np.float64)))
-        self.block_runs += len(self._views[view])
+        self.block_runs += len(groups)
         return noise / signal if signal > 0 else noise
 
     def fit(self, raw: dict[str, dict[Key, float]], end_to_end: Callable[[str, Key], float],
-            screen_raw: Callable[[str, Key], float], labels: Callable[[str, Key], str], checks: int = CHECKS,
+            labels: Callable[[str, Key], str], checks: int = CHECKS,
             progress: Callable[[int, int, str], None] | None = None) -> ProxySummary:
         """Each weight's gain from its probe, then held-out checks of the proxy, end to end on the screening samples.
 
         The probe is the weight's option in the middle of its block
         distances: big enough to be measured above float noise, small
         enough to stay in the near-linear range the other options share.
-        The gain is the probe's end-to-end distance over its block distance
-        on the same samples; ``raw`` holds block distances on every sample.
-        ``end_to_end(name, key)`` measures an option on the whole model and
-        ``screen_raw(name, key)`` on its block, both on :attr:`screen`
-        (the caller rounds the weight, and may answer from a cache).
+        ``raw`` holds block distances on :attr:`screen`, and
+        ``end_to_end(name, key)`` measures an option on the whole model on
+        the same samples (the caller rounds the weight, and may answer from
+        a cache); the gain is the probe's ratio of the two.
         """
         probes: list[tuple[str, Key]] = []
         for name, values in raw.items():
             positive = sorted((v, k) for k, v in values.items() if v > 0)
             if positive:
                 probes.append((name, positive[(len(positive) - 1) // 2][1]))
-        probe_set = set(probes)
+        # Slope probes: for a few weights spread over the model, the option farthest (in block distance) from the
+        # probe, so the exponent of the response can be measured on pairs of one weight's options.
+        spread = [probes[int(i)] for i in np.linspace(0, len(probes) - 1, min(SLOPES, len(probes))).round()] if probes else []
+        slopes: list[tuple[str, Key]] = []
+        for name, key in dict.fromkeys(spread):
+            p = raw[name][key]
+            far = max(((abs(math.log(v / p)), k) for k, v in raw[name].items() if v > 0), default=(0.0, key))
+            if far[0] > math.log(2):
+                slopes.append((name, far[1]))
+        fitted = set(probes) | set(slopes)
         rest = sorted((v, name, key) for name, values in raw.items() for key, v in values.items()
-                      if v > 0 and (name, key) not in probe_set)
+                      if v > 0 and (name, key) not in fitted)
         spots = sorted({int(i) for i in np.linspace(0, len(rest) - 1, min(checks, len(rest))).round()}) if rest else []
         held = [(rest[i][1], rest[i][2]) for i in spots]
         measured: dict[tuple[str, Key], float] = {}
-        on_screen: dict[str, float] = {}
-        for done, (name, key) in enumerate(probes + held):
+        todo = probes + slopes + held
+        for done, (name, key) in enumerate(todo):
             measured[(name, key)] = end_to_end(name, key)
-            if (name, key) in probe_set:
-                on_screen[name] = screen_raw(name, key)
             if progress is not None:
-                progress(done + 1, len(probes) + len(held), "block gains and checks")
+                progress(done + 1, len(todo), "block gains and checks")
+        probe_of = dict(probes)
+        ratios = []
+        for name, key in slopes:
+            p = probe_of[name]
+            a, b = measured[(name, p)], measured[(name, key)]
+            if a > 0 and b > 0:
+                ratios.append(math.log(b / a) / math.log(raw[name][key] / raw[name][p]))
+        # The exponent: 1 is proportional; a saturating output (a sigmoid map, say) grows slower than its blocks.
+        self.exponent = float(np.clip(np.median(ratios), *EXPONENT_RANGE)) if ratios else 1.0
         # A weight whose options never move its block's outputs (on these samples) gets no gain: its distances are 0.
-        self.gains = {name: 0.0 for name in raw} | {name: measured[(name, key)] / on_screen[name]
-                                                   for name, key in probes if on_screen[name] > 0}
-        found = tuple(ProxyCheck(name, labels(name, key), self.owner[name], self.gains[name] * raw[name][key],
-                                 measured[(name, key)], (name, key) in probe_set) for name, key in probes + held)
+        self.gains = {name: 0.0 for name in raw} | {name: measured[(name, key)] / raw[name][key] ** self.exponent
+                                                   for name, key in probes}
+        found = tuple(ProxyCheck(name, labels(name, key), self.owner[name], self.predict(name, raw[name][key]),
+                                 measured[(name, key)], (name, key) in fitted) for name, key in todo)
         rho = spearman([c.proxy for c in found if not c.probe], [c.measured for c in found if not c.probe])
-        return ProxySummary(len(self.partition.blocks), len(self.owner), self.gains, found, rho, self.block_runs,
-                            self.store.spilled)
+        return ProxySummary(len(self.partition.blocks), len(self.owner), self.gains, self.exponent, found, rho,
+                            self.block_runs, self.spilled)
+
+    def predict(self, name: str, block_distance: float) -> float:
+        """The proxy for the end-to-end distance: the weight's gain times its block distance to the fitted exponent."""
+        return self.gains[name] * block_distance ** self.exponent if block_distance > 0 else 0.0
 
 
 __all__ = ["BLOCK_WEIGHTS", "BlockProxy", "ProxyCheck", "ProxySummary", "spearman"]

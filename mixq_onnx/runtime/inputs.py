@@ -52,16 +52,20 @@ class GeneratedInputs:
 
 def session(model: bytes | Path | onnx.ModelProto,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            config: dict[str, str] | None = None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+            config: dict[str, str] | None = None, provider: str = "CPUExecutionProvider",
+            arena: bool = True) -> ort.InferenceSession:
     """A quiet ONNX Runtime session from a path, serialized bytes or a model in memory.
 
     A model whose weights stay on disk is handed over as a file beside its
     linked data (see :func:`mixq_onnx.graph.io.ort_model`): never serialized whole.
+    ``arena=False`` gives memory back after each run instead of keeping a
+    pool sized for the largest run (for the many short-lived block sessions).
     """
     if isinstance(model, onnx.ModelProto):
         with ort_model(model) as src:
-            return session(src, level, config, provider)
+            return session(src, level, config, provider, arena)
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = level
     # ORT's default order runs every node without node inputs first, so an unfused model dequantizes all its weights
     # before the first layer (1.4 GB for a 2 GB stack stored int8); priority order keeps the graph's order, where

@@ -32,7 +32,7 @@ from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
 from ..numerics.qdq import Grid, QuantizedTensor
 from ..numerics.rounding import Rounded, round_weight
-from ..planning.search import Decision, Plan, SearchSummary, candidates, search
+from ..planning.search import CONTAINER_WIDTHS, Decision, Plan, SearchSummary, budget_limit, candidates, search
 from .sensitivity import EndToEnd, Progress
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,7 @@ def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Ro
     """
     ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
     if memo is not None:
-        digest = hashlib.blake2b(repr(_signature(ds)).encode(), digest_size=16).hexdigest()
-        return memo.measured(("plan", rounder.config.layer_method.value, digest),
-                             lambda: measure_plan(ds, evaluator, rounder))
+        return memo.measured(plan_key(ds, evaluator, rounder), lambda: measure_plan(ds, evaluator, rounder))
     rounder.prefetch((d.table, d.option) for d in ds)
     spill = Spill() if has_external_data(evaluator.model) else None
     try:
@@ -172,6 +170,13 @@ def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Ro
     finally:
         if spill is not None:
             spill.close()
+
+
+def plan_key(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> tuple[str, str, str]:
+    """What names a whole-plan measurement: the rounding method and every measured weight's option."""
+    ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
+    digest = hashlib.blake2b(repr(_signature(ds)).encode(), digest_size=16).hexdigest()
+    return "plan", rounder.config.layer_method.value, digest
 
 
 def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Decision, ...]]]:
@@ -290,32 +295,4 @@ def _signature(decisions: Iterable[Decision]) -> tuple[tuple[str, tuple[int, str
     return tuple((d.table.site.name, d.option.key) for d in decisions)
 
 
-def budget_limit(budget: Budget, uniform_total: dict[int, int], allow_int2: bool = False) -> int:
-    """Bytes of the weights a budget allows.
-
-    ``--target-bits B`` is B bits per weight value plus the scales and zero
-    points of per-channel storage: the bytes of the uniform per-channel
-    plans at the container widths (``uniform_total[b]`` for b = 2 with
-    ``--int2``, 4 and 8), interpolated between them. 5 bits is the INT4
-    plan plus a quarter of the gap to the INT8 plan, so every B between
-    containers gives a distinct size and a real mix. ``--max-size`` is
-    handled by the caller (it covers the whole file).
-    """
-    if budget.max_bytes is not None:
-        return budget.max_bytes
-    b = float(budget.target_bits)  # type: ignore[arg-type]
-    if b >= 8:
-        return int(uniform_total[8] * b / 8)
-    anchors = [w for w in CONTAINER_WIDTHS if w >= 4 or allow_int2]
-    lo = max(w for w in anchors if w <= b)
-    hi = min(w for w in anchors if w >= b)
-    if lo == hi:
-        return uniform_total[lo]
-    return int(np.floor(uniform_total[lo] + (b - lo) / (hi - lo) * (uniform_total[hi] - uniform_total[lo])))
-
-
-# The widths whose uniform plans anchor --target-bits: where a container's values fill it.
-CONTAINER_WIDTHS = (2, 4, 8)
-
-
-__all__ = ["Measured", "Rounder", "budget_limit", "measure_plan", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]
+__all__ = ["CONTAINER_WIDTHS", "Measured", "Rounder", "budget_limit", "measure_plan", "plan_key", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]

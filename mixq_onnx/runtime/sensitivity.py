@@ -154,7 +154,7 @@ class EndToEnd:
         evaluated = weights_as_inputs(model, chosen)
         self.session = self._session(evaluated)
         model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
-        self.feeds = [{k: f[k] for k in model_inputs} for f in feeds]
+        self.feeds = self._split_large([{k: f[k] for k in model_inputs} for f in feeds])
         self.source = source
         self.samples = sum(_rows(f) for f in self.feeds)
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -165,6 +165,30 @@ class EndToEnd:
         if not self.kinds:
             raise ConfigError("the model has no float outputs to compare")
         self.evaluations = 0
+
+    def _split_large(self, feeds: list[Feed]) -> list[Feed]:
+        """Feeds of several rows over ``BATCH_BYTES`` as one feed per row, where the model takes one row.
+
+        Calibration folders arrive in batches of 8; eight page images of
+        640 x 640 in one run hold gigabytes of activations, and the
+        screening subsample would be a whole batch. Rows are grouped again
+        (up to the byte cap) when runs are batched.
+        """
+        big = [f for f in feeds if _nbytes(f) > BATCH_BYTES and _rows(f) > 1 and all(np.ndim(v) for v in f.values())
+               and len({np.shape(v)[0] for v in f.values()}) == 1]
+        if not big:
+            return feeds
+        try:  # a model that fixes its batch size refuses one row
+            self.session.run(None, {**{k: np.asarray(v)[:1] for k, v in big[0].items()}, **self.weights})
+        except Exception:
+            return feeds
+        out: list[Feed] = []
+        for f in feeds:
+            if any(f is b for b in big):
+                out.extend({k: np.asarray(v)[j : j + 1] for k, v in f.items()} for j in range(_rows(f)))
+            else:
+                out.append(f)
+        return out
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -201,17 +225,23 @@ class EndToEnd:
         return True
 
     def _groups(self, chosen: Sequence[int]) -> list[list[int]]:
-        """Consecutive runs of same-shaped samples of up to ``BATCH_ROWS`` rows (one sample each when not batched)."""
+        """Consecutive runs of same-shaped samples of up to ``BATCH_ROWS`` rows and ``BATCH_BYTES`` of input.
+
+        The byte cap keeps ONNX Runtime's activations of one run in bounds:
+        32 page images of 640 x 640 stacked would hold gigabytes at once.
+        """
         groups: list[list[int]] = []
-        rows = 0
+        rows = size = 0
         for i in chosen:
-            r = _rows(self.feeds[i])
-            if groups and rows + r <= BATCH_ROWS and _signature(self.feeds[i]) == _signature(self.feeds[groups[-1][0]]):
+            r, b = _rows(self.feeds[i]), _nbytes(self.feeds[i])
+            if groups and rows + r <= BATCH_ROWS and size + b <= BATCH_BYTES \
+                    and _signature(self.feeds[i]) == _signature(self.feeds[groups[-1][0]]):
                 groups[-1].append(i)
                 rows += r
+                size += b
             else:
                 groups.append([i])
-                rows = r
+                rows, size = r, b
         return groups
 
     def run_groups(self, chosen: Sequence[int]) -> list[list[int]]:
@@ -285,6 +315,8 @@ class EndToEnd:
 
 # Samples per run when they can be stacked: large enough that a run reads the weights once for many rows.
 BATCH_ROWS = 32
+# ... and at most this much input per run (a model's activations grow with its input).
+BATCH_BYTES = 8 * 2**20
 
 
 def _signature(feed: Feed) -> tuple:
@@ -296,6 +328,10 @@ def _stack(feeds: list[Feed]) -> Feed:
     if len(feeds) == 1:
         return feeds[0]
     return {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in feeds[0]}
+
+
+def _nbytes(feed: Feed) -> int:
+    return sum(np.asarray(v).nbytes for v in feed.values())
 
 
 def _rows(feed: Feed) -> int:
@@ -385,9 +421,9 @@ def attach_e2e(
     are those of the weights that will be written.
 
     With a ``proxy`` (:class:`mixq_onnx.runtime.blockwise.BlockProxy`), the
-    weights it owns are measured on their own block on every sample instead,
-    carried to the outputs by each block's fitted gain; stage 2 then only
-    re-measures them (on their block) with ``refine_with``.
+    weights it owns are measured on their own block instead of the whole
+    model, in both stages, carried to the outputs by each weight's gain
+    (fitted on the screening samples).
 
     Weights the evaluator cannot swap get their weight-error value times
     the median distance/error ratio of the others, and are listed. Weights
@@ -424,23 +460,17 @@ def attach_e2e(
     def block(t: ErrorTable, o: Option, rounding: Dequantize, label: str, view: str = "all") -> float:
         return cached(("block", t.site.name, *o.key, label, view), lambda: proxy.raw(t.site.name, rounding(t, o), view))  # type: ignore[union-attr]
 
-    proxy_info = None
+    proxy_info: dict[str, object] | None = None
     if proxy is not None and by_block:
-        raw: dict[str, dict[tuple[int, str], float]] = {}
-        for t in (t for t in work if t.site.name in by_block):
-            values = raw[t.site.name] = {}
-            for o in t.options:
-                values[o.key] = block(t, o, dequantize, labels[0])
-                step("block sensitivity")
-        tables_by_name = {t.site.name: t for t in work}
-        options = {(t.site.name, o.key): o for t in work for o in t.options}
-        summary = proxy.fit(raw, lambda n, k: whole(tables_by_name[n], options[(n, k)], dequantize, labels[0], screen),
-                            lambda n, k: block(tables_by_name[n], options[(n, k)], dequantize, labels[0], "screen"),
-                            lambda n, k: f"{k[0]} bits {k[1]}", progress=progress)
-        proxy_info = summary.describe()
-        for name, values in raw.items():
-            gain = proxy.gains[name]
-            screened[name] = {k: gain * v for k, v in values.items()}
+        try:
+            proxy_info = _screen_on_blocks(proxy, [t for t in work if t.site.name in by_block], dequantize, labels[0],
+                                           screened, block, whole, screen, step, progress)
+        except Exception as exc:  # ONNX Runtime refused a block on its own: every weight runs the whole model instead
+            reason = str(exc).splitlines()[0][:200]
+            log.warning("block-wise evaluation failed (%s); every option runs the whole model", reason)
+            proxy_info, by_block = {"failed": reason}, set()
+            screened.clear()
+            done = 0
     for t in (t for t in work if t.site.name not in by_block):
         values = screened[t.site.name] = {}
         for o in t.options:
@@ -448,34 +478,37 @@ def attach_e2e(
             step("end-to-end sensitivity")
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
-    whole_needs = screen_feeds < n_feeds or refine_with is not None
-    if any((t.site.name in by_block and refine_with is not None) or (t.site.name not in by_block and whole_needs)
-           for t in work):
+    if screen_feeds < n_feeds or refine_with is not None:
         round_final, final_label = (refine_with, labels[1]) if refine_with is not None else (dequantize, labels[0])
 
         def measure(t: ErrorTable, o: Option) -> float:
-            if t.site.name in by_block:
-                return proxy.gains[t.site.name] * block(t, o, round_final, final_label)  # type: ignore[union-attr]
+            if t.site.name in by_block:  # on its block, on every sample
+                try:
+                    return proxy.predict(t.site.name, block(t, o, round_final, final_label))  # type: ignore[union-attr]
+                except Exception as exc:  # ONNX Runtime refused the block on these samples: the whole model instead
+                    log.warning("block-wise refinement of %s failed (%s); measuring it on the whole model", t.site.name,
+                                str(exc).splitlines()[0][:200])
+                    by_block.discard(t.site.name)
             return whole(t, o, round_final, final_label, None)
 
         picked = choose([_with_e2e(t, screened.get(t.site.name)) for t in tables])
-        todo = [(t, o) for t in work if t.site.name not in by_block or refine_with is not None
-                for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
+        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
         for i, (t, o) in enumerate(todo):
             full[t.site.name][o.key] = measure(t, o)
             if progress is not None:
-                progress(i + 1, len(todo), "end-to-end refinement")
+                progress(i + 1, len(todo), "refinement on every sample")
         # A weight the subsample hardly exercised (a branch those samples do not take, say) cannot be
         # rescaled from it: all its options are measured on every sample.
-        blind = [(t, o) for t in work if t.site.name not in by_block
-                 and not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
+        blind = [(t, o) for t in work if not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
                  and any(v > 0 for v in full[t.site.name].values()) for o in t.options if o.key not in full[t.site.name]]
         for t, o in blind:
             full[t.site.name][o.key] = measure(t, o)
         refined = len(todo) + len(blind)
-    for t in work:
-        if not full[t.site.name] and (t.site.name in by_block or not whole_needs):
-            full[t.site.name] = screened[t.site.name]
+    else:
+        full = screened
+    if proxy_info is not None and by_block:
+        proxy_info.update(block_runs=proxy.block_runs, spilled_bytes=proxy.spilled,  # type: ignore[union-attr]
+                          samples={view: len(s) for view, s in proxy.samples.items()})  # type: ignore[union-attr]
     final: dict[str, dict[tuple[int, str], float]] = {}
     for t in work:
         s, f = screened[t.site.name], full[t.site.name]
@@ -498,6 +531,26 @@ def attach_e2e(
     log.info("end-to-end sensitivity: %d options screened on %d feed(s) (%d on their block), %d refined on %d", total,
              screen_feeds, sum(len(t.options) for t in work if t.site.name in by_block), refined, n_feeds)
     return out, E2ESummary(screen_feeds, n_feeds, total, refined, estimated, proxy_info)
+
+
+def _screen_on_blocks(proxy: "BlockProxy", tables: list[ErrorTable], dequantize: Dequantize, label: str,
+                      screened: dict[str, dict[tuple[int, str], float]], block: Callable[..., float],
+                      whole: Callable[..., float], screen: Sequence[int], step: Callable[[str], None],
+                      progress: Progress | None) -> dict[str, object]:
+    """Every option of ``tables`` on its block (screening samples), the gains, and the proxy's values into ``screened``."""
+    raw: dict[str, dict[tuple[int, str], float]] = {}
+    for t in tables:
+        values = raw[t.site.name] = {}
+        for o in t.options:
+            values[o.key] = block(t, o, dequantize, label, "screen")
+            step("block sensitivity")
+    by_name = {t.site.name: t for t in tables}
+    options = {(t.site.name, o.key): o for t in tables for o in t.options}
+    summary = proxy.fit(raw, lambda n, k: whole(by_name[n], options[(n, k)], dequantize, label, screen),
+                        lambda n, k: f"{k[0]} bits {k[1]}", progress=progress)
+    for name, values in raw.items():
+        screened[name] = {k: proxy.predict(name, v) for k, v in values.items()}
+    return summary.describe()
 
 
 def _with_e2e(t: ErrorTable, values: dict[tuple[int, str], float] | None) -> ErrorTable:

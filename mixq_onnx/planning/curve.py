@@ -1,0 +1,75 @@
+"""The accuracy-size curve: the best plan the measurements predict at each budget, from one set of measurements.
+
+Once every option of every weight has a distance, a budget search is a
+knapsack that takes milliseconds to seconds; the measurements are the
+expensive part. So one run can tell the user what every size would cost in
+accuracy: for each ``--target-bits`` B on a grid, the plan the search would
+pick, its bytes and its predicted distance (the sum of its options'
+distances, the quantity the search minimises). Where a plan of the curve was
+also measured whole (the run's own plan, a uniform rival, a plan a
+``--sensitivity-cache`` holds), its measured distance is given beside the
+prediction. A user reads a size off the curve instead of guessing, then asks
+for it (with the cache, that run measures nothing again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..config import Budget, QuantConfig
+from ..errors import BudgetError, ConfigError
+from .measure import ErrorTable
+from .search import Decision, budget_limit, search
+
+# Bits per weight the curve is drawn at (with --int2 it starts at 2).
+GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """The plan a budget search picks at ``target_bits``: its bytes, predicted and (where checked) measured distance."""
+
+    target_bits: float
+    limit_bytes: int
+    bytes: int
+    bits_per_weight: float
+    predicted: float
+    measured: float | None
+    # The distance the search adds up ('end-to-end distance', 'nmse', 'output error').
+    quantity: str
+
+
+def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, uniform_totals: dict[int, int],
+                        measured: Callable[[tuple[Decision, ...]], float | None] = lambda ds: None,
+                        grid: Sequence[float] = GRID) -> list[CurvePoint]:
+    """One point per budget on ``grid`` that the options can meet (below 4 bits only with INT2 storage).
+
+    ``uniform_totals``: the bytes of the uniform per-channel plans at each
+    container width, which anchor ``--target-bits`` (see :func:`budget_limit`).
+    ``measured(decisions)`` gives a plan's measured distance if it was
+    measured, else None. Plans of equal bytes at neighbouring budgets are
+    listed once, at the smallest budget.
+    """
+    params = sum(t.site.params for t in tables)
+    out: list[CurvePoint] = []
+    weighting = config.search.weighting if isinstance(config.search, Budget) else Budget.weighting
+    for bits in grid:
+        try:
+            cfg = dataclasses.replace(config, search=Budget(target_bits=bits, weighting=weighting))
+            limit = budget_limit(cfg.search, uniform_totals, config.allow_int2)  # type: ignore[arg-type]
+            plan = search(list(tables), cfg, limit)
+        except (ConfigError, BudgetError):  # a budget the options cannot meet (below 4 bits without INT2, say)
+            continue
+        used = sum(d.option.nbytes for d in plan.decisions)
+        if out and out[-1].bytes == used:
+            continue
+        predicted = float(sum(d.option.sensitivity(cfg.metric, cfg.sensitivity) for d in plan.decisions))
+        quantity = plan.decisions[0].option.label(cfg.sensitivity, cfg.metric) if plan.decisions else ""
+        out.append(CurvePoint(bits, limit, used, 8.0 * used / max(params, 1), predicted, measured(plan.decisions),
+                              quantity))
+    return out
+
+
+__all__ = ["CurvePoint", "GRID", "accuracy_size_curve"]
