@@ -194,3 +194,35 @@ def test_cache_like_outputs_do_not_stop_the_cuts(tmp_path):
         assert proxy.raw(s.name, s.array) == 0.0 and proxy.raw(s.name, _rtn(s.array, 4)) > 0
     finally:
         proxy.close()
+
+
+def test_a_block_onnx_runtime_refuses_falls_back_to_the_whole_model(tmp_path, monkeypatch):
+    """Block sessions that fail (an operator ORT cannot run alone, say) cost time, never the run."""
+    def refuse(self, name, array, view="all"):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
+
+    monkeypatch.setattr(BlockProxy, "raw", refuse)
+    report = _run(tmp_path, "blocks", "4.5")
+    e2e = report["end_to_end"]
+    assert "a block ORT refuses" in e2e["block_proxy"]["failed"]
+    assert e2e["evaluations"] > 50  # every option ran the whole model
+    s = report["search"]
+    assert s["distance"] <= min(m["distance"] for m in s["measured"] if m["plan"].startswith("uniform"))
+
+
+def test_large_batched_feeds_are_split_per_row(monkeypatch):
+    """Eight page-sized images in one feed would hold gigabytes of activations per run: the evaluator splits them."""
+    from mixq_onnx.runtime import sensitivity
+
+    monkeypatch.setattr(sensitivity, "BATCH_BYTES", 16 * 1536)  # 16 text lines of 1 x 8 x 48 floats stand for 8 MB
+    BATCH_BYTES = sensitivity.BATCH_BYTES
+    model = load_model(LINES).model
+    sites = list(find_weights(model, QuantConfig()).weights)
+    data = np.load(MODELS / "digit_lines_calib.npz")["image"]
+    rows = int(BATCH_BYTES // data[0].nbytes) + 4
+    big = np.concatenate([data] * (rows // len(data) + 1))[:rows]
+    small = data[:4]
+    ev = EndToEnd(model, sites, [{"image": big}, {"image": small}], "test")
+    assert len(ev.feeds) == rows + 1 and all(len(f["image"]) == 1 for f in ev.feeds[:rows])
+    assert ev.feeds[-1]["image"].shape[0] == 4
+    assert all(sum(ev.feeds[i]["image"].nbytes for i in g) <= BATCH_BYTES for g in ev.run_groups(range(len(ev.feeds))))

@@ -20,7 +20,8 @@ CALIB = ROOT / "models" / "tiny_transformer_calib.npz"
 
 def _run(tmp_path: Path, name: str, *args: str, model: Path = TINY) -> tuple[dict, bytes]:
     out = tmp_path / f"{name}.onnx"
-    res = CliRunner().invoke(main, [str(model), "-o", str(out), "--no-verify", "--report", str(out) + ".json", *args])
+    res = CliRunner().invoke(main, [str(model), "-o", str(out), "--no-verify", "--report", str(out) + ".json",
+                                    "--e2e-samples", "8", *args])
     assert res.exit_code == 0, res.output
     return json.loads(Path(str(out) + ".json").read_text()), out.read_bytes()
 
