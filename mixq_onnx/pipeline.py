@@ -260,13 +260,13 @@ def _sensitivity_cache(path: Path, base: onnx.ModelProto, evaluator: EndToEnd, c
     return SensitivityCache(path, context)
 
 
-def _block_proxy(evaluator: EndToEnd, sites: tuple[WeightSite, ...], config: QuantConfig
+def _block_proxy(evaluator: EndToEnd, sites: tuple[WeightSite, ...], config: QuantConfig, scratch: Path | None
                  ) -> tuple[BlockProxy | None, str]:
     """The block-wise evaluator where asked and where the model can be cut, else None and why not."""
     if config.evaluation is not Evaluation.BLOCKS:
         return None, ""
     try:
-        proxy = BlockProxy(evaluator, sites, config.eval_block_weights)
+        proxy = BlockProxy(evaluator, sites, config.eval_block_weights, scratch=scratch)
     except Exception as exc:  # ONNX Runtime raises its own types for blocks it cannot run alone
         msg = f"the model's blocks cannot be run alone ({str(exc).splitlines()[0][:200]}); every option runs the whole model"
         log.warning(msg)
@@ -327,7 +327,7 @@ def quantize(
     measured = measure_errors(prepared, config, calibration, progress, executor)
     rounder = Rounder(config, measured.stats, executor)
     chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, calibration, progress,
-                           sensitivity_cache)
+                           sensitivity_cache, scratch)
     try:
         written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
         if isinstance(config.search, Budget) and config.search.max_bytes is not None:
@@ -546,7 +546,7 @@ class Chosen:
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
                   evaluation_source: str, calibration: list[Feed] | None, progress: Progress | None,
-                  cache_path: Path | None = None) -> Chosen:
+                  cache_path: Path | None = None, scratch: Path | None = None) -> Chosen:
     """End-to-end sensitivity where asked, the search, and the whole-plan checks (never worse than uniform; --max-loss).
 
     ``cache_path``: the ``--sensitivity-cache`` file whose measurements are
@@ -577,7 +577,7 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         def choose(ts: list[ErrorTable]) -> dict[str, Option]:
             return {d.table.site.name: d.option for d in search(ts, config, limit).decisions}
 
-        proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config)
+        proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config, scratch)
         try:
             labels = (config.layer_method.value if config.search_with_method else Method.RTN.value, config.layer_method.value)
             tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,

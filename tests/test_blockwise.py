@@ -87,15 +87,16 @@ def test_a_gain_per_block_would_misrank_the_weights_of_one_block():
         proxy.close()
 
 
-def test_spilled_boundary_activations_give_the_same_distances():
+def test_spilled_boundary_activations_give_the_same_distances(tmp_path):
     ev, sites = _evaluator(TINY, MODELS / "tiny_transformer_calib.npz", samples=8)
-    held, spilled = BlockProxy(ev, sites, 4), BlockProxy(ev, sites, 4, store_bytes=0)
+    held, spilled = BlockProxy(ev, sites, 4), BlockProxy(ev, sites, 4, store_bytes=0, scratch=tmp_path)
     try:
-        folder = Path(spilled._tmp.name)
         for s in (s for s in sites if held.owns(s.name)):
             q = _rtn(s.array, 4)
             assert spilled.raw(s.name, q, "screen") == held.raw(s.name, q, "screen")
-        assert held.spilled == 0 and spilled.spilled > 0 and any(folder.rglob("*.npy"))
+        assert held.spilled == 0 and spilled.spilled > 0 and held._dir is None  # nothing made where nothing spilled
+        folder = spilled._dir
+        assert folder.parent == tmp_path and folder.name.startswith(".mixq-") and any(folder.rglob("*.npy"))
     finally:
         held.close()
         spilled.close()

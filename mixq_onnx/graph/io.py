@@ -337,6 +337,12 @@ def _temp_dir(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent))
 
 
+def scratch_dir(folder: Path | None = None) -> Path:
+    """A new ``.mixq-PID-*`` folder in ``folder`` (default: the system's temporary folder), for a stage's scratch
+    files; a later run removes it if this one is killed, like the other temporaries."""
+    return _temp_dir(folder if folder is not None else Path(tempfile.gettempdir()))
+
+
 def remove_stale(folder: Path) -> list[Path]:
     """Remove the ``.mixq-PID-*`` leftovers of dead processes in ``folder``; returns what was removed."""
     gone = []

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ from onnx import helper
 
 from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
+from ..graph.io import scratch_dir
 from .inputs import session
 from .sensitivity import EndToEnd, _rows, overridable
 from .store import ActivationStore, tensor_info
@@ -143,8 +144,12 @@ class BlockProxy:
     """The float activations at block boundaries, one ONNX Runtime session per block, and each block's gain."""
 
     def __init__(self, evaluator: EndToEnd, sites: Sequence[WeightSite], block_weights: int = BLOCK_WEIGHTS,
-                 store_bytes: int = STORE_BYTES, screen: Sequence[int] | None = None) -> None:
-        """``screen``: the feeds the gains are fitted on (default: an eighth of them, as the end-to-end screening)."""
+                 store_bytes: int = STORE_BYTES, screen: Sequence[int] | None = None, scratch: Path | None = None) -> None:
+        """``screen``: the feeds the gains are fitted on (default: an eighth of them, as the end-to-end screening).
+
+        ``scratch``: where a ``.mixq-PID-*`` folder for spilled activations
+        is made if any spill (default: the system's temporary folder).
+        """
         self.evaluator = evaluator
         model = evaluator.model
         eligible = [s for s in sites if s.name in evaluator.swappable and overridable(s)]
@@ -156,7 +161,8 @@ class BlockProxy:
         self.exponent = 1.0
         self.block_runs = 0
         self._session: tuple[int, ort.InferenceSession, list[str]] | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="mixq-blocks-")
+        self._scratch = scratch
+        self._dir: Path | None = None
         self.store_bytes = store_bytes
         n = len(evaluator.feeds)
         self.screen = tuple(screen) if screen is not None else evaluator.subsample(math.ceil(n / 8))
@@ -181,7 +187,13 @@ class BlockProxy:
     def close(self) -> None:
         self._session = None
         self.stores = {}
-        self._tmp.cleanup()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _spill_dir(self) -> Path:
+        if self._dir is None:
+            self._dir = scratch_dir(self._scratch)
+        return self._dir
 
     def _block_session(self, block: Block) -> tuple[ort.InferenceSession, list[str]]:
         """The block as a model whose owned weights are overridable initializers (one session kept at a time)."""
@@ -232,7 +244,7 @@ class BlockProxy:
             if self.samples["all"] == self.screen:  # no room for more samples than the screening ones: the same view
                 self.stores["all"], self.groups["all"] = self.stores["screen"], self.groups["screen"]
                 return self.stores["all"], self.groups["all"]
-        store = ActivationStore(self.store_bytes, Path(self._tmp.name) / view)
+        store = ActivationStore(self.store_bytes, lambda: self._spill_dir() / view)
         groups = self.evaluator.run_groups(self.samples[view])
         self._float_pass(store, groups)
         self.stores[view], self.groups[view] = store, groups

@@ -8,6 +8,7 @@ written once to ``.npy`` files and read back as memory maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,10 @@ Shape = tuple[int | str, ...]
 class ActivationStore:
     """Per-sample activations by tensor name; arrays beyond the memory budget go to memory-mapped files."""
 
-    def __init__(self, budget_bytes: int, folder: Path) -> None:
+    def __init__(self, budget_bytes: int, folder: Path | Callable[[], Path]) -> None:
+        """``folder``: where spilled arrays go, or a function that makes it at the first spill (most runs need none)."""
         self.budget = budget_bytes
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        self._folder = folder
         self.in_memory = 0
         self.spilled = 0
         self.values: dict[str, list[np.ndarray]] = {}
@@ -37,6 +38,7 @@ class ActivationStore:
             self.values[name] = arrays
             return
         path = self.folder / f"{self._files}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._files += 1
         flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
         np.save(path, flat)
@@ -47,6 +49,12 @@ class ActivationStore:
             at += a.size
         self.spilled += size
         self.values[name] = out
+
+    @property
+    def folder(self) -> Path:
+        if callable(self._folder):
+            self._folder = self._folder()
+        return self._folder
 
     def share(self, name: str, other: "ActivationStore") -> None:
         """Use ``other``'s arrays for ``name`` (the tensor is the same in both models)."""
