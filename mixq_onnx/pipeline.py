@@ -30,8 +30,8 @@ from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_externa
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, plan_bytes, plan_key,
-                            never_worse_than_uniform, smallest_within_loss)
+from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plan, plan_bytes,
+                            plan_key, never_worse_than_uniform, smallest_within_loss)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
@@ -44,7 +44,7 @@ from .planning.search import Decision, Plan, effective_bits, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
 from .planning.cache import SensitivityCache, feeds_digest
-from .planning.curve import CurvePoint, accuracy_size_curve
+from .planning.curve import CurvePoint, accuracy_size_curve, curve_plans
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
 from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
@@ -580,9 +580,17 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config, scratch)
         try:
             labels = (config.layer_method.value if config.search_with_method else Method.RTN.value, config.layer_method.value)
+            totals = _uniform_totals([t.site for t in tables], config, measured.caps)
+
+            def curve_picks(ts: list[ErrorTable]) -> list[dict[str, Option]]:
+                return [{d.table.site.name: d.option for d in plan.decisions}
+                        for _, _, plan in curve_plans(ts, config, totals)]
+
+            # With a cache file the user means to come back at other sizes: refine what every budget of the curve picks.
             tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
                                          refine_with=rounder.dequantized if config.method is not Method.RTN else None,
-                                         proxy=proxy, memo=memo, labels=labels)
+                                         proxy=proxy, memo=memo, labels=labels,
+                                         also=curve_picks if cache_path is not None else None)
         finally:
             if proxy is not None:
                 proxy.close()
@@ -597,6 +605,14 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         log.warning(msg)
         notes.append(msg)
     plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
+    if cache_path is not None and memo is not None and evaluator is not None and not isinstance(config.search, Uniform):
+        # Every plan of the curve measured whole: the curve is measured throughout, and a later run at any of its
+        # budgets finds its plan check in the file.
+        points = curve_plans(tables, config, _uniform_totals([t.site for t in tables], config, measured.caps))
+        for k, (_, _, p) in enumerate(points):
+            measure_plan(p.decisions, evaluator, rounder, memo)
+            if progress is not None:
+                progress(k + 1, len(points), "measuring the curve")
     curve = () if isinstance(config.search, Uniform) else tuple(accuracy_size_curve(
         tables, config, _uniform_totals([t.site for t in tables], config, measured.caps),
         lambda ds: memo.peek(plan_key(ds, evaluator, rounder)) if memo is not None and evaluator is not None else None))

@@ -31,15 +31,18 @@ def test_a_budget_sweep_reuses_the_measurements_and_writes_the_same_bytes(tmp_pa
     common = ("--calib", str(CALIB), "--sensitivity-cache", str(cache))
     cold, _ = _run(tmp_path, "cold", "--target-bits", "4.5", *common)
     info = cold["end_to_end"]["sensitivity_cache"]
-    assert info["hits"] == 0 and info["misses"] == info["stored"] > 50
+    # Within one run a plan is measured once (the curve's plan at 4.5 bits is the one the run checks).
+    assert info["hits"] <= 2 and info["misses"] == info["stored"] > 50
     assert cache.exists()
+    # With a cache file every plan of the curve is measured, so the curve is measured throughout.
+    assert all(p["measured"] is not None for p in cold["curve"])
     for budget in ("4", "5"):
         warm, written = _run(tmp_path, f"warm{budget}", "--target-bits", budget, *common)
         w = warm["end_to_end"]["sensitivity_cache"]
-        # Every whole-model measurement of an option is reused: what is new is a few options another budget refines
-        # (on their block) and the whole plans not measured before.
-        assert w["hits"] > 50 and w["misses"] <= 0.2 * w["hits"], w
-        assert warm["end_to_end"]["evaluations"] <= 3 < cold["end_to_end"]["evaluations"] / 5
+        # The cold run refined what every budget of the curve picks and measured its plans: a run at another budget
+        # measures at most a uniform rival that fits it and not the first budget.
+        assert w["hits"] > 50 and w["misses"] <= 2, w
+        assert warm["end_to_end"]["evaluations"] <= 2 < cold["end_to_end"]["evaluations"] / 5
         _, plain = _run(tmp_path, f"plain{budget}", "--target-bits", budget, "--calib", str(CALIB))
         assert written == plain  # the cache changes the cost, never the result
     again, _ = _run(tmp_path, "again", "--target-bits", "4.5", *common)
@@ -65,7 +68,8 @@ def test_a_cache_made_for_another_model_data_or_rounding_is_not_used(tmp_path):
         _run(tmp_path, "base", "--target-bits", "4.5", "--calib", str(CALIB), "--sensitivity-cache", str(cache))
         report, _ = _run(tmp_path, "other", "--target-bits", "4.5", *args, "--sensitivity-cache", str(cache), model=path)
         info = report["end_to_end"]["sensitivity_cache"]
-        assert info["hits"] == 0 and "stale" in info["note"] and what in info["note"], info
+        # Nothing from the file: the only hits are this run's own plan measured twice (as the curve's point).
+        assert info["hits"] <= 2 < info["misses"] and "stale" in info["note"] and what in info["note"], info
         assert any("stale sensitivity cache" in n for n in report["notes"])
 
 

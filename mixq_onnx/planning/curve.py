@@ -9,7 +9,10 @@ distances, the quantity the search minimises). Where a plan of the curve was
 also measured whole (the run's own plan, a uniform rival, a plan a
 ``--sensitivity-cache`` holds), its measured distance is given beside the
 prediction. A user reads a size off the curve instead of guessing, then asks
-for it (with the cache, that run measures nothing again).
+for it (with the cache, that run measures nothing again). With
+``--sensitivity-cache`` the pipeline also refines the options every point of
+the curve picks and measures every point's plan, so the curve is measured
+throughout and a later run at any of its budgets is answered from the file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from ..config import Budget, QuantConfig
 from ..errors import BudgetError, ConfigError
 from .measure import ErrorTable
-from .search import Decision, budget_limit, search
+from .search import Decision, Plan, budget_limit, search
 
 # Bits per weight the curve is drawn at (with --int2 it starts at 2).
 GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
@@ -41,19 +44,16 @@ class CurvePoint:
     quantity: str
 
 
-def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, uniform_totals: dict[int, int],
-                        measured: Callable[[tuple[Decision, ...]], float | None] = lambda ds: None,
-                        grid: Sequence[float] = GRID) -> list[CurvePoint]:
-    """One point per budget on ``grid`` that the options can meet (below 4 bits only with INT2 storage).
+def curve_plans(tables: Sequence[ErrorTable], config: QuantConfig, uniform_totals: dict[int, int],
+                grid: Sequence[float] = GRID) -> list[tuple[float, int, Plan]]:
+    """(bits, byte limit, plan) for each budget on ``grid`` the options can meet (below 4 bits only with INT2).
 
     ``uniform_totals``: the bytes of the uniform per-channel plans at each
     container width, which anchor ``--target-bits`` (see :func:`budget_limit`).
-    ``measured(decisions)`` gives a plan's measured distance if it was
-    measured, else None. Plans of equal bytes at neighbouring budgets are
-    listed once, at the smallest budget.
+    Plans of equal bytes at neighbouring budgets are listed once, at the
+    smallest budget.
     """
-    params = sum(t.site.params for t in tables)
-    out: list[CurvePoint] = []
+    out: list[tuple[float, int, Plan]] = []
     weighting = config.search.weighting if isinstance(config.search, Budget) else Budget.weighting
     for bits in grid:
         try:
@@ -62,14 +62,29 @@ def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, unifo
             plan = search(list(tables), cfg, limit)
         except (ConfigError, BudgetError):  # a budget the options cannot meet (below 4 bits without INT2, say)
             continue
-        used = sum(d.option.nbytes for d in plan.decisions)
-        if out and out[-1].bytes == used:
+        if out and _bytes(out[-1][2]) == _bytes(plan):
             continue
-        predicted = float(sum(d.option.sensitivity(cfg.metric, cfg.sensitivity) for d in plan.decisions))
-        quantity = plan.decisions[0].option.label(cfg.sensitivity, cfg.metric) if plan.decisions else ""
+        out.append((bits, limit, plan))
+    return out
+
+
+def _bytes(plan: Plan) -> int:
+    return sum(d.option.nbytes for d in plan.decisions)
+
+
+def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, uniform_totals: dict[int, int],
+                        measured: Callable[[tuple[Decision, ...]], float | None] = lambda ds: None,
+                        grid: Sequence[float] = GRID) -> list[CurvePoint]:
+    """One point per plan of :func:`curve_plans`; ``measured(decisions)`` gives a plan's measured distance, or None."""
+    params = sum(t.site.params for t in tables)
+    out: list[CurvePoint] = []
+    for bits, limit, plan in curve_plans(tables, config, uniform_totals, grid):
+        used = _bytes(plan)
+        predicted = float(sum(d.option.sensitivity(config.metric, config.sensitivity) for d in plan.decisions))
+        quantity = plan.decisions[0].option.label(config.sensitivity, config.metric) if plan.decisions else ""
         out.append(CurvePoint(bits, limit, used, 8.0 * used / max(params, 1), predicted, measured(plan.decisions),
                               quantity))
     return out
 
 
-__all__ = ["CurvePoint", "GRID", "accuracy_size_curve"]
+__all__ = ["CurvePoint", "GRID", "accuracy_size_curve", "curve_plans"]

@@ -407,6 +407,7 @@ def attach_e2e(
     proxy: "BlockProxy | None" = None,
     memo: SensitivityCache | None = None,
     labels: tuple[str, str] = ("rtn", "rtn"),
+    also: Callable[[list[ErrorTable]], list[dict[str, Option]]] | None = None,
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
@@ -432,7 +433,8 @@ def attach_e2e(
     ``memo`` answers measurements made before (``--sensitivity-cache``),
     keyed by what was measured, the weight, the option, how it was rounded
     (``labels``: the screening and the final rounding's names) and on which
-    samples.
+    samples. ``also`` gives more picks (other budgets' plans) whose hull
+    neighbours are refined as well, so those budgets find them measured.
     """
     n_feeds = len(evaluator.feeds)
     screen = evaluator.subsample(math.ceil(n_feeds / 8))
@@ -491,8 +493,12 @@ def attach_e2e(
                     by_block.discard(t.site.name)
             return whole(t, o, round_final, final_label, None)
 
-        picked = choose([_with_e2e(t, screened.get(t.site.name)) for t in tables])
-        todo = [(t, o) for t in work for o in _hull_neighbours(t.options, screened[t.site.name], picked[t.site.name])]
+        interim = [_with_e2e(t, screened.get(t.site.name)) for t in tables]
+        picks = [choose(interim), *(also(interim) if also is not None else [])]
+        todo: list[tuple[ErrorTable, Option]] = []
+        for t in work:
+            keys = {o.key for p in picks for o in _hull_neighbours(t.options, screened[t.site.name], p[t.site.name])}
+            todo.extend((t, o) for o in t.options if o.key in keys)
         for i, (t, o) in enumerate(todo):
             full[t.site.name][o.key] = measure(t, o)
             if progress is not None:
