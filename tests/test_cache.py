@@ -109,3 +109,22 @@ def test_feeds_digest_sees_values_shapes_and_names():
     assert feeds_digest(a) != feeds_digest([{"x": np.zeros((3, 2), np.float32)}])
     assert feeds_digest(a) != feeds_digest([{"y": np.zeros((2, 3), np.float32)}])
     assert feeds_digest(a) != feeds_digest([{"x": np.ones((2, 3), np.float32)}])
+
+
+def test_the_model_digest_reads_external_weights_and_ignores_where_they_are(tmp_path):
+    """A weight changed in the data file changes the digest; the same model saved in another folder does not."""
+    from mixq_onnx.graph.io import load_model, model_digest
+
+    model = onnx.load(TINY)
+    digests = []
+    for folder, scale in (("a", 1.0), ("b", 1.0), ("c", 1.001)):
+        (tmp_path / folder).mkdir()
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        t = next(t for t in m.graph.initializer if t.name == "val_42")
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(scale), t.name))
+        path = tmp_path / folder / "m.onnx"
+        onnx.save(m, path, save_as_external_data=True, location="m.data", size_threshold=1024)
+        digests.append(model_digest(load_model(path).model))
+    assert digests[0] == digests[1] != digests[2]
+    assert model_digest(load_model(TINY).model) == model_digest(load_model(TINY).model)

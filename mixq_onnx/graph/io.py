@@ -692,6 +692,9 @@ def model_digest(model: onnx.ModelProto) -> str:
     """
     h = hashlib.blake2b(digest_size=16)
     files: dict[str, None] = {}
+    if not has_external_data(model):  # no locations to rewrite: no copy of the (inline) weights
+        h.update(model.SerializeToString(deterministic=True))
+        return h.hexdigest()
     light = onnx.ModelProto()
     light.CopyFrom(model)
     for t in _all_tensors(light):
