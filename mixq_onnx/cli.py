@@ -404,7 +404,7 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   "calibration samples, else generated inputs)."),
     click.option("--evaluation", type=click.Choice([e.value for e in Evaluation]), default="blocks", show_default=True,
                   help="Where end-to-end sensitivity measures each option: blocks (on the weight's own block, carried to the "
-                  "outputs by a gain fitted per block on a few whole-model runs; the report gives the proxy's rank "
+                  "outputs by a gain fitted per weight on whole-model runs; the report gives the proxy's rank "
                   "correlation) or model (the whole model for every option: slower, exact)."),
     click.option("--sensitivity-cache", type=click.Path(path_type=Path), metavar="FILE",
                   help="Keep the end-to-end measurements in FILE and reuse them: a rerun or a sweep over budgets measures only "

@@ -554,6 +554,7 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
     """
     tables, limit, notes = list(measured.tables), measured.limit, []
     calibrated = bool(calibration)
+    totals = _uniform_totals([t.site for t in tables], config, measured.caps)
     evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
         if _uses_e2e(config) else (None, "")
     # Without a file the measurements are still kept for this run: a plan measured twice (--max-size refits) runs once,
@@ -580,7 +581,6 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         proxy, why_whole = _block_proxy(evaluator, tuple(t.site for t in tables), config, scratch)
         try:
             labels = (config.layer_method.value if config.search_with_method else Method.RTN.value, config.layer_method.value)
-            totals = _uniform_totals([t.site for t in tables], config, measured.caps)
 
             def curve_picks(ts: list[ErrorTable]) -> list[dict[str, Option]]:
                 return [{d.table.site.name: d.option for d in plan.decisions}
@@ -605,16 +605,16 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         log.warning(msg)
         notes.append(msg)
     plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
-    if cache_path is not None and memo is not None and evaluator is not None and not isinstance(config.search, Uniform):
+    points = [] if isinstance(config.search, Uniform) else curve_plans(tables, config, totals)
+    if cache_path is not None and memo is not None and evaluator is not None:
         # Every plan of the curve measured whole: the curve is measured throughout, and a later run at any of its
         # budgets finds its plan check in the file.
-        points = curve_plans(tables, config, _uniform_totals([t.site for t in tables], config, measured.caps))
         for k, (_, _, p) in enumerate(points):
             measure_plan(p.decisions, evaluator, rounder, memo)
             if progress is not None:
                 progress(k + 1, len(points), "measuring the curve")
-    curve = () if isinstance(config.search, Uniform) else tuple(accuracy_size_curve(
-        tables, config, _uniform_totals([t.site for t in tables], config, measured.caps),
+    curve = tuple(accuracy_size_curve(
+        tables, config, points,
         lambda ds: memo.peek(plan_key(ds, evaluator, rounder)) if memo is not None and evaluator is not None else None))
     if evaluator is not None:
         e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}

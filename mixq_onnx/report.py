@@ -282,10 +282,14 @@ def curve_lines(curve: Sequence[CurvePoint]) -> list[str]:
     rows = [("--target-bits", "weights", "bits/weight", f"predicted {curve[0].quantity}", "measured")]
     rows += [(f"{p.target_bits:g}", _size(p.bytes), f"{p.bits_per_weight:.3f}", f"{p.predicted:.4g}",
               "-" if p.measured is None else f"{p.measured:.4g}") for p in curve]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["accuracy-size curve (the best plan these measurements predict at each budget; pick a size, rerun with "
-            "--sensitivity-cache to reuse them):"] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
-                                                      for r in rows]
+            "--sensitivity-cache to reuse them):"] + ["  " + line for line in _aligned(rows)]
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines whose columns line up (each as wide as its widest cell)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def format_table(report: Report, max_rows: int = 0) -> str:
@@ -296,8 +300,7 @@ def format_table(report: Report, max_rows: int = 0) -> str:
         c = t.chosen
         rows.append((t.name[:40], t.op_types, "x".join(map(str, t.shape)), str(t.params), str(c.bits),
                      c.granularity, c.container, _size(c.bytes), f"{c.nmse:.2e}", t.reason[:48]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines = _aligned(rows)
     if max_rows and len(report.tensors) > max_rows:
         lines.append(f"... {len(report.tensors) - max_rows} more tensors (see --report)")
     if report.skipped:

@@ -72,13 +72,12 @@ def _bytes(plan: Plan) -> int:
     return sum(d.option.nbytes for d in plan.decisions)
 
 
-def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, uniform_totals: dict[int, int],
-                        measured: Callable[[tuple[Decision, ...]], float | None] = lambda ds: None,
-                        grid: Sequence[float] = GRID) -> list[CurvePoint]:
+def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, plans: Sequence[tuple[float, int, Plan]],
+                        measured: Callable[[tuple[Decision, ...]], float | None] = lambda ds: None) -> list[CurvePoint]:
     """One point per plan of :func:`curve_plans`; ``measured(decisions)`` gives a plan's measured distance, or None."""
     params = sum(t.site.params for t in tables)
     out: list[CurvePoint] = []
-    for bits, limit, plan in curve_plans(tables, config, uniform_totals, grid):
+    for bits, limit, plan in plans:
         used = _bytes(plan)
         predicted = float(sum(d.option.sensitivity(config.metric, config.sensitivity) for d in plan.decisions))
         quantity = plan.decisions[0].option.label(config.sensitivity, config.metric) if plan.decisions else ""

@@ -56,7 +56,7 @@ from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
 from .inputs import session
-from .sensitivity import EndToEnd, _rows, overridable
+from .sensitivity import EndToEnd, overridable
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,14 @@ class BlockProxy:
         self._scratch = scratch
         self._dir: Path | None = None
         self.store_bytes = store_bytes
-        n = len(evaluator.feeds)
-        self.screen = tuple(screen) if screen is not None else evaluator.subsample(math.ceil(n / 8))
+        self.screen = tuple(screen) if screen is not None else evaluator.screening()
         # The screening samples, grouped as the whole-model runs on them group them, so a probe's block distance is
         # measured on exactly the samples of its end-to-end run; "all" is every sample, or as many as the store holds.
         self.samples: dict[str, tuple[int, ...]] = {"screen": self.screen}
         self.stores: dict[str, ActivationStore] = {}
         self.groups: dict[str, list[list[int]]] = {}
+        # Sum of squares of each block's float outputs per view: the denominator of every block distance.
+        self._signal: dict[tuple[str, int], float] = {}
 
     @property
     def usable(self) -> bool:
@@ -236,11 +237,9 @@ class BlockProxy:
         if view == "all":
             screen_store, _ = self._view("screen")
             n = len(self.evaluator.feeds)
-            rows = sum(_rows(self.evaluator.feeds[i]) for i in self.screen)
-            per_row = (screen_store.in_memory + screen_store.spilled) / max(rows, 1)
-            fit = int(self.store_bytes // per_row) if per_row > 0 else n
-            self.samples["all"] = tuple(range(n)) if fit >= sum(_rows(f) for f in self.evaluator.feeds) \
-                else self.evaluator.subsample(max(fit // max(rows // len(self.screen), 1), len(self.screen)))
+            per_feed = (screen_store.in_memory + screen_store.spilled) / len(self.screen)
+            fit = int(self.store_bytes // per_feed) if per_feed > 0 else n
+            self.samples["all"] = tuple(range(n)) if fit >= n else self.evaluator.subsample(max(fit, len(self.screen)))
             if self.samples["all"] == self.screen:  # no room for more samples than the screening ones: the same view
                 self.stores["all"], self.groups["all"] = self.stores["screen"], self.groups["screen"]
                 return self.stores["all"], self.groups["all"]
@@ -287,16 +286,17 @@ class BlockProxy:
         store, groups = self._view(view)
         block = self.partition.blocks[self.owner[name]]
         sess, names = self._block_session(block)
-        noise = signal = 0.0
+        floats = [k for k, n in enumerate(names) if np.issubdtype(store.values[n][0].dtype, np.floating)]
+        signal = self._signal.get((view, block.index))
+        if signal is None:
+            signal = self._signal[(view, block.index)] = sum(
+                float(np.sum(np.square(store.values[names[k]][g], dtype=np.float64))) for g in range(len(groups)) for k in floats)
+        noise = 0.0
         for g in range(len(groups)):
             outs = sess.run(None, {**{i: store.values[i][g] for i in block.inputs}, name: array})
-            for k, out in enumerate(outs):
-                ref = store.values[names[k]][g]
-                if not np.issubdtype(ref.dtype, np.floating):
-                    continue
-                d = np.asarray(out, np.float64) - np.asarray(ref, np.float64)
+            for k in floats:
+                d = np.asarray(outs[k], np.float64) - np.asarray(store.values[names[k]][g], np.float64)
                 noise += float(np.sum(d * d))
-                signal += float(np.sum(np.square(ref, dtype=np.float64)))
         self.block_runs += len(groups)
         return noise / signal if signal > 0 else noise
 

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ..config import PER_CHANNEL, Budget, Method, QuantConfig, Scheme
+from ..config import PER_CHANNEL, Method, QuantConfig, Scheme
 from ..errors import BudgetError
 from ..executor import Executor, threads
 from ..graph.find import WeightSite

@@ -252,6 +252,10 @@ class EndToEnd:
         """The feeds of one group as one feed (stacked along axis 0)."""
         return _stack([self.feeds[i] for i in group])
 
+    def screening(self) -> tuple[int, ...]:
+        """The feeds the screening stage measures on: an eighth of them, spread evenly."""
+        return self.subsample(math.ceil(len(self.feeds) / 8))
+
     def subsample(self, count: int) -> tuple[int, ...]:
         """``count`` feeds spread evenly over all of them (every k-th), so a sorted sample set is still covered."""
         n = len(self.feeds)
@@ -437,7 +441,7 @@ def attach_e2e(
     neighbours are refined as well, so those budgets find them measured.
     """
     n_feeds = len(evaluator.feeds)
-    screen = evaluator.subsample(math.ceil(n_feeds / 8))
+    screen = proxy.screen if proxy is not None else evaluator.screening()
     screen_feeds = len(screen)
     swappable = set(evaluator.eligibility.names)
     work = [t for t in tables if t.site.name in swappable and t.site.name not in skip]
