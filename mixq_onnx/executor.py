@@ -1,12 +1,17 @@
-"""Where per-tensor work runs: in this process, in a local process pool, or on a Ray cluster.
+"""Where independent work runs: in this process, in a local process pool, or on a Ray cluster.
 
 The pipeline hands independent tasks (one weight's error table, one
-weight's gptq/adaround rounding) to an :class:`Executor` and reads the
-results back in submission order, so the output does not depend on where
-or in which order the tasks ran. Tasks are module-level functions with
-picklable arguments; a weight travels as its TensorProto, which for models
-with external data is only a reference to the data file (each worker reads
-its own tensor from disk).
+weight's gptq/adaround rounding, one block's or one plan's evaluations in
+ONNX Runtime) to an :class:`Executor` and reads the results back in
+submission order, so the output does not depend on where or in which order
+the tasks ran. Tasks are module-level functions with picklable arguments; a
+weight travels as its TensorProto, which for models with external data is
+only a reference to the data file (each worker reads its own tensor from
+disk, so workers must see the same file system).
+
+Items are submitted a few at a time ahead of the results being read
+(:attr:`Executor.window`), so a generator of large tasks (plan models,
+blocks with their activations) never holds them all at once.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _PoolExecutor
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,8 +61,18 @@ class ExecutionOptions:
 class Executor:
     """Runs ``fn`` over items and yields the results in the items' order."""
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:  # pragma: no cover - interface
+    #: Whether tasks run in other processes (their arguments are pickled), rather than on threads of this one.
+    remote: bool = False
+    #: How many tasks run at once.
+    workers: int = 1
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def window(self) -> int:
+        """Tasks submitted ahead of the one whose result is awaited."""
+        return 2 * self.workers
 
     def close(self) -> None:
         """Release workers; the executor cannot be used afterwards."""
@@ -71,14 +87,19 @@ class Executor:
 class PoolExecutor(Executor):
     """A concurrent.futures pool: threads in this process (numpy releases the GIL) or worker processes."""
 
-    def __init__(self, pool: _PoolExecutor, workers: int) -> None:
+    def __init__(self, pool: _PoolExecutor, workers: int, remote: bool) -> None:
         self._pool = pool
         self.workers = workers
+        self.remote = remote
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
-        futures = [self._pool.submit(fn, item) for item in items]
-        for f in futures:
-            yield f.result()
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(self._pool.submit(fn, item))
+            if len(pending) > self.window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -87,18 +108,50 @@ class PoolExecutor(Executor):
 def threads(workers: int | None = None) -> PoolExecutor:
     """Threads in this process: the default (min(4, cores) threads)."""
     n = workers or min(4, os.cpu_count() or 1)
-    return PoolExecutor(ThreadPoolExecutor(max_workers=n), n)
+    return PoolExecutor(ThreadPoolExecutor(max_workers=n), n, remote=False)
+
+
+class InlineExecutor(Executor):
+    """Each task in turn, in the calling thread: for work that is parallel inside already (an ONNX Runtime run)."""
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        for item in items:
+            yield fn(item)
+
+
+def inline() -> InlineExecutor:
+    return InlineExecutor()
+
+
+def for_runtime(executor: Executor | None) -> Executor:
+    """Where ONNX Runtime evaluations run: on ``executor`` when its workers are processes, else one at a time here.
+
+    One ONNX Runtime run already uses every core of this process, so threads
+    would only take turns; worker processes (``--jobs N``, Ray) each run
+    their own sessions, with their share of the cores.
+    """
+    return executor if executor is not None and executor.remote else inline()
+
+
+def ort_threads(executor: Executor) -> int:
+    """ONNX Runtime's intra-op threads for a task on ``executor``: 0 (its default: every core) unless workers share them."""
+    if isinstance(executor, RayExecutor):  # a Ray task holds one CPU
+        return 1
+    return max(1, (os.cpu_count() or 1) // executor.workers) if executor.remote else 0
 
 
 def processes(jobs: int) -> PoolExecutor:
     """``jobs`` worker processes, started fresh (spawn), so no lock or ORT thread pool is inherited."""
     import multiprocessing
 
-    return PoolExecutor(ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")), jobs)
+    return PoolExecutor(ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")), jobs,
+                        remote=True)
 
 
 class RayExecutor(Executor):
     """Tasks on a Ray cluster (``ray.init(address=...)``); needs the ``[ray]`` extra."""
+
+    remote = True
 
     def __init__(self, address: str | None = None) -> None:
         ray = require_ray()
@@ -114,14 +167,19 @@ class RayExecutor(Executor):
                 raise ConfigError(f"cannot connect to Ray at {where or 'a new local instance'} ({exc}); check "
                                   "the address or start a cluster with 'ray start --head'") from exc
         self._remote: dict[Callable[..., Any], Any] = {}
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         task = self._remote.get(fn)
         if task is None:
             task = self._remote[fn] = self._ray.remote(fn)
-        refs = [task.remote(item) for item in items]
-        for ref in refs:
-            yield self._ray.get(ref)
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(task.remote(item))
+            if len(pending) > self.window:
+                yield self._ray.get(pending.popleft())
+        while pending:
+            yield self._ray.get(pending.popleft())
 
     def close(self) -> None:
         if self._started and self._ray.is_initialized():
@@ -143,4 +201,5 @@ def make_executor(options: ExecutionOptions) -> Executor:
     return processes(options.jobs) if options.jobs > 1 else threads()
 
 
-__all__ = ["ExecutionOptions", "Executor", "ExecutorKind", "RayExecutor", "make_executor", "processes", "threads"]
+__all__ = ["ExecutionOptions", "Executor", "ExecutorKind", "InlineExecutor", "RayExecutor", "for_runtime", "inline",
+           "make_executor", "ort_threads", "processes", "threads"]

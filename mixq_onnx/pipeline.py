@@ -21,7 +21,7 @@ from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
 from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, hold_out, load_calibration
 from .config import Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError, VerdictError
-from .executor import Executor
+from .executor import Executor, for_runtime
 from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
@@ -30,7 +30,7 @@ from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_externa
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plan, plan_bytes,
+from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_bytes,
                             plan_key, never_worse_than_uniform, smallest_within_loss)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
@@ -588,9 +588,10 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
 
             # With a cache file the user means to come back at other sizes: refine what every budget of the curve picks.
             tables, summary = attach_e2e(tables, evaluator, rounder.search_value, choose, progress, skip=forced,
-                                         refine_with=rounder.dequantized if config.method is not Method.RTN else None,
+                                         refine_with=rounder.swap if config.method is not Method.RTN else None,
                                          proxy=proxy, memo=memo, labels=labels,
-                                         also=curve_picks if cache_path is not None else None)
+                                         also=curve_picks if cache_path is not None else None,
+                                         runner=for_runtime(rounder.executor))
         finally:
             if proxy is not None:
                 proxy.close()
@@ -609,10 +610,8 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
     if cache_path is not None and memo is not None and evaluator is not None:
         # Every plan of the curve measured whole: the curve is measured throughout, and a later run at any of its
         # budgets finds its plan check in the file.
-        for k, (_, _, p) in enumerate(points):
-            measure_plan(p.decisions, evaluator, rounder, memo)
-            if progress is not None:
-                progress(k + 1, len(points), "measuring the curve")
+        measure_plans([p.decisions for _, _, p in points], evaluator, rounder, memo, for_runtime(rounder.executor),
+                      None if progress is None else lambda d, n: progress(d, n, "measuring the curve"))
     curve = tuple(accuracy_size_curve(
         tables, config, points,
         lambda ds: memo.peek(plan_key(ds, evaluator, rounder)) if memo is not None and evaluator is not None else None))
@@ -635,10 +634,12 @@ def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, 
               memo: SensitivityCache | None = None) -> Plan:
     """The search on measured tables, then the whole-plan checks (never worse than uniform; --max-loss)."""
     plan = search(tables, config, limit)
+    runner = for_runtime(rounder.executor)
     if evaluator is not None and isinstance(config.search, Budget):
-        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder, progress, fits, memo)  # type: ignore[arg-type]
+        plan = never_worse_than_uniform(plan, config, limit, evaluator, rounder, progress, fits, memo, runner)  # type: ignore[arg-type]
     elif evaluator is not None and isinstance(config.search, MaxLoss):
-        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder, progress=progress, memo=memo)
+        plan = smallest_within_loss(tables, config, config.search.max_loss, evaluator, rounder, progress=progress,
+                                    memo=memo, runner=runner)
     return plan
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -58,7 +59,7 @@ def test_proxy_ranks_options_as_the_whole_model_does(path, calib, cut):
             assert raw[s.name][(3, "channel")] > raw[s.name][(4, "channel")] > raw[s.name][(6, "channel")] > 0
             truth.update({(s.name, k): ev.distance({s.name: _rtn(w, k[0])}) for k in raw[s.name]})
         by_name = {s.name: s for s in owned}
-        summary = proxy.fit(raw, lambda n, k: ev.distance({n: _rtn(by_name[n].array, k[0])}, proxy.screen),
+        summary = proxy.fit(raw, lambda todo: [ev.distance({n: _rtn(by_name[n].array, k[0])}, proxy.screen) for n, k in todo],
                             lambda n, k: str(k))
         assert summary.weights == len(proxy.owner) and summary.rank_correlation is not None
         pairs = sorted(truth)
@@ -197,12 +198,22 @@ def test_cache_like_outputs_do_not_stop_the_cuts(tmp_path):
         proxy.close()
 
 
-def test_a_block_onnx_runtime_refuses_falls_back_to_the_whole_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["float pass", "options"])
+def test_a_block_onnx_runtime_refuses_falls_back_to_the_whole_model(tmp_path, monkeypatch, stage):
     """Block sessions that fail (an operator ORT cannot run alone, say) cost time, never the run."""
-    def refuse(self, name, array, view="all"):
-        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
+    import mixq_onnx.runtime.blockwise as blockwise
 
-    monkeypatch.setattr(BlockProxy, "raw", refuse)
+    real = blockwise.session
+
+    def refuse(model, *args, **kwargs):
+        if isinstance(model, onnx.ModelProto) and model.graph.name.startswith("block"):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
+        return real(model, *args, **kwargs)
+
+    if stage == "float pass":
+        monkeypatch.setattr(blockwise, "session", refuse)
+    else:  # the float pass works; every block task reports ORT's refusal
+        monkeypatch.setattr(blockwise, "run_block", lambda job: "[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
     report = _run(tmp_path, "blocks", "4.5")
     e2e = report["end_to_end"]
     assert "a block ORT refuses" in e2e["block_proxy"]["failed"]

@@ -12,8 +12,12 @@ import onnx
 import pytest
 
 from mixq_onnx import QuantConfig
-from mixq_onnx.config import Method, Uniform
-from mixq_onnx.executor import ExecutionOptions, ExecutorKind, processes, threads
+from mixq_onnx.config import Budget, Evaluation, MaxLoss, Method, Uniform
+from mixq_onnx.executor import ExecutionOptions, ExecutorKind, inline, processes, threads
+from mixq_onnx.graph.find import find_weights
+from mixq_onnx.graph.io import load_model
+from mixq_onnx.runtime.blockwise import BlockProxy
+from mixq_onnx.runtime.sensitivity import EndToEnd
 from mixq_onnx.errors import ConfigError
 from mixq_onnx.pipeline import CalibrationOptions, VerifyOptions, quantize_file
 
@@ -47,6 +51,62 @@ def test_worker_processes_give_the_same_bytes_as_threads(tmp_path):
     ref = run(onnx.load(str(MODEL)), feeds)[0]
     cos = float(np.dot(got.ravel(), ref.ravel()) / np.linalg.norm(got) / np.linalg.norm(ref))
     assert cos > 0.9
+
+
+def _rounded(w: np.ndarray, bits: int) -> np.ndarray:
+    """Round-to-nearest per output row: a perturbation of the kind the search measures."""
+    axes = tuple(range(1, w.ndim))
+    lo, hi = np.minimum(w.min(axis=axes, keepdims=True), 0), np.maximum(w.max(axis=axes, keepdims=True), 0)
+    step = np.where(hi > lo, (hi - lo) / (2**bits - 1), 1.0)
+    return (np.round((w - lo) / step) * step + lo).astype(w.dtype)
+
+
+def test_evaluations_on_worker_processes_give_the_same_values():
+    """Block runs and whole-model runs as tasks in two spawned processes: the same floats, in the same order."""
+    model = load_model(MODEL).model
+    sites = list(find_weights(model, QuantConfig()).weights)
+    data = np.load(CALIB)
+    ev = EndToEnd(model, sites, [{k: data[k][i : i + 1] for k in data.files} for i in range(16)], "calibration samples")
+    proxy = BlockProxy(ev, sites, 4)
+    try:
+        owned = [s for s in sites if proxy.owns(s.name)]
+        swaps = [(s.name, _rounded(s.array, b)) for s in owned for b in (3, 5)]
+        assert len({proxy.owner[s.name] for s in owned}) > 1  # several blocks, so several tasks
+        here_blocks = proxy.measure(swaps, "screen", inline())
+        here_whole = list(ev.distances(swaps[:6], proxy.screen, inline()))
+        here_models = list(ev.model_distances([model, ev.model], inline()))
+        runs_before = ev.evaluations
+        with processes(2) as pool:
+            there_blocks = proxy.measure(swaps, "screen", pool)
+            there_whole = list(ev.distances(swaps[:6], proxy.screen, pool))
+            there_models = list(ev.model_distances([model, ev.model], pool))
+        assert ev.evaluations == runs_before + 6 + 2  # counted here, though measured there
+        assert there_blocks == here_blocks and all(isinstance(v, float) and v > 0 for v in there_blocks)
+        assert there_whole == here_whole and all(v > 0 for v in there_whole)
+        # The float model itself, in a worker that never saw it loaded (unoptimised: float noise only).
+        assert there_models == here_models and max(there_models) < 1e-10
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("search,evaluation", [
+    (Budget(target_bits=4.5), Evaluation.BLOCKS),
+    pytest.param(Budget(target_bits=4.5), Evaluation.MODEL, marks=pytest.mark.slow),
+    pytest.param(MaxLoss(0.05), Evaluation.BLOCKS, marks=pytest.mark.slow)])
+def test_searches_with_evaluations_on_worker_processes_write_the_same_bytes(tmp_path, search, evaluation):
+    """The whole search (block tasks, whole-model chunks, plan checks) on two processes: same file, same report."""
+    config = QuantConfig(search=search, evaluation=evaluation)
+    results = []
+    for name, executor in (("here", threads()), ("there", processes(2))):
+        with executor:
+            out = tmp_path / f"{name}.onnx"
+            r = quantize_file(MODEL, out, config, VerifyOptions(enabled=False), calibration=CalibrationOptions(CALIB, 64),
+                              executor=executor)
+            results.append((_files(out), r.report.search, r.report.end_to_end))
+    (a, search_a, e2e_a), (b, search_b, e2e_b) = results
+    assert a == b
+    assert search_a == search_b and search_a["measured"]
+    assert e2e_a == e2e_b and e2e_a["evaluations"] > 0
 
 
 def test_execution_options_are_checked():

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +97,24 @@ class SensitivityCache:
         value = float(compute())
         self.values[key] = value
         return value
+
+    def measured_many(self, parts: Sequence[Iterable[object]],
+                      compute: Callable[[list[int]], Iterable[float]]) -> list[float]:
+        """The stored value of each of ``parts``; ``compute(indices)`` measures the missing ones, in one batch."""
+        keys = [_key(p) for p in parts]
+        missing: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.values and k not in missing:
+                missing[k] = i
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        for k, value in zip(missing, compute(list(missing.values()))):
+            self.values[k] = float(value)
+        return [self.values[k] for k in keys]
+
+    def forget(self, parts: Iterable[object]) -> None:
+        """Drop a value that was stored but turned out not to be a measurement (a run that failed)."""
+        self.values.pop(_key(parts), None)
 
     def peek(self, parts: Iterable[object]) -> float | None:
         """The stored value for ``parts`` if there is one (nothing is measured)."""

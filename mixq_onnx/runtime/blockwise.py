@@ -44,19 +44,21 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from ..executor import Executor, inline, ort_threads
 from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
 from .inputs import session
-from .sensitivity import EndToEnd, overridable
+from .sensitivity import EndToEnd, Replacement, materialize, overridable
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,37 @@ EXPONENT_RANGE = (0.25, 1.5)
 STORE_BYTES = 1024 * 2**20
 
 Key = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One block's measurements as a task: the block as a model, its float inputs and outputs per group, the swaps."""
+
+    model: onnx.ModelProto
+    inputs: tuple[dict[str, np.ndarray], ...]
+    outputs: tuple[str, ...]  # the float outputs compared
+    references: tuple[tuple[np.ndarray, ...], ...]
+    signal: float
+    swaps: tuple[tuple[str, Replacement], ...]
+    threads: int
+
+
+def run_block(job: BlockJob) -> list[float] | str:
+    """The block distance of each swap of ``job``, or why ONNX Runtime could not run the block."""
+    try:
+        sess = session(job.model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False, threads=job.threads)
+        out = []
+        for name, replacement in job.swaps:
+            array = materialize(replacement)
+            noise = 0.0
+            for feed, refs in zip(job.inputs, job.references):
+                for q, f in zip(sess.run(list(job.outputs), {**feed, name: array}), refs):
+                    d = np.asarray(q, np.float64) - np.asarray(f, np.float64)
+                    noise += float(np.sum(d * d))
+            out.append(noise / job.signal if job.signal > 0 else noise)
+        return out
+    except Exception as exc:  # the text travels back from a worker process; the caller falls back
+        return str(exc).splitlines()[0][:200] or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -160,7 +193,6 @@ class BlockProxy:
         self.gains: dict[str, float] = {}
         self.exponent = 1.0
         self.block_runs = 0
-        self._session: tuple[int, ort.InferenceSession, list[str]] | None = None
         self._scratch = scratch
         self._dir: Path | None = None
         self.store_bytes = store_bytes
@@ -186,7 +218,6 @@ class BlockProxy:
         return name in self.owner
 
     def close(self) -> None:
-        self._session = None
         self.stores = {}
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -196,33 +227,23 @@ class BlockProxy:
             self._dir = scratch_dir(self._scratch)
         return self._dir
 
-    def _block_session(self, block: Block) -> tuple[ort.InferenceSession, list[str]]:
-        """The block as a model whose owned weights are overridable initializers (one session kept at a time)."""
-        if self._session is not None and self._session[0] == block.index:
-            return self._session[1], self._session[2]
-        self._session = None
-        store = next(iter(self.stores.values()))
-        sess, names = self._new_session(block, {i: tensor_info(store.values[i]) for i in block.inputs})
-        self._session = (block.index, sess, names)
-        return sess, names
-
-    def _new_session(self, block: Block, infos: dict) -> tuple[ort.InferenceSession, list[str]]:
-        """A session of the block alone; the weights it owns are overridable initializers, so a run can swap one.
+    def _block_model(self, block: Block, infos: dict) -> onnx.ModelProto:
+        """The block alone; the weights it owns are overridable initializers, so a run can swap one.
 
         The float pass uses the same model, so the reference outputs are
-        those of this very session with nothing swapped. Activation inputs
-        (rank 2 or more) are declared with free dimensions: the views group
-        samples differently, and the batch is not always the first axis
-        (a recurrent layer's ``[T, N, C]``). Shapes and sizes (rank 0 and
-        1) keep theirs: operators such as Resize read their lengths.
+        those of the very model the options run on, with nothing swapped.
+        Activation inputs (rank 2 or more) are declared with free
+        dimensions: the views group samples differently, and the batch is
+        not always the first axis (a recurrent layer's ``[T, N, C]``).
+        Shapes and sizes (rank 0 and 1) keep theirs: operators such as
+        Resize read their lengths.
         """
         infos = {k: (t, tuple(f"d{i}" for i in range(len(dims))) if len(dims) >= 2 else dims)
                  for k, (t, dims) in infos.items()}
-        bm = block_model(self.evaluator.model, block, infos, [])
+        bm = block_model(self.evaluator.model, block, infos, [])  # type: ignore[arg-type]
         owned = [w for w in block.weights if self.owner.get(w) == block.index]
         bm.graph.input.extend(helper.make_tensor_value_info(w, *self.infos[w]) for w in owned)
-        sess = session(bm, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False)
-        return sess, [o.name for o in sess.get_outputs()]
+        return bm
 
     def _view(self, view: str) -> tuple[ActivationStore, list[list[int]]]:
         """The stored float activations of a view, made by a float pass on first use.
@@ -266,7 +287,9 @@ class BlockProxy:
             missing = [i for i in b.inputs if i not in env]
             if missing:  # an input that is neither fed nor made earlier (an optional graph input left out)
                 raise RuntimeError(f"block {b.index} reads {missing[0]!r}, which no earlier block makes")
-            sess, names = self._new_session(b, {i: tensor_info(env[i]) for i in b.inputs})
+            sess = session(self._block_model(b, {i: tensor_info(env[i]) for i in b.inputs}),
+                           ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False)
+            names = [o.name for o in sess.get_outputs()]
             outs = [sess.run(None, {i: env[i][g] for i in b.inputs}) for g in range(len(groups))]
             self.block_runs += len(groups)
             for k, name in enumerate(names):
@@ -278,40 +301,68 @@ class BlockProxy:
             for name in [n for n in env if needed.get(n, -1) <= b.index and n not in feeds[0]]:
                 del env[name]
 
-    def raw(self, name: str, array: np.ndarray, view: str = "all") -> float:
-        """The block distance with ``name`` replaced by ``array``: summed squared change over summed squares.
+    def measure(self, swaps: Sequence[tuple[str, Replacement]], view: str = "all", runner: Executor | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[float | str]:
+        """The block distance of each swap (``name`` replaced): summed squared change over summed squares.
 
-        ``view``: on every sample ("all") or on the screening samples ("screen").
+        ``view``: on every sample ("all") or on the screening samples
+        ("screen"). The swaps of one block are one task on ``runner``
+        (default: here, in turn); a block that ONNX Runtime refuses to run
+        gives each of its swaps the refusal's text instead of a distance.
+        ``progress(done, total)`` is called as each block's task returns.
         """
-        store, groups = self._view(view)
-        block = self.partition.blocks[self.owner[name]]
-        sess, names = self._block_session(block)
-        floats = [k for k, n in enumerate(names) if np.issubdtype(store.values[n][0].dtype, np.floating)]
-        signal = self._signal.get((view, block.index))
-        if signal is None:
-            signal = self._signal[(view, block.index)] = sum(
-                float(np.sum(np.square(store.values[names[k]][g], dtype=np.float64))) for g in range(len(groups)) for k in floats)
-        noise = 0.0
-        for g in range(len(groups)):
-            outs = sess.run(None, {**{i: store.values[i][g] for i in block.inputs}, name: array})
-            for k in floats:
-                d = np.asarray(outs[k], np.float64) - np.asarray(store.values[names[k]][g], np.float64)
-                noise += float(np.sum(d * d))
-        self.block_runs += len(groups)
-        return noise / signal if signal > 0 else noise
+        runner = runner if runner is not None else inline()
+        try:
+            store, groups = self._view(view)
+        except Exception as exc:  # ONNX Runtime refused a block in the float pass: no swap can be measured
+            return [str(exc).splitlines()[0][:200] or type(exc).__name__] * len(swaps)
+        order: dict[int, list[int]] = {}
+        for i, (name, _) in enumerate(swaps):
+            order.setdefault(self.owner[name], []).append(i)
+        threads = ort_threads(runner)
 
-    def fit(self, raw: dict[str, dict[Key, float]], end_to_end: Callable[[str, Key], float],
-            labels: Callable[[str, Key], str], checks: int = CHECKS,
-            progress: Callable[[int, int, str], None] | None = None) -> ProxySummary:
+        def jobs() -> Iterator[BlockJob]:
+            for b, picked in order.items():
+                block = self.partition.blocks[b]
+                floats = [n for n in block.outputs if np.issubdtype(store.values[n][0].dtype, np.floating)]
+                signal = self._signal.get((view, b))
+                if signal is None:
+                    signal = self._signal[(view, b)] = sum(
+                        float(np.sum(np.square(store.values[n][g], dtype=np.float64))) for g in range(len(groups)) for n in floats)
+                yield BlockJob(self._block_model(block, {i: tensor_info(store.values[i]) for i in block.inputs}),
+                               tuple({i: store.values[i][g] for i in block.inputs} for g in range(len(groups))),
+                               tuple(floats), tuple(tuple(store.values[n][g] for n in floats) for g in range(len(groups))),
+                               signal, tuple(swaps[i] for i in picked), threads)
+
+        out: list[float | str] = [0.0] * len(swaps)
+        done = 0
+        for picked, values in zip(order.values(), runner.map(run_block, jobs())):
+            self.block_runs += len(groups) * len(picked)
+            for i, v in zip(picked, values if isinstance(values, list) else [values] * len(picked)):
+                out[i] = v
+            done += len(picked)
+            if progress is not None:
+                progress(done, len(swaps))
+        return out
+
+    def raw(self, name: str, array: np.ndarray, view: str = "all") -> float:
+        """The block distance of one swap, here (see :meth:`measure`); raises if ONNX Runtime refuses the block."""
+        value = self.measure([(name, array)], view)[0]
+        if isinstance(value, str):
+            raise RuntimeError(value)
+        return value
+
+    def fit(self, raw: dict[str, dict[Key, float]], end_to_end: Callable[[list[tuple[str, Key]]], list[float]],
+            labels: Callable[[str, Key], str], checks: int = CHECKS) -> ProxySummary:
         """Each weight's gain from its probe, then held-out checks of the proxy, end to end on the screening samples.
 
         The probe is the weight's option in the middle of its block
         distances: big enough to be measured above float noise, small
         enough to stay in the near-linear range the other options share.
         ``raw`` holds block distances on :attr:`screen`, and
-        ``end_to_end(name, key)`` measures an option on the whole model on
-        the same samples (the caller rounds the weight, and may answer from
-        a cache); the gain is the probe's ratio of the two.
+        ``end_to_end(pairs)`` measures (name, option) pairs on the whole
+        model on the same samples (the caller rounds the weights, and may
+        answer from a cache); the gain is the probe's ratio of the two.
         """
         probes: list[tuple[str, Key]] = []
         for name, values in raw.items():
@@ -332,12 +383,8 @@ class BlockProxy:
                       if v > 0 and (name, key) not in fitted)
         spots = sorted({int(i) for i in np.linspace(0, len(rest) - 1, min(checks, len(rest))).round()}) if rest else []
         held = [(rest[i][1], rest[i][2]) for i in spots]
-        measured: dict[tuple[str, Key], float] = {}
         todo = probes + slopes + held
-        for done, (name, key) in enumerate(todo):
-            measured[(name, key)] = end_to_end(name, key)
-            if progress is not None:
-                progress(done + 1, len(todo), "block gains and checks")
+        measured = dict(zip(todo, end_to_end(todo)))
         probe_of = dict(probes)
         ratios = []
         for name, key in slopes:

@@ -53,18 +53,21 @@ class GeneratedInputs:
 def session(model: bytes | Path | onnx.ModelProto,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             config: dict[str, str] | None = None, provider: str = "CPUExecutionProvider",
-            arena: bool = True) -> ort.InferenceSession:
+            arena: bool = True, threads: int = 0) -> ort.InferenceSession:
     """A quiet ONNX Runtime session from a path, serialized bytes or a model in memory.
 
     A model whose weights stay on disk is handed over as a file beside its
     linked data (see :func:`mixq_onnx.graph.io.ort_model`): never serialized whole.
     ``arena=False`` gives memory back after each run instead of keeping a
     pool sized for the largest run (for the many short-lived block sessions).
+    ``threads``: ONNX Runtime's intra-op threads (0: one per core), for
+    worker processes that share the cores.
     """
     if isinstance(model, onnx.ModelProto):
         with ort_model(model) as src:
-            return session(src, level, config, provider, arena)
+            return session(src, level, config, provider, arena, threads)
     so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
     so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = level
     # ORT's default order runs every node without node inputs first, so an unfused model dequantizes all its weights

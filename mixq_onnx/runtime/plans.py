@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ import onnx
 
 from ..config import PER_CHANNEL, Method, QuantConfig, Scheme
 from ..errors import BudgetError
-from ..executor import Executor, threads
+from ..executor import Executor, inline, threads
 from ..graph.find import WeightSite
 from ..graph.io import Spill, has_external_data
 from ..graph.rewrite import apply_plan
@@ -47,6 +48,21 @@ def _round_task(task: _RoundTask) -> Rounded:
     w = site.array
     w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
     return round_weight(w, grid, method, stats)
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """How to make one option's dequantized weight where it is used (a :class:`~.sensitivity.Swap`).
+
+    An evaluation task carries this instead of the array: a worker reads
+    the weight and rounds it itself, and a block task holding a dozen
+    options holds one array at a time.
+    """
+
+    task: _RoundTask
+
+    def array(self) -> np.ndarray:
+        return _round_task(self.task).tensor.dequantize().astype(self.task[0].np_dtype)
 
 
 class Rounder:
@@ -94,9 +110,16 @@ class Rounder:
         """The option's weight as the DequantizeLinear output, in the weight's own dtype."""
         return self.get(table, option, method).tensor.dequantize().astype(table.site.np_dtype)
 
-    def search_value(self, table: ErrorTable, option: Option) -> np.ndarray:
+    def swap(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray | RoundSpec:
+        """The option's dequantized weight for an evaluation: a recipe where rounding is cheap and not kept, else the array."""
+        method = method or self.config.layer_method
+        if method is Method.RTN and self._key(table, option, method) not in self._cache:
+            return RoundSpec(self._task(table, option, method))
+        return self.dequantized(table, option, method)
+
+    def search_value(self, table: ErrorTable, option: Option) -> np.ndarray | RoundSpec:
         """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""
-        return self.dequantized(table, option, self.config.layer_method if self.config.search_with_method else Method.RTN)
+        return self.swap(table, option, self.config.layer_method if self.config.search_with_method else Method.RTN)
 
 
 @dataclass(frozen=True)
@@ -151,25 +174,51 @@ def plan_model(model: onnx.ModelProto, decisions: Sequence[Decision], rounder: R
 
 
 def measure_plan(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder,
-                 memo: SensitivityCache | None = None) -> float:
-    """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap).
+                 memo: SensitivityCache | None = None, runner: Executor | None = None) -> float:
+    """The end-to-end distance with every weight of the plan quantized (those the evaluator can swap)."""
+    return measure_plans([tuple(decisions)], evaluator, rounder, memo, runner)[0]
 
-    The plan is measured as a model with DequantizeLinear nodes, not by
+
+def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, rounder: Rounder,
+                  memo: SensitivityCache | None = None, runner: Executor | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Each plan's end-to-end distance with every weight it quantizes (those the evaluator can swap), in order.
+
+    A plan is measured as a model with DequantizeLinear nodes, not by
     feeding a float copy of every weight: memory holds one rounded weight at
     a time (its integers go to a scratch file when the model's weights live
-    on disk), not the whole model again. ``memo`` answers a plan measured
-    before (keyed by every weight's option and the rounding method).
+    on disk), not the whole model again. Plans are models built here one at
+    a time, as ``runner`` (default: here) takes them; worker processes
+    measure them in parallel. ``memo`` answers a plan measured before
+    (keyed by every weight's option and the rounding method).
     """
-    ds = [d for d in decisions if d.table.site.name in evaluator.swappable]
+    chosen = [[d for d in ds if d.table.site.name in evaluator.swappable] for ds in plans]
+    runner = runner if runner is not None else inline()
+    spills: deque[Spill] = deque()
+
+    def models(idx: list[int]) -> Iterator[onnx.ModelProto]:
+        for i in idx:
+            rounder.prefetch((d.table, d.option) for d in chosen[i])
+            spill = Spill() if has_external_data(evaluator.model) else None  # type: ignore[arg-type]
+            if spill is not None:
+                spills.append(spill)
+            yield plan_model(evaluator.model, chosen[i], rounder, spill)  # type: ignore[arg-type]
+
+    def compute(idx: list[int]) -> Iterator[float]:
+        try:
+            for k, d in enumerate(evaluator.model_distances(models(idx), runner)):
+                if spills:  # the oldest plan in flight was measured: its scratch integers can go
+                    spills.popleft().close()
+                if progress is not None:
+                    progress(k + 1, len(idx))
+                yield d
+        finally:
+            while spills:
+                spills.popleft().close()
+
     if memo is not None:
-        return memo.measured(plan_key(ds, evaluator, rounder), lambda: measure_plan(ds, evaluator, rounder))
-    rounder.prefetch((d.table, d.option) for d in ds)
-    spill = Spill() if has_external_data(evaluator.model) else None
-    try:
-        return evaluator.model_distance(plan_model(evaluator.model, ds, rounder, spill))
-    finally:
-        if spill is not None:
-            spill.close()
+        return memo.measured_many([plan_key(ds, evaluator, rounder) for ds in chosen], compute)
+    return list(compute(list(range(len(chosen)))))
 
 
 def plan_key(decisions: Iterable[Decision], evaluator: EndToEnd, rounder: Rounder) -> tuple[str, str, str]:
@@ -212,22 +261,20 @@ def uniform_rivals(plan: Plan, config: QuantConfig) -> list[tuple[str, tuple[Dec
 def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evaluator: EndToEnd, rounder: Rounder,
                              progress: Progress | None = None,
                              fits: Callable[[tuple[Decision, ...]], bool] | None = None,
-                             memo: SensitivityCache | None = None) -> Plan:
+                             memo: SensitivityCache | None = None, runner: Executor | None = None) -> Plan:
     """The searched plan, or the uniform plan that fits and measures better end to end.
 
     A rival fits when its bytes are within ``limit``, or when ``fits`` says
     so (``--max-size``: the rival's own file fits, though its weights' bytes
-    are a little over a limit estimated for another plan's graph).
+    are a little over a limit estimated for another plan's graph). The
+    plans are measured as tasks on ``runner`` (see :func:`measure_plans`).
     """
     rivals = [(label, ds) for label, ds in uniform_rivals(plan, config)
               if plan_bytes(ds) <= limit or (fits is not None and fits(ds))]
-    measured = [(Measured("searched", plan_bytes(plan.decisions), measure_plan(plan.decisions, evaluator, rounder, memo)), plan.decisions)]
-    for k, (label, ds) in enumerate(rivals):
-        if progress is not None:
-            progress(k + 1, len(rivals) + 1, "whole-plan checks")
-        measured.append((Measured(label, plan_bytes(ds), measure_plan(ds, evaluator, rounder, memo)), ds))
-    if progress is not None:
-        progress(len(rivals) + 1, len(rivals) + 1, "whole-plan checks")
+    everything = [("searched", plan.decisions), *rivals]
+    distances = measure_plans([ds for _, ds in everything], evaluator, rounder, memo, runner,
+                              None if progress is None else lambda d, n: progress(d, n, "whole-plan checks"))
+    measured = [(Measured(label, plan_bytes(ds), d), ds) for (label, ds), d in zip(everything, distances)]
     best, decisions = min(measured, key=lambda m: (m[0].distance, m[0].nbytes))
     if best.label != "searched":
         log.info("%s measured better end to end than the searched plan; returning it", best.label)
@@ -238,7 +285,7 @@ def never_worse_than_uniform(plan: Plan, config: QuantConfig, limit: int, evalua
 
 def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss: float, evaluator: EndToEnd,
                          rounder: Rounder, rounds: int = 6, progress: Progress | None = None,
-                         memo: SensitivityCache | None = None) -> Plan:
+                         memo: SensitivityCache | None = None, runner: Executor | None = None) -> Plan:
     """The smallest plan whose measured end-to-end distance is at most ``max_loss``.
 
     The knapsack's summed per-weight distances predict a plan's loss; each
@@ -248,7 +295,7 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
     most accurate plan is over the loss.
     """
     accurate = search(tables, config, loss=0.0)  # nothing meets 0: the bisection ends at the most accurate plan
-    best_d = measure_plan(accurate.decisions, evaluator, rounder, memo)
+    best_d = measure_plan(accurate.decisions, evaluator, rounder, memo, runner)
     measured = [Measured("most accurate", plan_bytes(accurate.decisions), best_d)]
     if best_d > max_loss:
         raise BudgetError(f"--max-loss {max_loss:g} cannot be met: even the most accurate plan ({plan_bytes(accurate.decisions)} "
@@ -263,7 +310,7 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
         if _signature(plan.decisions) in seen:  # the rescaled target picks a plan already measured: converged
             break
         seen.add(_signature(plan.decisions))
-        d = measure_plan(plan.decisions, evaluator, rounder, memo)
+        d = measure_plan(plan.decisions, evaluator, rounder, memo, runner)
         predicted = float(plan.summary.details["predicted"])
         m = Measured(f"searched, round {k + 1} (predicted {predicted:.3g})", plan_bytes(plan.decisions), d)
         measured.append(m)
@@ -275,11 +322,12 @@ def smallest_within_loss(tables: list[ErrorTable], config: QuantConfig, max_loss
         if abs(nxt - target) <= 0.02 * target:
             break
         target = nxt
+    rivals = []
     for label, ds in uniform_rivals(accurate, config):
-        if _signature(ds) in seen:
-            continue
-        seen.add(_signature(ds))
-        d = measure_plan(ds, evaluator, rounder, memo)
+        if _signature(ds) not in seen:
+            seen.add(_signature(ds))
+            rivals.append((label, ds))
+    for (label, ds), d in zip(rivals, measure_plans([ds for _, ds in rivals], evaluator, rounder, memo, runner)):
         m = Measured(label, plan_bytes(ds), d)
         measured.append(m)
         if d <= max_loss:
@@ -295,4 +343,4 @@ def _signature(decisions: Iterable[Decision]) -> tuple[tuple[str, tuple[int, str
     return tuple((d.table.site.name, d.option.key) for d in decisions)
 
 
-__all__ = ["CONTAINER_WIDTHS", "Measured", "Rounder", "budget_limit", "measure_plan", "plan_key", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]
+__all__ = ["CONTAINER_WIDTHS", "Measured", "RoundSpec", "Rounder", "budget_limit", "measure_plan", "measure_plans", "plan_key", "never_worse_than_uniform", "smallest_within_loss", "uniform_rivals"]

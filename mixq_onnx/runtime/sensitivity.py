@@ -19,9 +19,10 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import ConfigError
+from ..executor import Executor, inline, ort_threads
 from ..graph.find import Source, WeightSite
 from ..graph.scopes import MAIN, iter_scopes
 from .inputs import Feed, session
@@ -104,7 +106,35 @@ def eligibility(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> Eligibil
     return Eligibility(tuple(ok), reasons)
 
 
-def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> onnx.ModelProto:
+class Swap(Protocol):
+    """A replacement weight made where it is used (a rounding task), so tasks carry recipes rather than arrays."""
+
+    def array(self) -> np.ndarray: ...
+
+
+Replacement = Union[np.ndarray, Swap]
+
+
+def materialize(replacement: Replacement) -> np.ndarray:
+    return replacement if isinstance(replacement, np.ndarray) else replacement.array()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What :func:`weights_as_inputs` reads of a weight site, without its data: a worker rebuilds the model from it."""
+
+    name: str
+    graph: str
+    source: Source
+    np_dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def of(site: WeightSite) -> "InputSpec":
+        return InputSpec(site.name, site.graph, site.source, site.np_dtype, site.shape)
+
+
+def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite | InputSpec]) -> onnx.ModelProto:
     """A copy of ``model`` in which each site is a main-graph input of the same name, type and shape.
 
     Main-graph initializers stay as the input's default value (an
@@ -133,7 +163,7 @@ def weights_as_inputs(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> on
     return out
 
 
-def overridable(site: WeightSite) -> bool:
+def overridable(site: WeightSite | InputSpec) -> bool:
     """Whether the evaluator can leave the weight in the model as an overridable initializer."""
     return site.graph == MAIN and site.source is Source.INITIALIZER
 
@@ -147,12 +177,14 @@ class EndToEnd:
         self.eligibility = eligibility(model, sites)
         names = set(self.eligibility.names)
         chosen = [s for s in sites if s.name in names]
-        self.model = model
+        self.model: onnx.ModelProto | None = model
         self.swappable = frozenset(names)
         # Only weights that had to leave the model are fed on every run; the rest stay in it.
         self.weights = {s.name: s.array for s in chosen if not overridable(s)}
-        evaluated = weights_as_inputs(model, chosen)
-        self.session = self._session(evaluated)
+        self._inputs = tuple(InputSpec.of(s) for s in chosen)
+        # ONNX Runtime's intra-op threads (0: one per core); a worker process sets its share before its first run.
+        self.threads = 0
+        self._session_obj: ort.InferenceSession | None = self._session(weights_as_inputs(model, chosen))
         model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
         self.feeds = self._split_large([{k: f[k] for k in model_inputs} for f in feeds])
         self.source = source
@@ -191,7 +223,57 @@ class EndToEnd:
         return out
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=self.threads)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The evaluation session; made again from the model in a worker process that received this evaluator."""
+        if self._session_obj is None:
+            if self.model is None:
+                raise RuntimeError("this evaluator was detached from its model: it measures plan models only")
+            self._session_obj = self._session(weights_as_inputs(self.model, self._inputs))
+        return self._session_obj
+
+    def __getstate__(self) -> dict[str, object]:
+        # A session does not travel: the worker makes its own from the model (which, for weights on disk, is
+        # only a graph whose tensors name their data files).
+        return {**self.__dict__, "_session_obj": None}
+
+    def detached(self) -> "EndToEnd":
+        """A copy without the model: the references and the distance, for measuring plan models elsewhere."""
+        light = copy.copy(self)
+        light.model, light._session_obj, light._inputs, light.weights = None, None, (), {}
+        return light
+
+    def distances(self, swaps: Sequence[tuple[str, Replacement]], feeds: Sequence[int] | None,
+                  runner: Executor) -> Iterator[float]:
+        """The distance of each swap (one weight replaced at a time), in order, measured on ``runner``.
+
+        Here, one after the other on this session; on worker processes,
+        the swaps are cut into one contiguous chunk per worker, and each
+        worker makes one session for its chunk.
+        """
+        if not runner.remote:
+            for name, r in swaps:
+                yield self.distance({name: materialize(r)}, feeds)
+            return
+        threads = ort_threads(runner)
+        cuts = np.linspace(0, len(swaps), min(runner.workers, len(swaps)) + 1).round().astype(int)
+        jobs = ((self, tuple(swaps[a:b]), None if feeds is None else tuple(feeds), threads) for a, b in zip(cuts, cuts[1:]))
+        for values in runner.map(_distances_task, jobs):
+            self.evaluations += len(values)
+            yield from values
+
+    def model_distances(self, models: Iterable[onnx.ModelProto], runner: Executor) -> Iterator[float]:
+        """:meth:`model_distance` of each model, in order, on ``runner`` (worker processes get a detached copy)."""
+        if not runner.remote:
+            for m in models:
+                yield self.model_distance(m)
+            return
+        light, threads = self.detached(), ort_threads(runner)
+        for d in runner.map(_model_distance_task, ((light, m, threads) for m in models)):
+            self.evaluations += 1
+            yield d
 
     def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {**feed, **self.weights, **replace_weights})
@@ -277,7 +359,7 @@ class EndToEnd:
         Graph optimisations are off, so each DequantizeLinear computes exactly
         the dequantized weight a swap would feed.
         """
-        run = session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run  # released on return
+        run = session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, threads=self.threads).run  # released on return
         return self._distance(lambda feed: run(None, feed), feeds)
 
     def _distance(self, run: Callable[[Feed], list[np.ndarray]], feeds: Sequence[int] | None) -> float:
@@ -315,6 +397,26 @@ class EndToEnd:
         return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
                 "weights_measured": len(self.eligibility.names),
                 "not_measured": dict(sorted(self.eligibility.reasons.items()))}
+
+
+def _distances_task(job: tuple[EndToEnd, tuple[tuple[str, Replacement], ...], tuple[int, ...] | None, int]) -> list[float]:
+    """A worker's chunk of swaps (see :meth:`EndToEnd.distances`)."""
+    evaluator, swaps, feeds, threads = job
+    evaluator.threads = threads
+    try:
+        return [evaluator.distance({name: materialize(r)}, feeds) for name, r in swaps]
+    except Exception as exc:  # ONNX Runtime's errors do not always survive the trip back: send their text
+        raise RuntimeError(str(exc)) from None
+
+
+def _model_distance_task(job: tuple[EndToEnd, onnx.ModelProto, int]) -> float:
+    """One plan model measured in a worker (see :meth:`EndToEnd.model_distances`)."""
+    evaluator, model, threads = job
+    evaluator.threads = threads
+    try:
+        return evaluator.model_distance(model)
+    except Exception as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 # Samples per run when they can be stacked: large enough that a run reads the weights once for many rows.
@@ -358,7 +460,7 @@ def limit_feeds(feeds: list[Feed], samples: int) -> list[Feed]:
     return out
 
 
-Dequantize = Callable[[ErrorTable, Option], np.ndarray]
+Dequantize = Callable[[ErrorTable, Option], Replacement]
 Progress = Callable[[int, int, str], None]
 
 
@@ -412,6 +514,7 @@ def attach_e2e(
     memo: SensitivityCache | None = None,
     labels: tuple[str, str] = ("rtn", "rtn"),
     also: Callable[[list[ErrorTable]], list[dict[str, Option]]] | None = None,
+    runner: Executor | None = None,
 ) -> tuple[list[ErrorTable], E2ESummary]:
     """Every option of every weight measured end to end, screened on a subsample and refined where it matters.
 
@@ -439,63 +542,106 @@ def attach_e2e(
     (``labels``: the screening and the final rounding's names) and on which
     samples. ``also`` gives more picks (other budgets' plans) whose hull
     neighbours are refined as well, so those budgets find them measured.
+
+    Each stage's measurements run as tasks on ``runner`` (default: here,
+    one after the other): a task per block, and the whole-model ones cut
+    into a chunk per worker. ``dequantize`` may return a recipe
+    (:class:`Swap`) instead of an array, so a task carries how to round a
+    weight, not the rounded weight. The values do not depend on the runner.
     """
     n_feeds = len(evaluator.feeds)
     screen = proxy.screen if proxy is not None else evaluator.screening()
     screen_feeds = len(screen)
+    runner = runner if runner is not None else inline()
     swappable = set(evaluator.eligibility.names)
     work = [t for t in tables if t.site.name in swappable and t.site.name not in skip]
     by_block = {t.site.name for t in work if proxy is not None and proxy.owns(t.site.name)}
     total = sum(len(t.options) for t in work)
     screened: dict[str, dict[tuple[int, str], float]] = {}
-    done = 0
 
-    def step(label: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, label)
+    def counted(values: Iterable[float], label: str, count: int) -> Iterator[float]:
+        for i, v in enumerate(values):
+            if progress is not None:
+                progress(i + 1, count, label)
+            yield v
 
-    def cached(parts: tuple, compute: Callable[[], float]) -> float:
-        return memo.measured(parts, compute) if memo is not None else compute()
+    def measured(parts: list[tuple], compute: Callable[[list[int]], Iterable[float]]) -> list[float]:
+        if memo is not None:
+            return memo.measured_many(parts, compute)
+        return list(compute(list(range(len(parts)))))
 
-    def whole(t: ErrorTable, o: Option, rounding: Dequantize, label: str, feeds: Sequence[int] | None) -> float:
-        return cached(("e2e", t.site.name, *o.key, label, "all" if feeds is None else "screen"),
-                      lambda: evaluator.distance({t.site.name: rounding(t, o)}, feeds))
+    def whole(pairs: Sequence[tuple[ErrorTable, Option]], rounding: Dequantize, label: str,
+              feeds: Sequence[int] | None, what: str) -> list[float]:
+        """Options measured on the whole model (``feeds``: a subsample, or None for every sample)."""
+        if not pairs:
+            return []
+        parts = [("e2e", t.site.name, *o.key, label, "all" if feeds is None else "screen") for t, o in pairs]
+        return measured(parts, lambda idx: counted(evaluator.distances(
+            [(pairs[i][0].site.name, rounding(*pairs[i])) for i in idx], feeds, runner), what, len(idx)))
 
-    def block(t: ErrorTable, o: Option, rounding: Dequantize, label: str, view: str = "all") -> float:
-        return cached(("block", t.site.name, *o.key, label, view), lambda: proxy.raw(t.site.name, rounding(t, o), view))  # type: ignore[union-attr]
+    def block(pairs: Sequence[tuple[ErrorTable, Option]], rounding: Dequantize, label: str, view: str,
+              what: str) -> list[float | str]:
+        """Options measured on their blocks; a block ONNX Runtime refuses gives its reason (never cached)."""
+        if not pairs:
+            return []
+        parts = [("block", t.site.name, *o.key, label, view) for t, o in pairs]
+        failed: dict[int, str] = {}
+
+        def compute(idx: list[int]) -> list[float]:
+            values = proxy.measure([(pairs[i][0].site.name, rounding(*pairs[i])) for i in idx], view, runner,  # type: ignore[union-attr]
+                                   None if progress is None else lambda d, n: progress(d, n, what))
+            failed.update((i, v) for i, v in zip(idx, values) if isinstance(v, str))
+            return [math.nan if isinstance(v, str) else v for v in values]
+
+        got = measured(parts, compute)
+        for i in failed if memo is not None else ():  # a refusal is not a measurement: not to be found next time
+            memo.forget(parts[i])
+        return [failed.get(i, v) for i, v in enumerate(got)]
 
     proxy_info: dict[str, object] | None = None
     if proxy is not None and by_block:
-        try:
-            proxy_info = _screen_on_blocks(proxy, [t for t in work if t.site.name in by_block], dequantize, labels[0],
-                                           screened, block, whole, screen, step, progress)
-        except Exception as exc:  # ONNX Runtime refused a block on its own: every weight runs the whole model instead
-            reason = str(exc).splitlines()[0][:200]
-            log.warning("block-wise evaluation failed (%s); every option runs the whole model", reason)
-            proxy_info, by_block = {"failed": reason}, set()
-            screened.clear()
-            done = 0
-    for t in (t for t in work if t.site.name not in by_block):
-        values = screened[t.site.name] = {}
-        for o in t.options:
-            values[o.key] = whole(t, o, dequantize, labels[0], screen)
-            step("end-to-end sensitivity")
+        on_blocks = [t for t in work if t.site.name in by_block]
+        pairs = [(t, o) for t in on_blocks for o in t.options]
+        values = block(pairs, dequantize, labels[0], "screen", "block sensitivity")
+        refused = next((v for v in values if isinstance(v, str)), None)
+        if refused is not None:  # ONNX Runtime refused a block on its own: every weight runs the whole model instead
+            log.warning("block-wise evaluation failed (%s); every option runs the whole model", refused)
+            proxy_info, by_block = {"failed": refused}, set()
+        else:
+            raw: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in on_blocks}
+            for (t, o), v in zip(pairs, values):
+                raw[t.site.name][o.key] = float(v)
+            by_name = {t.site.name: t for t in on_blocks}
+            options = {(t.site.name, o.key): o for t in on_blocks for o in t.options}
+            summary = proxy.fit(raw, lambda todo: whole([(by_name[n], options[(n, k)]) for n, k in todo], dequantize,
+                                                         labels[0], screen, "block gains and checks"),
+                                lambda n, k: f"{k[0]} bits {k[1]}")
+            for name, vs in raw.items():
+                screened[name] = {k: proxy.predict(name, v) for k, v in vs.items()}
+            proxy_info = summary.describe()
+    rest = [(t, o) for t in work if t.site.name not in by_block for o in t.options]
+    for (t, o), v in zip(rest, whole(rest, dequantize, labels[0], screen, "end-to-end sensitivity")):
+        screened.setdefault(t.site.name, {})[o.key] = v
     full: dict[str, dict[tuple[int, str], float]] = {t.site.name: {} for t in work}
     refined = 0
     if screen_feeds < n_feeds or refine_with is not None:
         round_final, final_label = (refine_with, labels[1]) if refine_with is not None else (dequantize, labels[0])
 
-        def measure(t: ErrorTable, o: Option) -> float:
-            if t.site.name in by_block:  # on its block, on every sample
-                try:
-                    return proxy.predict(t.site.name, block(t, o, round_final, final_label))  # type: ignore[union-attr]
-                except Exception as exc:  # ONNX Runtime refused the block on these samples: the whole model instead
-                    log.warning("block-wise refinement of %s failed (%s); measuring it on the whole model", t.site.name,
-                                str(exc).splitlines()[0][:200])
-                    by_block.discard(t.site.name)
-            return whole(t, o, round_final, final_label, None)
+        def measure(todo: list[tuple[ErrorTable, Option]]) -> None:
+            """On its block where the weight has one, on every sample; else (or if ORT refuses the block) the whole model."""
+            on_block = [(t, o) for t, o in todo if t.site.name in by_block]
+            fallback = [(t, o) for t, o in todo if t.site.name not in by_block]
+            for (t, o), v in zip(on_block, block(on_block, round_final, final_label, "all", "refinement on every sample")):
+                if isinstance(v, str):  # ONNX Runtime refused the block on these samples: the whole model instead
+                    if t.site.name in by_block:
+                        log.warning("block-wise refinement of %s failed (%s); measuring it on the whole model",
+                                    t.site.name, v)
+                        by_block.discard(t.site.name)
+                    fallback.append((t, o))
+                else:
+                    full[t.site.name][o.key] = proxy.predict(t.site.name, v)  # type: ignore[union-attr]
+            for (t, o), v in zip(fallback, whole(fallback, round_final, final_label, None, "refinement on every sample")):
+                full[t.site.name][o.key] = v
 
         interim = [_with_e2e(t, screened.get(t.site.name)) for t in tables]
         picks = [choose(interim), *(also(interim) if also is not None else [])]
@@ -503,16 +649,12 @@ def attach_e2e(
         for t in work:
             keys = {o.key for p in picks for o in _hull_neighbours(t.options, screened[t.site.name], p[t.site.name])}
             todo.extend((t, o) for o in t.options if o.key in keys)
-        for i, (t, o) in enumerate(todo):
-            full[t.site.name][o.key] = measure(t, o)
-            if progress is not None:
-                progress(i + 1, len(todo), "refinement on every sample")
+        measure(todo)
         # A weight the subsample hardly exercised (a branch those samples do not take, say) cannot be
         # rescaled from it: all its options are measured on every sample.
         blind = [(t, o) for t in work if not any(screened[t.site.name][k] > 0 for k in full[t.site.name])
                  and any(v > 0 for v in full[t.site.name].values()) for o in t.options if o.key not in full[t.site.name]]
-        for t, o in blind:
-            full[t.site.name][o.key] = measure(t, o)
+        measure(blind)
         refined = len(todo) + len(blind)
     else:
         full = screened
@@ -541,26 +683,6 @@ def attach_e2e(
     log.info("end-to-end sensitivity: %d options screened on %d feed(s) (%d on their block), %d refined on %d", total,
              screen_feeds, sum(len(t.options) for t in work if t.site.name in by_block), refined, n_feeds)
     return out, E2ESummary(screen_feeds, n_feeds, total, refined, estimated, proxy_info)
-
-
-def _screen_on_blocks(proxy: "BlockProxy", tables: list[ErrorTable], dequantize: Dequantize, label: str,
-                      screened: dict[str, dict[tuple[int, str], float]], block: Callable[..., float],
-                      whole: Callable[..., float], screen: Sequence[int], step: Callable[[str], None],
-                      progress: Progress | None) -> dict[str, object]:
-    """Every option of ``tables`` on its block (screening samples), the gains, and the proxy's values into ``screened``."""
-    raw: dict[str, dict[tuple[int, str], float]] = {}
-    for t in tables:
-        values = raw[t.site.name] = {}
-        for o in t.options:
-            values[o.key] = block(t, o, dequantize, label, "screen")
-            step("block sensitivity")
-    by_name = {t.site.name: t for t in tables}
-    options = {(t.site.name, o.key): o for t in tables for o in t.options}
-    summary = proxy.fit(raw, lambda n, k: whole(by_name[n], options[(n, k)], dequantize, label, screen),
-                        lambda n, k: f"{k[0]} bits {k[1]}", progress=progress)
-    for name, values in raw.items():
-        screened[name] = {k: proxy.predict(name, v) for k, v in values.items()}
-    return summary.describe()
 
 
 def _with_e2e(t: ErrorTable, values: dict[tuple[int, str], float] | None) -> ErrorTable:
