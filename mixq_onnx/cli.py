@@ -477,8 +477,8 @@ VERIFICATION = OptionGroup("Verification in ONNX Runtime", (
 ))
 
 EXECUTION = OptionGroup("Execution: where the per-weight work runs", (
-    click.option("--jobs", type=int, default=1, show_default=True, help="Run the per-weight work (error tables, gptq/adaround rounding) in N local processes; 1 uses threads in this process. The output is the same."),
-    click.option("--executor", "executor_kind", type=click.Choice([k.value for k in ExecutorKind]), default="local", show_default=True, help="Where the per-weight work runs: local (see --jobs) or ray (a Ray cluster; needs the [ray] extra)."),
+    click.option("--jobs", type=int, default=1, show_default=True, help="Run the independent work in N local processes: error tables, gptq/adaround rounding, and the search's ONNX Runtime evaluations (blocks, whole-model runs, plan checks). 1 uses threads for the first two and runs evaluations one at a time here. The output is the same."),
+    click.option("--executor", "executor_kind", type=click.Choice([k.value for k in ExecutorKind]), default="local", show_default=True, help="Where the independent work (see --jobs) runs: local or ray (a Ray cluster; needs the [ray] extra)."),
     click.option("--ray-address", help="Ray cluster to connect to with --executor ray (default: the RAY_ADDRESS environment variable, else a new local instance)."),
 ))
 
