@@ -272,6 +272,7 @@ def test_double_default_opset_import_is_accepted(work):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow  # 19 s on 2 cores: the fast suite must stay under 2 minutes; CI runs it with the slow tests
 def test_fuzz_sample_finds_no_defect():
     """A fast sample of every class of tools/fuzz.py (the full corpus: python tools/fuzz.py)."""
     results = fuzz.run(24, seed=11, workers=2)

@@ -627,9 +627,14 @@ def ort_model(model: onnx.ModelProto) -> Iterator[bytes | Path]:
     (a tmpfs /tmp, say) the folder is made beside the data files instead, and
     only when that folder is read-only are the files copied.
     """
-    if not has_external_data(model) and model.ByteSize() <= EXTERNAL_THRESHOLD:
-        yield model.SerializeToString()
-        return
+    if not has_external_data(model):
+        # Serializing is what measuring the size costs (ByteSize encodes the message): do it once, and only a
+        # model past protobuf's limit goes the file way.
+        data = model.SerializeToString()
+        if len(data) <= EXTERNAL_THRESHOLD:
+            yield data
+            return
+        del data
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-ort-", dir=_link_folder(model)))
     try:
         copy = onnx.ModelProto()

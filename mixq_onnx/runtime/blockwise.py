@@ -91,10 +91,14 @@ class BlockJob:
     threads: int
 
 
+def _block_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False, threads=threads)
+
+
 def run_block(job: BlockJob) -> list[float] | str:
     """The block distance of each swap of ``job``, or why ONNX Runtime could not run the block."""
     try:
-        sess = session(job.model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False, threads=job.threads)
+        sess = _block_session(job.model, job.threads)
         out = []
         for name, replacement in job.swaps:
             array = materialize(replacement)
@@ -287,8 +291,7 @@ class BlockProxy:
             missing = [i for i in b.inputs if i not in env]
             if missing:  # an input that is neither fed nor made earlier (an optional graph input left out)
                 raise RuntimeError(f"block {b.index} reads {missing[0]!r}, which no earlier block makes")
-            sess = session(self._block_model(b, {i: tensor_info(env[i]) for i in b.inputs}),
-                           ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False)
+            sess = _block_session(self._block_model(b, {i: tensor_info(env[i]) for i in b.inputs}))
             names = [o.name for o in sess.get_outputs()]
             outs = [sess.run(None, {i: env[i][g] for i in b.inputs}) for g in range(len(groups))]
             self.block_runs += len(groups)

@@ -191,6 +191,7 @@ class EndToEnd:
         self.samples = sum(_rows(f) for f in self.feeds)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.references = [self._run(f, {}) for f in self.feeds]
+        self._signals: dict[tuple[int, int], float] = {}
         self.batched = self._batches_agree()
         kinds = {n: output_kind([r[k] for r in self.references]) for k, n in enumerate(self.output_names)}
         self.kinds = {n: k for n, k in kinds.items() if k is not None}
@@ -367,23 +368,26 @@ class EndToEnd:
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
         for group in self.run_groups(chosen):
-            feed = self.stacked(group)
-            ref = [np.concatenate([self.references[i][k] for i in group]) if len(group) > 1 else self.references[group[0]][k]
-                   for k in range(len(self.output_names))]
-            outs = run(feed)
-            for k, name in enumerate(self.output_names):
-                kind = self.kinds.get(name)
-                if kind is None:
-                    continue
-                f, q = ref[k], np.asarray(outs[k])
-                if kind is OutputKind.VALUES:
-                    d = q.astype(np.float64) - f.astype(np.float64)
-                    noise[name] += float(np.sum(d * d))
-                    signal[name] += float(np.sum(np.square(f, dtype=np.float64)))
-                else:
-                    total, count = _kl_sum(f, q, kind is OutputKind.LOG_PROBABILITIES)
-                    noise[name] += total
-                    signal[name] += count
+            outs = run(self.stacked(group))
+            starts = [0] * len(self.output_names)
+            for i in group:  # a stacked run's outputs are the feeds' outputs one after the other (see _batches_agree)
+                for k, name in enumerate(self.output_names):
+                    kind = self.kinds.get(name)
+                    if kind is None:
+                        continue
+                    f = self.references[i][k]
+                    q = np.asarray(outs[k])
+                    if len(group) > 1:
+                        q = q[starts[k] : starts[k] + f.shape[0]]
+                        starts[k] += f.shape[0]
+                    if kind is OutputKind.VALUES:
+                        d = np.subtract(q, f, dtype=np.float64)
+                        noise[name] += float(np.sum(np.square(d, out=d)))
+                        signal[name] += self._signal(i, k)
+                    else:
+                        total, count = _kl_sum(f, q, kind is OutputKind.LOG_PROBABILITIES)
+                        noise[name] += total
+                        signal[name] += count
         self.evaluations += 1
         values = []
         for name, kind in self.kinds.items():
@@ -392,6 +396,14 @@ class EndToEnd:
             else:
                 values.append(noise[name] / max(signal[name], 1.0))
         return float(np.mean(values))
+
+    def _signal(self, feed: int, output: int) -> float:
+        """Sum of squares of one float reference output: the same at every run, so computed once."""
+        key = (feed, output)
+        value = self._signals.get(key)
+        if value is None:
+            value = self._signals[key] = float(np.sum(np.square(self.references[feed][output], dtype=np.float64)))
+        return value
 
     def describe(self) -> dict[str, object]:
         return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
