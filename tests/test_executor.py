@@ -109,6 +109,43 @@ def test_searches_with_evaluations_on_worker_processes_write_the_same_bytes(tmp_
     assert e2e_a == e2e_b and e2e_a["evaluations"] > 0
 
 
+@pytest.mark.slow
+def test_evaluations_on_worker_processes_read_external_data_by_reference(tmp_path):
+    """Weights in a data file travel as references: workers map the same file, and the bytes are the same."""
+    model = onnx.load(str(MODEL))
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
+                    size_threshold=0)
+    config = QuantConfig(search=Budget(target_bits=4.5))
+    outs = []
+    for name, executor in (("here", threads()), ("there", processes(2))):
+        with executor:
+            out = tmp_path / name / "q.onnx"  # one name: the model names its data file
+            out.parent.mkdir()
+            quantize_file(src, out, config, VerifyOptions(enabled=False), calibration=CalibrationOptions(CALIB, 64),
+                          executor=executor)
+            outs.append(_files(out))
+    assert outs[0] == outs[1]
+
+
+def test_map_keeps_a_bounded_window_of_tasks_in_flight():
+    """A generator of large tasks (plan models) is drawn a few items ahead of the results, never all at once."""
+    drawn = []
+
+    def items():
+        for i in range(50):
+            drawn.append(i)
+            yield i
+
+    for executor in (threads(2), inline()):
+        drawn.clear()
+        with executor:
+            results = executor.map(lambda x: x * x, items())
+            assert next(results) == 0
+            assert len(drawn) <= executor.window + 1
+            assert list(results) == [i * i for i in range(1, 50)]
+
+
 def test_execution_options_are_checked():
     with pytest.raises(ConfigError):
         ExecutionOptions(jobs=0)
