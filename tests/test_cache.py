@@ -128,3 +128,22 @@ def test_the_model_digest_reads_external_weights_and_ignores_where_they_are(tmp_
         digests.append(model_digest(load_model(path).model))
     assert digests[0] == digests[1] != digests[2]
     assert model_digest(load_model(TINY).model) == model_digest(load_model(TINY).model)
+
+
+def test_measured_many_measures_only_what_is_missing_in_one_batch():
+    """Stored values are answered; the rest go to one call; with nothing missing nothing is set up to measure."""
+    cache = SensitivityCache(None, {})
+    calls: list[list[int]] = []
+
+    def compute(idx: list[int]) -> list[float]:
+        calls.append(idx)
+        return [float(10 + i) for i in idx]
+
+    parts = [("block", "w", 4, "channel"), ("block", "w", 5, "channel"), ("block", "w", 4, "channel")]
+    assert cache.measured_many(parts, compute) == [10.0, 11.0, 10.0]
+    assert calls == [[0, 1]] and (cache.hits, cache.misses) == (1, 2)  # the repeat is one measurement
+    assert cache.measured_many(parts[:2] + [("e2e", "w", 3, "tensor")], compute) == [10.0, 11.0, 12.0]
+    assert calls[-1] == [2]
+    cache.forget(("e2e", "w", 3, "tensor"))
+    assert cache.peek(("e2e", "w", 3, "tensor")) is None
+    assert cache.measured_many(parts, compute) == [10.0, 11.0, 10.0] and len(calls) == 2
