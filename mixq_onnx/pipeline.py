@@ -232,12 +232,17 @@ def _fixed_bytes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> int:
 
 
 def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed] | None, source: str,
-               config: QuantConfig) -> tuple[EndToEnd | None, str]:
-    """The end-to-end evaluator on up to ``config.e2e_samples`` samples, or None and why it cannot run."""
+               config: QuantConfig, cache: SensitivityCache | None = None) -> tuple[EndToEnd | None, str]:
+    """The end-to-end evaluator on up to ``config.e2e_samples`` samples, or None and why it cannot run.
+
+    With a cache made by a run of this model on these samples (which ran it end to end), the evaluator's reference
+    pass waits until a measurement is missing.
+    """
     if not feeds:
         return None, source or "no samples to run the model on"
+    known = json.loads(cache.meta["outputs"]) if cache is not None and cache.warm and "outputs" in cache.meta else None
     try:
-        ev = EndToEnd(model, sites, limit_feeds(feeds, config.e2e_samples), source)
+        ev = EndToEnd(model, sites, limit_feeds(feeds, config.e2e_samples), source, known)
     except ConfigError as exc:
         return None, str(exc)
     except Exception as exc:  # ONNX Runtime raises its own types for models it cannot run
@@ -247,15 +252,16 @@ def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: lis
     return ev, ""
 
 
-def _sensitivity_cache(path: Path, base: onnx.ModelProto, evaluator: EndToEnd, calibration: list[Feed] | None,
+def _sensitivity_cache(path: Path, base: onnx.ModelProto, evaluation: list[Feed] | None, calibration: list[Feed] | None,
                        config: QuantConfig) -> SensitivityCache:
     """The cache file's measurements, valid only for this model, these samples and the settings that change a value."""
     settings = {"scheme": config.scheme.value, "method": config.method.value, "layer_method": config.layer_method.value,
                 "search_with_method": config.search_with_method, "evaluation": config.evaluation.value,
                 "eval_block_weights": config.eval_block_weights, "bias_correction": config.bias_correction}
-    context = {"model": model_digest(base), "samples": feeds_digest(evaluator.feeds),
-               # Data-aware rounding reads the calibration statistics; round-to-nearest does not.
-               "calibration": feeds_digest(calibration) if config.layer_method is not Method.RTN else "-",
+    context = {"model": model_digest(base),
+               "samples": feeds_digest(limit_feeds(evaluation, config.e2e_samples)) if evaluation else "-",
+               # The layers' statistics (data-aware rounding, output errors in the tables) read the calibration data.
+               "calibration": feeds_digest(calibration) if calibration and _needs_stats(config) else "-",
                "settings": json.dumps(settings, sort_keys=True)}
     return SensitivityCache(path, context)
 
@@ -324,18 +330,24 @@ def quantize(
     elif evaluation is None and _uses_e2e(config):
         evaluation, evaluation_source = _generated(prepared.original, {}, config.e2e_samples, 0)
         evaluation = evaluation or []
-    measured = measure_errors(prepared, config, calibration, progress, executor)
+    # The file's measurements (error tables, end-to-end distances) are valid for this model, these samples and the
+    # settings that change a value; read before anything is measured.
+    memo = _sensitivity_cache(sensitivity_cache, prepared.base, evaluation, calibration, config) \
+        if sensitivity_cache is not None else None
+    measured = measure_errors(prepared, config, calibration, progress, executor, memo)
     rounder = Rounder(config, measured.stats, executor)
     chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, calibration, progress,
-                           sensitivity_cache, scratch)
+                           memo, scratch)
+    if memo is not None:
+        memo.meta.update(chosen.facts)
     try:
         written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
         if isinstance(config.search, Budget) and config.search.max_bytes is not None:
             measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
                                                   progress, output_name)
     finally:
-        if chosen.memo is not None and chosen.memo.path is not None:  # what was measured stays useful if writing fails
-            write_text_atomic(chosen.memo.path, chosen.memo.text(), "the sensitivity cache")
+        if memo is not None:  # what was measured stays useful if writing fails
+            write_text_atomic(sensitivity_cache, memo.text(), "the sensitivity cache")  # type: ignore[arg-type]
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
 
 
@@ -510,7 +522,7 @@ class Measured:
 
 
 def measure_errors(prepared: Prepared, config: QuantConfig, calibration: list[Feed] | None, progress: Progress | None,
-                   executor: Executor | None) -> Measured:
+                   executor: Executor | None, memo: SensitivityCache | None = None) -> Measured:
     """Check the budget can be met, collect statistics if anything uses them, measure and keep the target's options."""
     rules = rules_for(config.target)
     acts = config.activations is not Activations.NONE
@@ -522,7 +534,7 @@ def measure_errors(prepared: Prepared, config: QuantConfig, calibration: list[Fe
     stats, no_stats = collect_input_stats(base, inv.weights, calibration, progress) if calibration and _needs_stats(config) else ({}, {})
     if calibration and not _needs_stats(config):
         no_stats = {s.name: "not collected: nothing in this run uses layer statistics" for s in inv.weights}
-    tables, not_allowed = restrict(measure(inv.weights, config, caps, bits, progress, stats, executor), rules, acts)
+    tables, not_allowed = restrict(measure(inv.weights, config, caps, bits, progress, stats, executor, memo), rules, acts)
     if not tables:
         raise ModelError(f"{where}: --target {config.target.value} allows none of the weights' options ({not_allowed[0].reason})")
     return Measured(caps, tuple(tables), tuple(not_allowed), stats, no_stats, limit)
@@ -542,27 +554,29 @@ class Chosen:
     memo: SensitivityCache | None = None
     # The best plan at each budget, from the same measurements.
     curve: tuple[CurvePoint, ...] = ()
+    # What a --sensitivity-cache file keeps besides distances (see SensitivityCache.meta).
+    facts: dict[str, str] = field(default_factory=dict)
 
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
                   evaluation_source: str, calibration: list[Feed] | None, progress: Progress | None,
-                  cache_path: Path | None = None, scratch: Path | None = None) -> Chosen:
+                  cache: SensitivityCache | None = None, scratch: Path | None = None) -> Chosen:
     """End-to-end sensitivity where asked, the search, and the whole-plan checks (never worse than uniform; --max-loss).
 
-    ``cache_path``: the ``--sensitivity-cache`` file whose measurements are
-    reused where they were made on the same model, samples and settings.
+    ``cache``: the ``--sensitivity-cache`` file's measurements, reused
+    where they were made on the same model, samples and settings. When it
+    held a run of this model, the evaluator's reference pass waits until a
+    measurement is missing: a budget the file already covers runs nothing.
     """
     tables, limit, notes = list(measured.tables), measured.limit, []
     calibrated = bool(calibration)
     totals = _uniform_totals([t.site for t in tables], config, measured.caps)
-    evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config) \
-        if _uses_e2e(config) else (None, "")
+    evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config,
+                                    cache) if _uses_e2e(config) else (None, "")
+    cache_path = cache.path if cache is not None else None
     # Without a file the measurements are still kept for this run: a plan measured twice (--max-size refits) runs once,
     # and the curve can say which of its plans were measured.
-    memo = (_sensitivity_cache(cache_path, prepared.base, evaluator, calibration, config) if cache_path is not None
-            else SensitivityCache(None, {})) if evaluator is not None else None
-    if memo is not None and memo.discarded:
-        notes.append(memo.note)
+    memo = (cache if cache is not None else SensitivityCache(None, {})) if evaluator is not None else None
     e2e_info: dict[str, object] | None = None
     if _uses_e2e(config) and evaluator is None:
         if isinstance(config.search, MaxLoss):
@@ -616,7 +630,8 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         tables, config, points,
         lambda ds: memo.peek(plan_key(ds, evaluator, rounder)) if memo is not None and evaluator is not None else None))
     if evaluator is not None:
-        e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations}
+        e2e_info = {**(e2e_info or evaluator.describe()), "evaluations": evaluator.evaluations,
+                    "reference_pass": "ran" if evaluator.facts() else "not needed: every measurement was in the cache"}
     if isinstance(config.search, Uniform):
         other = [d for d in plan.decisions if d.option.bits != config.search.bits]
         if other:
@@ -624,9 +639,12 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
                    f"{config.target.value} and use {sorted({d.option.bits for d in other})} bits instead (see 'reason' in --report)")
             log.warning(msg)
             notes.append(msg)
-    if memo is not None and memo.path is not None:
-        e2e_info = {**(e2e_info or {}), "sensitivity_cache": memo.describe()}
-    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo, curve)
+    if cache is not None:
+        if cache.discarded:
+            notes.append(cache.note)
+        e2e_info = {**(e2e_info or {}), "sensitivity_cache": cache.describe()}
+    facts = evaluator.facts() if evaluator is not None else {}
+    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo, curve, facts)
 
 
 def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, evaluator: EndToEnd | None, rounder: Rounder,

@@ -33,6 +33,7 @@ def test_a_budget_sweep_reuses_the_measurements_and_writes_the_same_bytes(tmp_pa
     info = cold["end_to_end"]["sensitivity_cache"]
     # Within one run a plan is measured once (the curve's plan at 4.5 bits is the one the run checks).
     assert info["hits"] <= 2 and info["misses"] == info["stored"] > 50
+    assert info["error_tables_reused"] == 0 and info["error_table_entries"] > 0
     assert cache.exists()
     # With a cache file every plan of the curve is measured, so the curve is measured throughout.
     assert all(p["measured"] is not None for p in cold["curve"])
@@ -42,11 +43,16 @@ def test_a_budget_sweep_reuses_the_measurements_and_writes_the_same_bytes(tmp_pa
         # The cold run refined what every budget of the curve picks and measured its plans: a run at another budget
         # measures at most a uniform rival that fits it and not the first budget.
         assert w["hits"] > 50 and w["misses"] <= 2, w
+        assert w["error_tables_reused"] == len(warm["tensors"])  # the weights' own errors come from the file too
         assert warm["end_to_end"]["evaluations"] <= 2 < cold["end_to_end"]["evaluations"] / 5
         _, plain = _run(tmp_path, f"plain{budget}", "--target-bits", budget, "--calib", str(CALIB))
         assert written == plain  # the cache changes the cost, never the result
-    again, _ = _run(tmp_path, "again", "--target-bits", "4.5", *common)
+    again, written = _run(tmp_path, "again", "--target-bits", "4.5", *common)
     assert again["end_to_end"]["sensitivity_cache"]["misses"] == 0
+    # Nothing to measure: the model never ran, not even for its reference outputs, and the report still describes them.
+    assert again["end_to_end"]["reference_pass"].startswith("not needed") and again["end_to_end"]["evaluations"] == 0
+    assert again["end_to_end"]["outputs"] == cold["end_to_end"]["outputs"] and cold["end_to_end"]["reference_pass"] == "ran"
+    assert written == _run(tmp_path, "plain45", "--target-bits", "4.5", "--calib", str(CALIB))[1]
 
 
 def test_a_cache_made_for_another_model_data_or_rounding_is_not_used(tmp_path):

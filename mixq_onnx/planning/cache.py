@@ -40,6 +40,10 @@ def feeds_digest(feeds: Iterable[Mapping[str, np.ndarray]] | None) -> str:
     return h.hexdigest()
 
 
+# The first part of the keys of error-table entries (the rest are end-to-end measurements).
+TABLE = "table"
+
+
 def _key(parts: Iterable[object]) -> str:
     return "|".join(str(p) for p in parts)
 
@@ -52,8 +56,13 @@ class SensitivityCache:
         self.path = path
         self.context = dict(sorted(context.items()))
         self.values: dict[str, float] = {}
+        # Facts about the measurements that are not distances (the model's output kinds, whether its reference
+        # pass ran): a later run can answer its report from them without running the model.
+        self.meta: dict[str, str] = {}
         self.hits = 0
         self.misses = 0
+        # Weights whose whole error table came from the file.
+        self.tables_reused = 0
         self.note = ""
         # True when the file was there but could not be used (stale or unreadable): it is replaced, and the run says so.
         self.discarded = False
@@ -71,6 +80,7 @@ class SensitivityCache:
                 raise ValueError("not a sensitivity cache of this version")
             stored = {str(k): str(v) for k, v in data["context"].items()}
             values = {str(k): float(v) for k, v in data["values"].items()}
+            meta = {str(k): str(v) for k, v in data.get("meta", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.note = f"{self.path}: not a usable sensitivity cache ({exc}); measuring afresh and replacing it"
             self.discarded = True
@@ -83,7 +93,7 @@ class SensitivityCache:
             self.discarded = True
             log.warning(self.note)
             return
-        self.values = values
+        self.values, self.meta = values, meta
         self.note = f"{self.path}: sensitivity cache with {len(values)} measurements"
 
     def measured(self, parts: Iterable[object], compute: Callable[[], float]) -> float:
@@ -113,6 +123,15 @@ class SensitivityCache:
                 self.values[k] = float(value)
         return [self.values[k] for k in keys]
 
+    def store(self, parts: Iterable[object], value: float) -> None:
+        """Keep a value measured elsewhere (an error table's entry) under ``parts``."""
+        self.values[_key(parts)] = float(value)
+
+    @property
+    def warm(self) -> bool:
+        """Whether a file of this context was read: its model ran end to end before, on these samples."""
+        return self.path is not None and not self.discarded and self.meta.get("references") == "ran"
+
     def forget(self, parts: Iterable[object]) -> None:
         """Drop a value that was stored but turned out not to be a measurement (a run that failed)."""
         self.values.pop(_key(parts), None)
@@ -124,11 +143,13 @@ class SensitivityCache:
     def text(self) -> str:
         """The file's content: sorted keys and shortest round-tripping floats, so the same values give the same bytes."""
         values = {k: (v if math.isfinite(v) else str(v)) for k, v in sorted(self.values.items())}
-        return json.dumps({"format": FORMAT, "context": self.context, "values": values}, indent=0, sort_keys=True) + "\n"
+        return json.dumps({"format": FORMAT, "context": self.context, "meta": dict(sorted(self.meta.items())),
+                           "values": values}, indent=0, sort_keys=True) + "\n"
 
     def describe(self) -> dict[str, object]:
-        return {"path": str(self.path), "hits": self.hits, "misses": self.misses, "stored": len(self.values),
-                "note": self.note}
+        tables = sum(1 for k in self.values if k.startswith(TABLE + "|"))
+        return {"path": str(self.path), "hits": self.hits, "misses": self.misses, "stored": len(self.values) - tables,
+                "error_table_entries": tables, "error_tables_reused": self.tables_reused, "note": self.note}
 
 
 __all__ = ["FORMAT", "SensitivityCache", "feeds_digest"]

@@ -25,6 +25,7 @@ from ..graph.find import Skipped, WeightSite
 from ..numerics.metrics import weight_error
 from ..numerics.qdq import Grid, GroupRange, QType, container_for, fake_quantize, required_opset, storage_bytes
 from ..numerics.rounding import round_weight
+from .cache import TABLE, SensitivityCache
 from ..targets import TargetRules
 
 log = logging.getLogger(__name__)
@@ -245,24 +246,61 @@ def measure(
     progress: Progress | None = None,
     stats: dict[str, InputStats] | None = None,
     executor: Executor | None = None,
+    memo: SensitivityCache | None = None,
 ) -> list[ErrorTable]:
     """Error tables for every weight at each of ``bits``.
 
     Each tensor is an independent task on ``executor`` (default: threads in
     this process; numpy releases the GIL in its array loops); results come
-    back in order, so the tables do not depend on where tasks ran.
+    back in order, so the tables do not depend on where tasks ran. ``memo``
+    (``--sensitivity-cache``) answers the tensors whose every option it
+    holds, and keeps the others' for the next run.
     """
     bits_list = tuple(sorted(set(bits)))
     stats = stats or {}
-    tasks = [(site, config, caps, bits_list, stats.get(site.name)) for site in sites]
+    known = {i: opts for i, site in enumerate(sites)
+             if memo is not None and (opts := _cached_options(site, config, caps, bits_list, memo, site.name in stats)) is not None}
+    todo = [i for i in range(len(sites)) if i not in known]
+    tasks = [(sites[i], config, caps, bits_list, stats.get(sites[i].name)) for i in todo]
+    tables: list[ErrorTable | None] = [None] * len(sites)
+    for i, opts in known.items():
+        tables[i] = ErrorTable(sites[i], opts, scale_dtype_for(sites[i].np_dtype, caps.opset))
+    if memo is not None:
+        memo.tables_reused += len(known)
     with (threads() if executor is None else nullcontext(executor)) as run:
-        tables = []
-        for i, (site, (options, sdt)) in enumerate(zip(sites, run.map(_measure_task, tasks))):
-            tables.append(ErrorTable(site, options, sdt))
+        for k, (i, (options, sdt)) in enumerate(zip(todo, run.map(_measure_task, tasks))):
+            tables[i] = ErrorTable(sites[i], options, sdt)
+            if memo is not None:
+                for o in options:
+                    for field, value in _error_fields(o):
+                        memo.store(_table_key(sites[i], caps, o.bits, o.layout, o.axis, field), value)
             if progress is not None:
-                progress(i + 1, len(sites), "measuring error")
-    log.info("measured %d tensors at bits %s", len(tables), bits_list)
-    return tables
+                progress(k + 1, len(todo), "measuring error")
+    log.info("measured %d tensors at bits %s (%d from the sensitivity cache)", len(tables), bits_list, len(known))
+    return [t for t in tables if t is not None]
+
+
+def _table_key(site: WeightSite, caps: Capabilities, bits: int, layout: Layout, axis: int, field: str) -> tuple:
+    return (TABLE, site.graph, site.name, caps.opset, bits, layout.name, axis, field)
+
+
+def _error_fields(o: Option) -> list[tuple[str, float]]:
+    return [("mse", o.mse), ("nmse", o.nmse), ("max_abs", o.max_abs)] + \
+        ([("output_error", o.output_error)] if o.output_error is not None else [])
+
+
+def _cached_options(site: WeightSite, config: QuantConfig, caps: Capabilities, bits_list: tuple[int, ...],
+                    memo: SensitivityCache, with_stats: bool) -> tuple[Option, ...] | None:
+    """The tensor's options from the cache, or None unless every field of every option is there."""
+    out = []
+    for spec in option_specs(site, config, caps, bits_list):
+        fields = ("mse", "nmse", "max_abs") + (("output_error",) if with_stats else ())
+        values = [memo.peek(_table_key(site, caps, spec.bits, spec.layout, spec.axis, f)) for f in fields]
+        if any(v is None for v in values):
+            return None
+        out.append(Option(spec.bits, spec.layout, spec.axis, spec.qtype, spec.nbytes, *values[:3],  # type: ignore[arg-type]
+                          values[3] if with_stats else None))
+    return tuple(out)
 
 
 def restrict(tables: list[ErrorTable], rules: TargetRules, activations: bool) -> tuple[list[ErrorTable], list[Skipped]]:

@@ -20,7 +20,8 @@ import enum
 import logging
 import math
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, Union
 
@@ -171,7 +172,11 @@ def overridable(site: WeightSite | InputSpec) -> bool:
 class EndToEnd:
     """The float model with its searched weights as inputs, its reference outputs and a distance function."""
 
-    def __init__(self, model: onnx.ModelProto, sites: Sequence[WeightSite], feeds: list[Feed], source: str) -> None:
+    def __init__(self, model: onnx.ModelProto, sites: Sequence[WeightSite], feeds: list[Feed], source: str,
+                 known_kinds: Mapping[str, str] | None = None) -> None:
+        """``known_kinds``: the output kinds that a run of this very model on these samples found (a warm
+        ``--sensitivity-cache`` keeps them); then the session and the reference pass wait for the first
+        measurement, and a run that finds every measurement in the cache runs neither."""
         if not feeds:
             raise ConfigError("end-to-end sensitivity needs at least one sample")
         self.eligibility = eligibility(model, sites)
@@ -184,20 +189,55 @@ class EndToEnd:
         self._inputs = tuple(InputSpec.of(s) for s in chosen)
         # ONNX Runtime's intra-op threads (0: one per core); a worker process sets its share before its first run.
         self.threads = 0
-        self._session_obj: ort.InferenceSession | None = self._session(weights_as_inputs(model, chosen))
-        model_inputs = [i.name for i in self.session.get_inputs() if i.name not in names]
+        self._session_obj: ort.InferenceSession | None = None
+        if known_kinds is None:
+            self._session_obj = self._session(weights_as_inputs(model, chosen))
+        # The inputs a session lists: graph inputs without an initializer, less the weights made inputs.
+        inits = {t.name for t in model.graph.initializer}
+        model_inputs = [i.name for i in model.graph.input if i.name not in inits and i.name not in names]
         self.feeds = self._split_large([{k: f[k] for k in model_inputs} for f in feeds])
         self.source = source
         self.samples = sum(_rows(f) for f in self.feeds)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.references = [self._run(f, {}) for f in self.feeds]
+        self.output_names = [o.name for o in model.graph.output]
         self._signals: dict[tuple[int, int], float] = {}
-        self.batched = self._batches_agree()
-        kinds = {n: output_kind([r[k] for r in self.references]) for k, n in enumerate(self.output_names)}
-        self.kinds = {n: k for n, k in kinds.items() if k is not None}
-        if not self.kinds:
-            raise ConfigError("the model has no float outputs to compare")
+        self._references: list[list[np.ndarray]] | None = None
+        self._batched = False
+        self._kinds: dict[str, OutputKind] | None = None
+        self._known = {n: OutputKind(k) for n, k in (known_kinds or {}).items()}
+        if known_kinds is None:
+            self._reference_pass()
         self.evaluations = 0
+
+    def _reference_pass(self) -> None:
+        """The float outputs on every feed, whether feeds can be stacked, and how each output is compared."""
+        self._references = [self._run(f, {}) for f in self.feeds]
+        self._batched = self._batches_agree()
+        kinds = {n: output_kind([r[k] for r in self._references]) for k, n in enumerate(self.output_names)}
+        self._kinds = {n: k for n, k in kinds.items() if k is not None}
+        if not self._kinds:
+            raise ConfigError("the model has no float outputs to compare")
+
+    @property
+    def references(self) -> list[list[np.ndarray]]:
+        if self._references is None:
+            self._reference_pass()
+        return self._references  # type: ignore[return-value]
+
+    @property
+    def batched(self) -> bool:
+        self.references  # noqa: B018 - made by the reference pass
+        return self._batched
+
+    @property
+    def kinds(self) -> dict[str, OutputKind]:
+        """How each float output is compared (before the reference pass: as the run that made the cache found)."""
+        return self._kinds if self._kinds is not None else self._known
+
+    def facts(self) -> dict[str, str]:
+        """What a cache file keeps so that a later run can wait with the reference pass (see ``known_kinds``)."""
+        if self._kinds is None:
+            return {}
+        return {"references": "ran", "outputs": json.dumps({n: k.value for n, k in sorted(self._kinds.items())})}
 
     def _split_large(self, feeds: list[Feed]) -> list[Feed]:
         """Feeds of several rows over ``BATCH_BYTES`` as one feed per row, where the model takes one row.
@@ -365,6 +405,7 @@ class EndToEnd:
 
     def _distance(self, run: Callable[[Feed], list[np.ndarray]], feeds: Sequence[int] | None) -> float:
         chosen = range(len(self.feeds)) if feeds is None else feeds
+        self.references  # noqa: B018 - the reference pass, if it waited, before anything is compared
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
         for group in self.run_groups(chosen):
