@@ -179,10 +179,12 @@ def test_cli_without_ray_names_the_extra(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_instance_gives_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("args", [("--bits", "4", "--method", "gptq", "--calib", str(CALIB), "--calib-samples", "64"),
+                                  # a search: block tasks, whole-model chunks and plan checks on Ray
+                                  ("--target-bits", "4.5", "--calib", str(CALIB), "--calib-samples", "64")])
+def test_ray_executor_on_a_local_instance_gives_the_same_bytes(tmp_path, args):
     """`--executor ray` on a local Ray instance (started by the run) writes the same file as the local executor."""
     pytest.importorskip("ray")
-    args = ("--bits", "4", "--method", "gptq", "--calib", str(CALIB), "--calib-samples", "64")
     local = _cli(tmp_path, "-o", "local.onnx", *args)
     assert local.returncode == 0, local.stderr
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
