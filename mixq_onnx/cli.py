@@ -407,8 +407,8 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   "outputs by a gain fitted per weight on whole-model runs; the report gives the proxy's rank "
                   "correlation) or model (the whole model for every option: slower, exact)."),
     click.option("--sensitivity-cache", type=click.Path(path_type=Path), metavar="FILE",
-                  help="Keep the end-to-end measurements in FILE and reuse them: a rerun or a sweep over budgets measures only "
-                  "what is new. A file made for another model, other samples or other rounding settings is not used (the run "
+                  help="Keep the end-to-end measurements and error tables in FILE and reuse them: a rerun or a sweep over budgets "
+                  "measures only what is new (a budget the file covers runs the model not at all). A file made for another model, other samples or other rounding settings is not used (the run "
                   "says so) and is replaced."),
     click.option("--eval-block-weights", type=int, default=4, show_default=True,
                   help="Block-wise evaluation: the most quantized weights merged into one block (a layer that has more stays whole)."),
