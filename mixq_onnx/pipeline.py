@@ -30,8 +30,8 @@ from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_externa
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
-from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_bytes,
-                            plan_key, never_worse_than_uniform, smallest_within_loss)
+from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_key,
+                            never_worse_than_uniform, smallest_within_loss)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
@@ -40,7 +40,7 @@ from .targets import TargetRules, rules_for
 from .numerics.metrics import weight_error
 from .numerics.rounding import Rounded
 from .numerics.statistics import InputStats
-from .planning.search import Decision, Plan, effective_bits, search
+from .planning.search import Decision, Plan, effective_bits, plan_bytes, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
 from .planning.cache import SensitivityCache, feeds_digest
@@ -338,8 +338,6 @@ def quantize(
     rounder = Rounder(config, measured.stats, executor)
     chosen = choose_widths(prepared, measured, config, rounder, evaluation, evaluation_source, calibration, progress,
                            memo, scratch)
-    if memo is not None:
-        memo.meta.update(chosen.facts)
     try:
         written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
         if isinstance(config.search, Budget) and config.search.max_bytes is not None:
@@ -347,6 +345,8 @@ def quantize(
                                                   progress, output_name)
     finally:
         if memo is not None:  # what was measured stays useful if writing fails
+            if chosen.evaluator is not None:  # whether the model ran, and its outputs' kinds, for a later run
+                memo.meta.update(chosen.evaluator.facts())
             write_text_atomic(sensitivity_cache, memo.text(), "the sensitivity cache")  # type: ignore[arg-type]
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
 
@@ -554,8 +554,6 @@ class Chosen:
     memo: SensitivityCache | None = None
     # The best plan at each budget, from the same measurements.
     curve: tuple[CurvePoint, ...] = ()
-    # What a --sensitivity-cache file keeps besides distances (see SensitivityCache.meta).
-    facts: dict[str, str] = field(default_factory=dict)
 
 
 def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluation: list[Feed] | None,
@@ -643,8 +641,7 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
         if cache.discarded:
             notes.append(cache.note)
         e2e_info = {**(e2e_info or {}), "sensitivity_cache": cache.describe()}
-    facts = evaluator.facts() if evaluator is not None else {}
-    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo, curve, facts)
+    return Chosen(plan, e2e_info, tuple(notes), tuple(tables), evaluator, memo, curve)
 
 
 def pick_plan(tables: list[ErrorTable], config: QuantConfig, limit: int | None, evaluator: EndToEnd | None, rounder: Rounder,

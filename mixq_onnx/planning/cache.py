@@ -98,15 +98,7 @@ class SensitivityCache:
 
     def measured(self, parts: Iterable[object], compute: Callable[[], float]) -> float:
         """The stored value for ``parts``, or ``compute()`` stored under it."""
-        key = _key(parts)
-        hit = self.values.get(key)
-        if hit is not None:
-            self.hits += 1
-            return hit
-        self.misses += 1
-        value = float(compute())
-        self.values[key] = value
-        return value
+        return self.measured_many([parts], lambda _: [compute()])[0]
 
     def measured_many(self, parts: Sequence[Iterable[object]],
                       compute: Callable[[list[int]], Iterable[float]]) -> list[float]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..config import Budget, QuantConfig
 from ..errors import BudgetError, ConfigError
 from .measure import ErrorTable
-from .search import Decision, Plan, budget_limit, search
+from .search import Decision, Plan, budget_limit, plan_bytes, search
 
 # Bits per weight the curve is drawn at (with --int2 it starts at 2).
 GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
@@ -62,14 +62,10 @@ def curve_plans(tables: Sequence[ErrorTable], config: QuantConfig, uniform_total
             plan = search(list(tables), cfg, limit)
         except (ConfigError, BudgetError):  # a budget the options cannot meet (below 4 bits without INT2, say)
             continue
-        if out and _bytes(out[-1][2]) == _bytes(plan):
+        if out and plan_bytes(out[-1][2].decisions) == plan_bytes(plan.decisions):
             continue
         out.append((bits, limit, plan))
     return out
-
-
-def _bytes(plan: Plan) -> int:
-    return sum(d.option.nbytes for d in plan.decisions)
 
 
 def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, plans: Sequence[tuple[float, int, Plan]],
@@ -78,7 +74,7 @@ def accuracy_size_curve(tables: Sequence[ErrorTable], config: QuantConfig, plans
     params = sum(t.site.params for t in tables)
     out: list[CurvePoint] = []
     for bits, limit, plan in plans:
-        used = _bytes(plan)
+        used = plan_bytes(plan.decisions)
         predicted = float(sum(d.option.sensitivity(config.metric, config.sensitivity) for d in plan.decisions))
         quantity = plan.decisions[0].option.label(config.sensitivity, config.metric) if plan.decisions else ""
         out.append(CurvePoint(bits, limit, used, 8.0 * used / max(params, 1), predicted, measured(plan.decisions),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -227,6 +227,11 @@ def _smallest_within(
     used = fixed + int(sum(c[i] for c, i in zip(costs, best)))
     return out, SearchSummary("max-loss", {"max_loss": loss, "predicted": predicted, "used_bytes": used,
                                            "sensitivity": _label(config, tables)})
+
+
+def plan_bytes(decisions: Iterable[Decision]) -> int:
+    """The bytes of a plan's quantized weights."""
+    return sum(d.option.nbytes for d in decisions)
 
 
 def budget_limit(budget: Budget, uniform_total: dict[int, int], allow_int2: bool = False) -> int:

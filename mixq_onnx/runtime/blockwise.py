@@ -58,7 +58,7 @@ from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
 from .inputs import session
-from .sensitivity import EndToEnd, Replacement, materialize, overridable
+from .sensitivity import EndToEnd, Replacement, materialize, overridable, squared_change
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,16 @@ def run_block(job: BlockJob) -> list[float] | str:
             noise = 0.0
             for feed, refs in zip(job.inputs, job.references):
                 for q, f in zip(sess.run(list(job.outputs), {**feed, name: array}), refs):
-                    d = np.asarray(q, np.float64) - np.asarray(f, np.float64)
-                    noise += float(np.sum(d * d))
+                    noise += squared_change(q, f)
             out.append(noise / job.signal if job.signal > 0 else noise)
         return out
     except Exception as exc:  # the text travels back from a worker process; the caller falls back
-        return str(exc).splitlines()[0][:200] or type(exc).__name__
+        return _reason(exc)
+
+
+def _reason(exc: Exception) -> str:
+    """ONNX Runtime's refusal in one line, as the report and the warning give it."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -318,7 +322,7 @@ class BlockProxy:
         try:
             store, groups = self._view(view)
         except Exception as exc:  # ONNX Runtime refused a block in the float pass: no swap can be measured
-            return [str(exc).splitlines()[0][:200] or type(exc).__name__] * len(swaps)
+            return [_reason(exc)] * len(swaps)
         order: dict[int, list[int]] = {}
         for i, (name, _) in enumerate(swaps):
             order.setdefault(self.owner[name], []).append(i)

@@ -33,7 +33,7 @@ from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
 from ..numerics.qdq import Grid, QuantizedTensor
 from ..numerics.rounding import Rounded, round_weight
-from ..planning.search import CONTAINER_WIDTHS, Decision, Plan, SearchSummary, budget_limit, candidates, search
+from ..planning.search import CONTAINER_WIDTHS, Decision, Plan, SearchSummary, budget_limit, candidates, plan_bytes, search
 from .sensitivity import EndToEnd, Progress
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,6 @@ class Measured:
         return {"plan": self.label, "bytes": self.nbytes, "distance": self.distance}
 
 
-def plan_bytes(decisions: Iterable[Decision]) -> int:
-    return sum(d.option.nbytes for d in decisions)
-
-
 class RoundedSequence(Sequence[QuantizedTensor]):
     """A plan's quantized tensors, made on demand in order, remembering how each was rounded (for the report).
 
@@ -195,11 +191,12 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
     chosen = [[d for d in ds if d.table.site.name in evaluator.swappable] for ds in plans]
     runner = runner if runner is not None else inline()
     spills: deque[Spill] = deque()
+    streamed = has_external_data(evaluator.model)  # type: ignore[arg-type]
 
     def models(idx: list[int]) -> Iterator[onnx.ModelProto]:
         for i in idx:
             rounder.prefetch((d.table, d.option) for d in chosen[i])
-            spill = Spill() if has_external_data(evaluator.model) else None  # type: ignore[arg-type]
+            spill = Spill() if streamed else None
             if spill is not None:
                 spills.append(spill)
             yield plan_model(evaluator.model, chosen[i], rounder, spill)  # type: ignore[arg-type]

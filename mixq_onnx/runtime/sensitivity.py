@@ -23,7 +23,7 @@ import copy
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Protocol, TypeVar, Union
 
 import numpy as np
 import onnx
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .blockwise import BlockProxy
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 class OutputKind(enum.Enum):
@@ -422,8 +424,7 @@ class EndToEnd:
                         q = q[starts[k] : starts[k] + f.shape[0]]
                         starts[k] += f.shape[0]
                     if kind is OutputKind.VALUES:
-                        d = np.subtract(q, f, dtype=np.float64)
-                        noise[name] += float(np.sum(np.square(d, out=d)))
+                        noise[name] += squared_change(q, f)
                         signal[name] += self._signal(i, k)
                     else:
                         total, count = _kl_sum(f, q, kind is OutputKind.LOG_PROBABILITIES)
@@ -452,24 +453,31 @@ class EndToEnd:
                 "not_measured": dict(sorted(self.eligibility.reasons.items()))}
 
 
+def squared_change(q: np.ndarray, f: np.ndarray) -> float:
+    """Sum of (q - f)^2 in float64: the noise of every normalised-MSE distance (model outputs, block outputs)."""
+    d = np.subtract(q, f, dtype=np.float64)
+    return float(np.sum(np.square(d, out=d)))
+
+
+def _in_worker(evaluator: EndToEnd, threads: int, measure: Callable[[], R]) -> R:
+    """Run ``measure`` in a worker with its share of threads; ONNX Runtime's errors travel back as their text."""
+    evaluator.threads = threads
+    try:
+        return measure()
+    except Exception as exc:  # ORT's exception types do not always survive the trip back
+        raise RuntimeError(str(exc)) from None
+
+
 def _distances_task(job: tuple[EndToEnd, tuple[tuple[str, Replacement], ...], tuple[int, ...] | None, int]) -> list[float]:
     """A worker's chunk of swaps (see :meth:`EndToEnd.distances`)."""
     evaluator, swaps, feeds, threads = job
-    evaluator.threads = threads
-    try:
-        return [evaluator.distance({name: materialize(r)}, feeds) for name, r in swaps]
-    except Exception as exc:  # ONNX Runtime's errors do not always survive the trip back: send their text
-        raise RuntimeError(str(exc)) from None
+    return _in_worker(evaluator, threads, lambda: [evaluator.distance({name: materialize(r)}, feeds) for name, r in swaps])
 
 
 def _model_distance_task(job: tuple[EndToEnd, onnx.ModelProto, int]) -> float:
     """One plan model measured in a worker (see :meth:`EndToEnd.model_distances`)."""
     evaluator, model, threads = job
-    evaluator.threads = threads
-    try:
-        return evaluator.model_distance(model)
-    except Exception as exc:
-        raise RuntimeError(str(exc)) from None
+    return _in_worker(evaluator, threads, lambda: evaluator.model_distance(model))
 
 
 # Samples per run when they can be stacked: large enough that a run reads the weights once for many rows.
