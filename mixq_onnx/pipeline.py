@@ -232,7 +232,8 @@ def _fixed_bytes(model: onnx.ModelProto, sites: tuple[WeightSite, ...]) -> int:
 
 
 def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: list[Feed] | None, source: str,
-               config: QuantConfig, cache: SensitivityCache | None = None) -> tuple[EndToEnd | None, str]:
+               config: QuantConfig, cache: SensitivityCache | None = None, scratch: Path | None = None
+               ) -> tuple[EndToEnd | None, str]:
     """The end-to-end evaluator on up to ``config.e2e_samples`` samples, or None and why it cannot run.
 
     With a cache made by a run of this model on these samples (which ran it end to end), the evaluator's reference
@@ -242,7 +243,8 @@ def _evaluator(model: onnx.ModelProto, sites: tuple[WeightSite, ...], feeds: lis
         return None, source or "no samples to run the model on"
     known = json.loads(cache.meta["outputs"]) if cache is not None and cache.warm and "outputs" in cache.meta else None
     try:
-        ev = EndToEnd(model, sites, limit_feeds(feeds, config.e2e_samples), source, known)
+        blocks = config.eval_block_weights if config.evaluation is Evaluation.BLOCKS else 0
+        ev = EndToEnd(model, sites, limit_feeds(feeds, config.e2e_samples), source, known, blocks, scratch)
     except ConfigError as exc:
         return None, str(exc)
     except Exception as exc:  # ONNX Runtime raises its own types for models it cannot run
@@ -348,6 +350,8 @@ def quantize(
             if chosen.evaluator is not None:  # whether the model ran, and its outputs' kinds, for a later run
                 memo.meta.update(chosen.evaluator.facts())
             write_text_atomic(sensitivity_cache, memo.text(), "the sensitivity cache")  # type: ignore[arg-type]
+        if chosen.evaluator is not None:
+            chosen.evaluator.close()
     return QuantizeResult(written.model, _report(prepared, measured, chosen, written, config, calibration), chosen.plan, written.spill)
 
 
@@ -566,11 +570,24 @@ def choose_widths(prepared: Prepared, measured: Measured, config: QuantConfig, r
     held a run of this model, the evaluator's reference pass waits until a
     measurement is missing: a budget the file already covers runs nothing.
     """
+    evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in measured.tables), evaluation, evaluation_source,
+                                    config, cache, scratch) if _uses_e2e(config) else (None, "")
+    try:
+        return _choose_with(prepared, measured, config, rounder, evaluator, why_not, evaluation_source, calibration,
+                            progress, cache, scratch)
+    except BaseException:
+        if evaluator is not None:
+            evaluator.close()
+        raise
+
+
+def _choose_with(prepared: Prepared, measured: Measured, config: QuantConfig, rounder: Rounder, evaluator: EndToEnd | None,
+                 why_not: str, evaluation_source: str, calibration: list[Feed] | None, progress: Progress | None,
+                 cache: SensitivityCache | None, scratch: Path | None) -> Chosen:
+    """:func:`choose_widths` once the evaluator is made (or not: ``why_not``)."""
     tables, limit, notes = list(measured.tables), measured.limit, []
     calibrated = bool(calibration)
     totals = _uniform_totals([t.site for t in tables], config, measured.caps)
-    evaluator, why_not = _evaluator(prepared.base, tuple(t.site for t in tables), evaluation, evaluation_source, config,
-                                    cache) if _uses_e2e(config) else (None, "")
     cache_path = cache.path if cache is not None else None
     # Without a file the measurements are still kept for this run: a plan measured twice (--max-size refits) runs once,
     # and the curve can say which of its plans were measured.

@@ -202,8 +202,9 @@ def test_cache_like_outputs_do_not_stop_the_cuts(tmp_path):
 def test_a_block_onnx_runtime_refuses_falls_back_to_the_whole_model(tmp_path, monkeypatch, stage):
     """Block sessions that fail (an operator ORT cannot run alone, say) cost time, never the run."""
     import mixq_onnx.runtime.blockwise as blockwise
+    import mixq_onnx.runtime.chain as chain
 
-    real = blockwise.session
+    real = chain.session
 
     def refuse(model, *args, **kwargs):
         if isinstance(model, onnx.ModelProto) and model.graph.name.startswith("block"):
@@ -211,7 +212,7 @@ def test_a_block_onnx_runtime_refuses_falls_back_to_the_whole_model(tmp_path, mo
         return real(model, *args, **kwargs)
 
     if stage == "float pass":
-        monkeypatch.setattr(blockwise, "session", refuse)
+        monkeypatch.setattr(chain, "session", refuse)
     else:  # the float pass works; every block task reports ORT's refusal
         monkeypatch.setattr(blockwise, "run_block", lambda job: "[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
     report = _run(tmp_path, "blocks", "4.5")

@@ -50,15 +50,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from ..executor import Executor, inline, ort_threads
 from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
-from .inputs import session
-from .sensitivity import EndToEnd, Replacement, materialize, overridable, squared_change
+from .chain import Replacement, block_session, free_dims, materialize
+from .sensitivity import EndToEnd, overridable, squared_change
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -91,14 +90,10 @@ class BlockJob:
     threads: int
 
 
-def _block_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False, threads=threads)
-
-
 def run_block(job: BlockJob) -> list[float] | str:
     """The block distance of each swap of ``job``, or why ONNX Runtime could not run the block."""
     try:
-        sess = _block_session(job.model, job.threads)
+        sess = block_session(job.model, job.threads)
         out = []
         for name, replacement in job.swaps:
             array = materialize(replacement)
@@ -194,7 +189,10 @@ class BlockProxy:
         self.evaluator = evaluator
         model = evaluator.model
         eligible = [s for s in sites if s.name in evaluator.swappable and overridable(s)]
-        self.partition: Partition = partition(model, [s.name for s in eligible], block_weights, outputs_cut=True, anywhere=True)
+        # On a chain the evaluator's blocks are these blocks, and its float boundary values are these views' stores.
+        self.chain = evaluator.chain
+        self.partition: Partition = self.chain.partition if self.chain is not None else \
+            partition(model, [s.name for s in eligible], block_weights, outputs_cut=True, anywhere=True)
         shared = set(self.partition.shared)
         self.owner = {w: b.index for b in self.partition.blocks for w in b.weights if w not in shared}
         self.infos = {s.name: (helper.np_dtype_to_tensor_dtype(s.np_dtype), s.shape) for s in eligible}
@@ -227,6 +225,8 @@ class BlockProxy:
 
     def close(self) -> None:
         self.stores = {}
+        if self.chain is not None:  # its stores are made again if a later measurement needs them
+            self.chain.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -239,16 +239,10 @@ class BlockProxy:
         """The block alone; the weights it owns are overridable initializers, so a run can swap one.
 
         The float pass uses the same model, so the reference outputs are
-        those of the very model the options run on, with nothing swapped.
-        Activation inputs (rank 2 or more) are declared with free
-        dimensions: the views group samples differently, and the batch is
-        not always the first axis (a recurrent layer's ``[T, N, C]``).
-        Shapes and sizes (rank 0 and 1) keep theirs: operators such as
-        Resize read their lengths.
+        those of the very model the options run on, with nothing swapped
+        (see :func:`mixq_onnx.runtime.chain.free_dims` for the inputs' shapes).
         """
-        infos = {k: (t, tuple(f"d{i}" for i in range(len(dims))) if len(dims) >= 2 else dims)
-                 for k, (t, dims) in infos.items()}
-        bm = block_model(self.evaluator.model, block, infos, [])  # type: ignore[arg-type]
+        bm = block_model(self.evaluator.model, block, free_dims(infos), [])  # type: ignore[arg-type]
         owned = [w for w in block.weights if self.owner.get(w) == block.index]
         bm.graph.input.extend(helper.make_tensor_value_info(w, *self.infos[w]) for w in owned)
         return bm
@@ -272,9 +266,12 @@ class BlockProxy:
             if self.samples["all"] == self.screen:  # no room for more samples than the screening ones: the same view
                 self.stores["all"], self.groups["all"] = self.stores["screen"], self.groups["screen"]
                 return self.stores["all"], self.groups["all"]
-        store = ActivationStore(self.store_bytes, lambda: self._spill_dir() / view)
         groups = self.evaluator.run_groups(self.samples[view])
-        self._float_pass(store, groups)
+        if self.chain is not None:  # the chain's float sweep keeps every boundary, under the key its runs use
+            store = self.chain.boundaries([self.evaluator.stacked(g) for g in groups], ("groups", tuple(map(tuple, groups))))
+        else:
+            store = ActivationStore(self.store_bytes, lambda: self._spill_dir() / view)
+            self._float_pass(store, groups)
         self.stores[view], self.groups[view] = store, groups
         return store, groups
 
@@ -295,7 +292,7 @@ class BlockProxy:
             missing = [i for i in b.inputs if i not in env]
             if missing:  # an input that is neither fed nor made earlier (an optional graph input left out)
                 raise RuntimeError(f"block {b.index} reads {missing[0]!r}, which no earlier block makes")
-            sess = _block_session(self._block_model(b, {i: tensor_info(env[i]) for i in b.inputs}))
+            sess = block_session(self._block_model(b, {i: tensor_info(env[i]) for i in b.inputs}))
             names = [o.name for o in sess.get_outputs()]
             outs = [sess.run(None, {i: env[i][g] for i in b.inputs}) for g in range(len(groups))]
             self.block_runs += len(groups)

@@ -65,6 +65,17 @@ class RoundSpec:
         return _round_task(self.task).tensor.dequantize().astype(self.task[0].np_dtype)
 
 
+@dataclass(frozen=True)
+class Dequantized:
+    """A rounded weight, dequantized where it is used (a :class:`~.sensitivity.Swap`): its integers travel, not floats."""
+
+    rounded: Rounded
+    dtype: np.dtype
+
+    def array(self) -> np.ndarray:
+        return self.rounded.tensor.dequantize().astype(self.dtype)
+
+
 class Rounder:
     """Rounds (weight, option) pairs with a method and remembers the result, so each is rounded once."""
 
@@ -116,6 +127,13 @@ class Rounder:
         if method is Method.RTN and self._key(table, option, method) not in self._cache:
             return RoundSpec(self._task(table, option, method))
         return self.dequantized(table, option, method)
+
+    def lazy(self, table: ErrorTable, option: Option) -> RoundSpec | Dequantized:
+        """The option's weight, rounded with the configured method, made only where a block reads it."""
+        method = self.config.layer_method
+        if method is Method.RTN and self._key(table, option, method) not in self._cache:
+            return RoundSpec(self._task(table, option, method))
+        return Dequantized(self.get(table, option, method), table.site.np_dtype)
 
     def search_value(self, table: ErrorTable, option: Option) -> np.ndarray | RoundSpec:
         """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""
@@ -190,6 +208,19 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
     """
     chosen = [[d for d in ds if d.table.site.name in evaluator.swappable] for ds in plans]
     runner = runner if runner is not None else inline()
+    if evaluator.chain is not None:  # block by block, each block's weights rounded as it runs
+        def swapped(idx: list[int]) -> Iterator[float]:
+            rounder.prefetch((d.table, d.option) for i in idx for d in chosen[i])
+            swaps = [{d.table.site.name: rounder.lazy(d.table, d.option) for d in chosen[i]} for i in idx]
+            for k, d in enumerate(evaluator.plan_distances(swaps, runner)):  # one sweep of the blocks for them all
+                if progress is not None:
+                    progress(k + 1, len(idx))
+                yield d
+
+        compute: Callable[[list[int]], Iterable[float]] = swapped
+        if memo is not None:
+            return memo.measured_many([plan_key(ds, evaluator, rounder) for ds in chosen], compute)
+        return list(compute(list(range(len(chosen)))))
     spills: deque[Spill] = deque()
     streamed = has_external_data(evaluator.model)  # type: ignore[arg-type]
 

@@ -23,7 +23,8 @@ import copy
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, TypeVar, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ from ..errors import ConfigError
 from ..executor import Executor, inline, ort_threads
 from ..graph.find import Source, WeightSite
 from ..graph.scopes import MAIN, iter_scopes
+from .chain import BlockChain, ChainRun, Replacement, materialize
 from .inputs import Feed, session
 from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
@@ -109,19 +111,6 @@ def eligibility(model: onnx.ModelProto, sites: Sequence[WeightSite]) -> Eligibil
     return Eligibility(tuple(ok), reasons)
 
 
-class Swap(Protocol):
-    """A replacement weight made where it is used (a rounding task), so tasks carry recipes rather than arrays."""
-
-    def array(self) -> np.ndarray: ...
-
-
-Replacement = Union[np.ndarray, Swap]
-
-
-def materialize(replacement: Replacement) -> np.ndarray:
-    return replacement if isinstance(replacement, np.ndarray) else replacement.array()
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What :func:`weights_as_inputs` reads of a weight site, without its data: a worker rebuilds the model from it."""
@@ -175,10 +164,17 @@ class EndToEnd:
     """The float model with its searched weights as inputs, its reference outputs and a distance function."""
 
     def __init__(self, model: onnx.ModelProto, sites: Sequence[WeightSite], feeds: list[Feed], source: str,
-                 known_kinds: Mapping[str, str] | None = None) -> None:
+                 known_kinds: Mapping[str, str] | None = None, blocks: int = 0, scratch: Path | None = None) -> None:
         """``known_kinds``: the output kinds that a run of this very model on these samples found (a warm
         ``--sensitivity-cache`` keeps them); then the session and the reference pass wait for the first
-        measurement, and a run that finds every measurement in the cache runs neither."""
+        measurement, and a run that finds every measurement in the cache runs neither.
+
+        ``blocks``: run the model as a chain of blocks of up to that many
+        searched weights (:mod:`mixq_onnx.runtime.chain`) where it can be
+        cut and every searched weight is a main-graph initializer, so no
+        session ever holds all the weights; 0 runs one session of the whole
+        model. ``scratch``: where the chain spills boundary activations.
+        """
         if not feeds:
             raise ConfigError("end-to-end sensitivity needs at least one sample")
         self.eligibility = eligibility(model, sites)
@@ -192,7 +188,12 @@ class EndToEnd:
         # ONNX Runtime's intra-op threads (0: one per core); a worker process sets its share before its first run.
         self.threads = 0
         self._session_obj: ort.InferenceSession | None = None
-        if known_kinds is None:
+        self.chain: BlockChain | None = None
+        if blocks > 0 and chosen and not self.weights:
+            chain = BlockChain(model, {s.name: (helper.np_dtype_to_tensor_dtype(s.np_dtype), s.shape) for s in chosen},
+                               blocks, scratch=scratch)
+            self.chain = chain if chain.usable else None
+        if known_kinds is None and self.chain is None:
             self._session_obj = self._session(weights_as_inputs(model, chosen))
         # The inputs a session lists: graph inputs without an initializer, less the weights made inputs.
         inits = {t.name for t in model.graph.initializer}
@@ -211,8 +212,21 @@ class EndToEnd:
         self.evaluations = 0
 
     def _reference_pass(self) -> None:
-        """The float outputs on every feed, whether feeds can be stacked, and how each output is compared."""
-        self._references = [self._run(f, {}) for f in self.feeds]
+        """The float outputs on every feed, whether feeds can be stacked, and how each output is compared.
+
+        On the chain, a block that ONNX Runtime refuses to run alone sends
+        every measurement back to a session of the whole model.
+        """
+        if self.chain is not None:
+            try:
+                self._references = next(self.chain.run([ChainRun()], self.feeds))
+            except Exception as exc:  # ORT raises its own types for blocks it cannot run alone
+                log.warning("the model cannot be run block by block (%s); measuring on the whole model",
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                self.chain.close()
+                self.chain = None
+        if self.chain is None:
+            self._references = [self._run(f, {}) for f in self.feeds]
         self._batched = self._batches_agree()
         kinds = {n: output_kind([r[k] for r in self._references]) for k, n in enumerate(self.output_names)}
         self._kinds = {n: k for n, k in kinds.items() if k is not None}
@@ -254,7 +268,7 @@ class EndToEnd:
         if not big:
             return feeds
         try:  # a model that fixes its batch size refuses one row
-            self.session.run(None, {**{k: np.asarray(v)[:1] for k, v in big[0].items()}, **self.weights})
+            self._run({k: np.asarray(v)[:1] for k, v in big[0].items()}, {})
         except Exception:
             return feeds
         out: list[Feed] = []
@@ -282,6 +296,11 @@ class EndToEnd:
         # only a graph whose tensors name their data files).
         return {**self.__dict__, "_session_obj": None}
 
+    def close(self) -> None:
+        """Remove the chain's spilled boundary values, if any (the evaluator still works: they are made again)."""
+        if self.chain is not None:
+            self.chain.close()
+
     def detached(self) -> "EndToEnd":
         """A copy without the model: the references and the distance, for measuring plan models elsewhere."""
         light = copy.copy(self)
@@ -296,6 +315,10 @@ class EndToEnd:
         the swaps are cut into one contiguous chunk per worker, and each
         worker makes one session for its chunk.
         """
+        if self.chain is not None:  # each swap runs from the first block that reads its weight
+            yield from self.chain_distances([ChainRun({name: r}, self.chain.start_of({name: r})) for name, r in swaps],
+                                            feeds, runner)
+            return
         if not runner.remote:
             for name, r in swaps:
                 yield self.distance({name: materialize(r)}, feeds)
@@ -306,6 +329,37 @@ class EndToEnd:
         for values in runner.map(_distances_task, jobs):
             self.evaluations += len(values)
             yield from values
+
+    def chain_distances(self, runs: Sequence[ChainRun], feeds: Sequence[int] | None, runner: Executor) -> Iterator[float]:
+        """The distance of each run of the chain (its weights replaced, from its start block), in order, on ``runner``.
+
+        Here, the runs go through the blocks together (see
+        :meth:`BlockChain.run`); on worker processes, the runs are cut into
+        one contiguous chunk per worker, each swept by its worker. The float
+        boundary values that runs starting late read are made here first,
+        once, and travel with the chunks.
+        """
+        if self.chain is None:
+            raise RuntimeError("this evaluator runs the whole model, not a chain of blocks")
+        chosen = tuple(range(len(self.feeds))) if feeds is None else tuple(feeds)
+        groups = self.run_groups(chosen)
+        stacked = [self.stacked(g) for g in groups]
+        key = ("groups", tuple(map(tuple, groups)))
+        if any(r.start > 0 for r in runs):
+            self.chain.boundaries(stacked, key)
+        if not runner.remote:
+            yield from self.chain.run(runs, stacked, key, lambda outs: self._score(zip(groups, outs)))
+            return
+        threads = ort_threads(runner)
+        cuts = np.linspace(0, len(runs), min(runner.workers, len(runs)) + 1).round().astype(int)
+        jobs = ((self, tuple(runs[a:b]), chosen, threads) for a, b in zip(cuts, cuts[1:]))
+        for values in runner.map(_chain_task, jobs):
+            self.evaluations += len(values)
+            yield from values
+
+    def plan_distances(self, plans: Iterable[Mapping[str, Replacement]], runner: Executor) -> Iterator[float]:
+        """The distance of each plan (its weights replaced at once) on every sample, run as a chain from block 0."""
+        yield from self.chain_distances([ChainRun(dict(p)) for p in plans], None, runner)
 
     def model_distances(self, models: Iterable[onnx.ModelProto], runner: Executor) -> Iterator[float]:
         """:meth:`model_distance` of each model, in order, on ``runner`` (worker processes get a detached copy)."""
@@ -319,6 +373,8 @@ class EndToEnd:
             yield d
 
     def _run(self, feed: Feed, replace_weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.chain is not None:
+            return next(self.chain.run([ChainRun(replace_weights)], [feed]))[0]
         return self.session.run(None, {**feed, **self.weights, **replace_weights})
 
     def _batches_agree(self) -> bool:
@@ -408,10 +464,13 @@ class EndToEnd:
     def _distance(self, run: Callable[[Feed], list[np.ndarray]], feeds: Sequence[int] | None) -> float:
         chosen = range(len(self.feeds)) if feeds is None else feeds
         self.references  # noqa: B018 - the reference pass, if it waited, before anything is compared
+        return self._score((group, run(self.stacked(group))) for group in self.run_groups(chosen))
+
+    def _score(self, runs: Iterable[tuple[Sequence[int], list[np.ndarray]]]) -> float:
+        """The distance from each group of feeds' outputs (a group's run stacks its feeds, see :meth:`run_groups`)."""
         noise = {name: 0.0 for name in self.kinds}
         signal = {name: 0.0 for name in self.kinds}
-        for group in self.run_groups(chosen):
-            outs = run(self.stacked(group))
+        for group, outs in runs:
             starts = [0] * len(self.output_names)
             for i in group:  # a stacked run's outputs are the feeds' outputs one after the other (see _batches_agree)
                 for k, name in enumerate(self.output_names):
@@ -448,7 +507,10 @@ class EndToEnd:
         return value
 
     def describe(self) -> dict[str, object]:
+        runs = (f"a chain of {len(self.chain.partition.blocks)} block sessions"
+                if self.chain is not None else "one session of the whole model")
         return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
+                "model_runs_as": runs,
                 "weights_measured": len(self.eligibility.names),
                 "not_measured": dict(sorted(self.eligibility.reasons.items()))}
 
@@ -472,6 +534,17 @@ def _distances_task(job: tuple[EndToEnd, tuple[tuple[str, Replacement], ...], tu
     """A worker's chunk of swaps (see :meth:`EndToEnd.distances`)."""
     evaluator, swaps, feeds, threads = job
     return _in_worker(evaluator, threads, lambda: [evaluator.distance({name: materialize(r)}, feeds) for name, r in swaps])
+
+
+def _chain_task(job: tuple[EndToEnd, tuple[ChainRun, ...], tuple[int, ...], int]) -> list[float]:
+    """A worker's chunk of chain runs (see :meth:`EndToEnd.chain_distances`)."""
+    evaluator, runs, feeds, threads = job
+
+    def measure() -> list[float]:
+        evaluator.chain.threads = threads  # type: ignore[union-attr]
+        return list(evaluator.chain_distances(runs, feeds, inline()))
+
+    return _in_worker(evaluator, threads, measure)
 
 
 def _model_distance_task(job: tuple[EndToEnd, onnx.ModelProto, int]) -> float:
@@ -607,7 +680,7 @@ def attach_e2e(
     Each stage's measurements run as tasks on ``runner`` (default: here,
     one after the other): a task per block, and the whole-model ones cut
     into a chunk per worker. ``dequantize`` may return a recipe
-    (:class:`Swap`) instead of an array, so a task carries how to round a
+    (:class:`~.chain.Swap`) instead of an array, so a task carries how to round a
     weight, not the rounded weight. The values do not depend on the runner.
     """
     n_feeds = len(evaluator.feeds)

@@ -50,6 +50,10 @@ class ActivationStore:
         self.spilled += size
         self.values[name] = out
 
+    def __getstate__(self) -> dict[str, object]:
+        # Sent to a worker to be read: a folder still to be made (a function) does not travel, nor is it needed there.
+        return {**self.__dict__, "_folder": None if callable(self._folder) else self._folder}
+
     @property
     def folder(self) -> Path:
         if callable(self._folder):
