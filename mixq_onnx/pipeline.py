@@ -43,6 +43,7 @@ from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, plan_bytes, search
 from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
+from .runtime.chain import float_runner
 from .planning.cache import SensitivityCache, feeds_digest
 from .planning.curve import CurvePoint, accuracy_size_curve, curve_plans
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
@@ -879,12 +880,18 @@ def _check(model: onnx.ModelProto, full: bool = True) -> str:
     return ""
 
 
+# Models above this size run block by block wherever they are run whole before the evaluator exists.
+CHAIN_BYTES = 256 * 2**20
+
+
 def _generated(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
                ) -> tuple[list[Feed] | None, str]:
     """Generated feeds and how they were made, or (None, why not) when the model does not run on them."""
     bounds = gather_index_bounds(model)
+    # A big model runs block by block, so this check does not read every weight at once (see runtime/chain.py).
+    run = float_runner(model) if model_bytes(model) > CHAIN_BYTES else None
     try:
-        gen = generate_inputs(model, shapes, bounds, samples, seed)
+        gen = generate_inputs(model, shapes, bounds, samples, seed, run)
     except ConfigError as exc:
         return None, str(exc)
     return gen.feeds, f"generated inputs ({gen.describe()}, seed {seed})"

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..graph.blocks import Block, Partition, block_model, partition
-from ..graph.io import scratch_dir
+from ..graph.io import scratch_dir, tensor_nbytes
 from .inputs import Feed, session
 from .store import ActivationStore, Shape, tensor_info
 
@@ -94,15 +94,19 @@ class BlockChain:
     """The main graph as blocks run one after another, each with its own session; see the module's docstring."""
 
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, tuple[int, tuple[int, ...]]], block_weights: int,
-                 store_bytes: int = STORE_BYTES, live_bytes: int = LIVE_BYTES, scratch: Path | None = None) -> None:
+                 store_bytes: int = STORE_BYTES, live_bytes: int = LIVE_BYTES, scratch: Path | None = None,
+                 cut_by: Sequence[str] | None = None) -> None:
         """``weights``: the replaceable weights (main-graph initializers) by name, with ONNX element type and shape.
 
         ``scratch``: where a ``.mixq-PID-*`` folder for spilled boundary
-        activations is made if any spill (default: the system's temporary folder).
+        activations is made if any spill (default: the system's temporary
+        folder). ``cut_by``: the initializers a block holds up to
+        ``block_weights`` of (default: ``weights``).
         """
         self.model = model
         self.weights = dict(weights)
-        self.partition: Partition = partition(model, list(self.weights), block_weights, outputs_cut=True, anywhere=True)
+        self.partition: Partition = partition(model, list(cut_by if cut_by is not None else self.weights), block_weights,
+                                              outputs_cut=True, anywhere=True)
         blocks = self.partition.blocks
         self.readers: dict[str, tuple[int, ...]] = {}
         for b in blocks:
@@ -249,5 +253,22 @@ class BlockChain:
         return bm
 
 
-__all__ = ["BlockChain", "ChainRun", "LIVE_BYTES", "Replacement", "STORE_BYTES", "Swap", "block_session", "free_dims",
+# Initializers of at least this many bytes count towards a block's size when the float model alone is chained.
+LARGE_BYTES = 2**20
+
+
+def float_runner(model: onnx.ModelProto, block_weights: int = 4) -> Callable[[Feed], list[np.ndarray]] | None:
+    """Runs of the float model as a chain of blocks of up to ``block_weights`` large initializers, or None if it cannot be cut.
+
+    For checks that run a big model before the evaluator exists (whether
+    generated inputs run): the weights are read a block at a time.
+    """
+    large = [t.name for t in model.graph.initializer if tensor_nbytes(t) >= LARGE_BYTES]
+    chain = BlockChain(model, {}, block_weights, cut_by=large) if large else None
+    if chain is None or not chain.usable:
+        return None
+    return lambda feed: next(chain.run([ChainRun()], [feed]))[0]
+
+
+__all__ = ["float_runner", "BlockChain", "ChainRun", "LIVE_BYTES", "Replacement", "STORE_BYTES", "Swap", "block_session", "free_dims",
            "materialize"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import runpy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,28 +129,37 @@ def _fill(inputs: list[ort.NodeArg], shapes: dict[str, tuple[int, ...]], bounds:
     return feed
 
 
-def _runs(sess: ort.InferenceSession, feed: Feed) -> str:
+Run = Callable[[Feed], list[np.ndarray]]
+
+
+def _runs(run: Run, names: list[str], feed: Feed) -> str:
     """'' if the model runs on ``feed`` with finite float outputs, else why not."""
     try:
-        outs = sess.run(None, feed)
+        outs = run(feed)
     except Exception as exc:  # ORT raises several unrelated types for shape problems
         return str(exc).splitlines()[0][:200]
-    for o, arg in zip(outs, sess.get_outputs()):
+    for o, name in zip(outs, names):
         a = np.asarray(o)
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            return f"output '{arg.name}' is not finite"
+            return f"output '{name}' is not finite"
     return ""
 
 
 def generate_inputs(
-    model: bytes | Path | onnx.ModelProto, given: dict[str, tuple[int, ...]], bounds: dict[str, int], samples: int, seed: int
+    model: bytes | Path | onnx.ModelProto, given: dict[str, tuple[int, ...]], bounds: dict[str, int], samples: int, seed: int,
+    run: Run | None = None,
 ) -> GeneratedInputs:
     """``samples`` seeded feeds of one sample each that the float model runs on.
 
+    ``run`` runs the float model on a feed (default: this session's run; a
+    chain of block sessions keeps a big model's weights out of memory: a
+    session that only lists the inputs does not read them).
     Raises ConfigError, naming what to pass, when no probed size works or a
     sample would be too large.
     """
     sess = session(model, config={"session.disable_prepacking": "1"})  # maps the weights instead of copying them
+    names = [o.name for o in sess.get_outputs()]
+    run = run if run is not None else (lambda feed: sess.run(None, feed))
     inputs = sess.get_inputs()
     unknown = set(given) - {i.name for i in inputs}
     if unknown:
@@ -166,7 +176,7 @@ def generate_inputs(
                               f"{MAX_SAMPLE_BYTES // 2**20} MiB); pass a smaller --input-shape or real samples with --inputs")
         rng = np.random.default_rng(seed)
         first = _fill(inputs, shapes, bounds, rng)
-        failure = _runs(sess, first)
+        failure = _runs(run, names, first)
         if not failure:
             feeds = [first] + [_fill(inputs, shapes, bounds, rng) for _ in range(samples - 1)]
             if dynamic:

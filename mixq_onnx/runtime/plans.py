@@ -62,7 +62,12 @@ class RoundSpec:
     task: _RoundTask
 
     def array(self) -> np.ndarray:
-        return _round_task(self.task).tensor.dequantize().astype(self.task[0].np_dtype)
+        site, grid, method, _ = self.task
+        if method is Method.RTN:  # the same floats as quantizing and dequantizing, without the integer container
+            w = site.array
+            w = w.astype(np.float32) if w.dtype == ml_dtypes.bfloat16 else w
+            return grid.fake_quantize(w, grid.range_of(w)).astype(site.np_dtype)
+        return _round_task(self.task).tensor.dequantize().astype(site.np_dtype)
 
 
 @dataclass(frozen=True)
