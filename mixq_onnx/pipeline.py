@@ -26,7 +26,7 @@ from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
 from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, model_digest,
-                       output_bytes, stage_model, tensor_nbytes, write_text_atomic)
+                       model_files, output_bytes, stage_model, tensor_nbytes, write_text_atomic)
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
@@ -1063,12 +1063,7 @@ def check_runs_in_ort(path: Path, model: onnx.ModelProto) -> None:
 
 def _data_size(model_path: Path) -> int:
     """Bytes of external data files beside a model (those it references)."""
-    try:
-        m = onnx.load(str(model_path), load_external_data=False)
-    except Exception:
-        return 0
-    locs = {e.value for t in onnx.external_data_helper._get_all_tensors(m) for e in t.external_data if e.key == "location"}
-    return sum((model_path.parent / loc).stat().st_size for loc in locs if (model_path.parent / loc).is_file())
+    return sum(f.stat().st_size for f in model_files(model_path)[1:])
 
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "VerifyOptions", "quantize", "quantize_file", "Budget"]

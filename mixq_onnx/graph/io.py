@@ -259,6 +259,8 @@ def model_files(path: str | os.PathLike[str]) -> list[Path]:
     files = [p]
     if not p.is_file():  # a FIFO would block; load_model refuses anything but a regular file
         return files
+    if not _contains(p, b"location"):  # no tensor names a data file: no need to parse (a big inline model's seconds)
+        return files
     try:
         m = onnx.load(str(p), load_external_data=False)
     except Exception:  # an unreadable model has no data files we could damage
@@ -266,6 +268,20 @@ def model_files(path: str | os.PathLike[str]) -> list[Path]:
     locs = {e.value for t in _all_tensors(m) for e in t.external_data if e.key == "location"}
     files += [p.parent / loc for loc in sorted(locs) if _is_file(p.parent / loc)]
     return files
+
+
+def _contains(path: Path, needle: bytes, chunk: int = 16 * 2**20) -> bool:
+    """Whether the file's bytes contain ``needle``, read a chunk at a time (unreadable: True, so callers look closer)."""
+    try:
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(chunk):
+                if needle in tail + block[: len(needle)] or needle in block:
+                    return True
+                tail = block[-len(needle) + 1:]
+    except OSError:
+        return True
+    return False
 
 
 def _is_file(p: Path) -> bool:

@@ -153,6 +153,10 @@ class BlockChain:
             self._dir = scratch_dir(self._scratch)
         return self._dir / f"s{len(self._stores)}"
 
+    def stored(self, key: Hashable) -> bool:
+        """Whether the float boundary values under ``key`` are kept (runs on those feeds can start late)."""
+        return key in self._stores
+
     def boundaries(self, feeds: Sequence[Feed], key: Hashable) -> ActivationStore:
         """The float values of every tensor that crosses a cut (and of every graph output) on ``feeds``, per feed.
 

@@ -335,9 +335,9 @@ class EndToEnd:
 
         Here, the runs go through the blocks together (see
         :meth:`BlockChain.run`); on worker processes, the runs are cut into
-        one contiguous chunk per worker, each swept by its worker. The float
-        boundary values that runs starting late read are made here first,
-        once, and travel with the chunks.
+        one contiguous chunk per worker, each swept by its worker. Runs start
+        late only on samples whose float boundary values are stored
+        (:meth:`BlockChain.stored`); those travel with the chunks.
         """
         if self.chain is None:
             raise RuntimeError("this evaluator runs the whole model, not a chain of blocks")
@@ -345,8 +345,10 @@ class EndToEnd:
         groups = self.run_groups(chosen)
         stacked = [self.stacked(g) for g in groups]
         key = ("groups", tuple(map(tuple, groups)))
-        if any(r.start > 0 for r in runs):
-            self.chain.boundaries(stacked, key)
+        if not self.chain.stored(key):
+            # Late starts read the float values at every cut, which the block-wise evaluator keeps for its views;
+            # on other samples (every page image, say) storing them could take gigabytes: run from block 0.
+            runs = [replace(r, start=0) for r in runs]
         if not runner.remote:
             yield from self.chain.run(runs, stacked, key, lambda outs: self._score(zip(groups, outs)))
             return
