@@ -23,6 +23,7 @@ make more sweeps.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -152,6 +153,12 @@ class BlockChain:
         if self._dir is None:
             self._dir = scratch_dir(self._scratch)
         return self._dir / f"s{len(self._stores)}"
+
+    def keeping(self, key: Hashable) -> "BlockChain":
+        """A copy that shares everything but keeps only the boundary values under ``key`` (to send to a worker)."""
+        light = copy.copy(self)
+        light._stores = {key: self._stores[key]} if key in self._stores else {}
+        return light
 
     def stored(self, key: Hashable) -> bool:
         """Whether the float boundary values under ``key`` are kept (runs on those feeds can start late)."""

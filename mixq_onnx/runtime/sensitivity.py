@@ -354,7 +354,9 @@ class EndToEnd:
             return
         threads = ort_threads(runner)
         cuts = np.linspace(0, len(runs), min(runner.workers, len(runs)) + 1).round().astype(int)
-        jobs = ((self, tuple(runs[a:b]), chosen, threads) for a, b in zip(cuts, cuts[1:]))
+        light = copy.copy(self)  # the chunks carry the boundary values of these samples only
+        light.chain = self.chain.keeping(key)
+        jobs = ((light, tuple(runs[a:b]), chosen, threads) for a, b in zip(cuts, cuts[1:]))
         for values in runner.map(_chain_task, jobs):
             self.evaluations += len(values)
             yield from values
