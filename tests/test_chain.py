@@ -101,3 +101,26 @@ def test_sweeps_bounded_by_live_bytes_give_the_same_values(tmp_path):
         tight.close()
         roomy.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_float_runner_and_generated_inputs_fall_back_to_the_whole_model():
+    """The float chain gives the session's outputs; a chain that fails does not make generated inputs fail."""
+    from mixq_onnx.runtime.chain import float_runner
+    from mixq_onnx.runtime.inputs import generate_inputs, session
+
+    model = load_model(MODELS / "tiny_transformer.onnx").model
+    from mixq_onnx.graph.find import gather_index_bounds
+
+    run = float_runner(model, block_weights=2, large_bytes=4096)  # a tiny model: its "large" tensors are small
+    assert run is not None
+    bounds = gather_index_bounds(model)
+    gen = generate_inputs(model, {}, bounds, 2, 0, run)
+    want = session(model).run(None, gen.feeds[0])
+    for a, b in zip(run(gen.feeds[0]), want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+    def refuses(feed):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a block ORT refuses")
+
+    again = generate_inputs(model, {}, bounds, 2, 0, refuses)
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(gen.feeds, again.feeds) for k in x)

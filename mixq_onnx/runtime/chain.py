@@ -268,13 +268,15 @@ class BlockChain:
 LARGE_BYTES = 2**20
 
 
-def float_runner(model: onnx.ModelProto, block_weights: int = 4) -> Callable[[Feed], list[np.ndarray]] | None:
-    """Runs of the float model as a chain of blocks of up to ``block_weights`` large initializers, or None if it cannot be cut.
+def float_runner(model: onnx.ModelProto, block_weights: int = 4, large_bytes: int = LARGE_BYTES
+                 ) -> Callable[[Feed], list[np.ndarray]] | None:
+    """Runs of the float model as a chain of blocks of up to ``block_weights`` initializers of at least
+    ``large_bytes``, or None if it cannot be cut.
 
     For checks that run a big model before the evaluator exists (whether
     generated inputs run): the weights are read a block at a time.
     """
-    large = [t.name for t in model.graph.initializer if tensor_nbytes(t) >= LARGE_BYTES]
+    large = [t.name for t in model.graph.initializer if tensor_nbytes(t) >= large_bytes]
     chain = BlockChain(model, {}, block_weights, cut_by=large) if large else None
     if chain is None or not chain.usable:
         return None
