@@ -56,7 +56,7 @@ from ..executor import Executor, inline, ort_threads
 from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
-from .chain import Replacement, block_session, free_dims, materialize
+from .chain import Replacement, block_session, free_dims, materialize, refusal
 from .sensitivity import EndToEnd, overridable, squared_change
 from .store import ActivationStore, tensor_info
 
@@ -104,12 +104,7 @@ def run_block(job: BlockJob) -> list[float] | str:
             out.append(noise / job.signal if job.signal > 0 else noise)
         return out
     except Exception as exc:  # the text travels back from a worker process; the caller falls back
-        return _reason(exc)
-
-
-def _reason(exc: Exception) -> str:
-    """ONNX Runtime's refusal in one line, as the report and the warning give it."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return refusal(exc)
 
 
 @dataclass(frozen=True)
@@ -268,7 +263,7 @@ class BlockProxy:
                 return self.stores["all"], self.groups["all"]
         groups = self.evaluator.run_groups(self.samples[view])
         if self.chain is not None:  # the chain's float sweep keeps every boundary, under the key its runs use
-            store = self.chain.boundaries([self.evaluator.stacked(g) for g in groups], ("groups", tuple(map(tuple, groups))))
+            store = self.chain.boundaries(*self.evaluator.view(groups))
         else:
             store = ActivationStore(self.store_bytes, lambda: self._spill_dir() / view)
             self._float_pass(store, groups)
@@ -319,7 +314,7 @@ class BlockProxy:
         try:
             store, groups = self._view(view)
         except Exception as exc:  # ONNX Runtime refused a block in the float pass: no swap can be measured
-            return [_reason(exc)] * len(swaps)
+            return [refusal(exc)] * len(swaps)
         order: dict[int, list[int]] = {}
         for i, (name, _) in enumerate(swaps):
             order.setdefault(self.owner[name], []).append(i)

@@ -68,6 +68,11 @@ def _keep(outputs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
     return outputs
 
 
+def refusal(exc: BaseException) -> str:
+    """ONNX Runtime's refusal in one line, as reports and warnings give it."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def block_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     """A session for one block: all graph optimisations, and no memory arena kept between its short runs."""
     return session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, arena=False, threads=threads)
@@ -283,5 +288,5 @@ def float_runner(model: onnx.ModelProto, block_weights: int = 4, large_bytes: in
     return lambda feed: next(chain.run([ChainRun()], [feed]))[0]
 
 
-__all__ = ["float_runner", "BlockChain", "ChainRun", "LIVE_BYTES", "Replacement", "STORE_BYTES", "Swap", "block_session", "free_dims",
+__all__ = ["float_runner", "refusal", "BlockChain", "ChainRun", "LIVE_BYTES", "Replacement", "STORE_BYTES", "Swap", "block_session", "free_dims",
            "materialize"]

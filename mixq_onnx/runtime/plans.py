@@ -122,25 +122,15 @@ class Rounder:
                 if progress is not None:
                     progress(i + 1, len(todo), f"rounding ({method.value})")
 
-    def dequantized(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray:
-        """The option's weight as the DequantizeLinear output, in the weight's own dtype."""
-        return self.get(table, option, method).tensor.dequantize().astype(table.site.np_dtype)
-
-    def swap(self, table: ErrorTable, option: Option, method: Method | None = None) -> np.ndarray | RoundSpec:
-        """The option's dequantized weight for an evaluation: a recipe where rounding is cheap and not kept, else the array."""
+    def swap(self, table: ErrorTable, option: Option, method: Method | None = None) -> RoundSpec | Dequantized:
+        """The option's weight for an evaluation, made where it is used: a recipe where rounding is cheap and not
+        kept, else the rounded integers (default method: the configured one)."""
         method = method or self.config.layer_method
-        if method is Method.RTN and self._key(table, option, method) not in self._cache:
-            return RoundSpec(self._task(table, option, method))
-        return self.dequantized(table, option, method)
-
-    def lazy(self, table: ErrorTable, option: Option) -> RoundSpec | Dequantized:
-        """The option's weight, rounded with the configured method, made only where a block reads it."""
-        method = self.config.layer_method
         if method is Method.RTN and self._key(table, option, method) not in self._cache:
             return RoundSpec(self._task(table, option, method))
         return Dequantized(self.get(table, option, method), table.site.np_dtype)
 
-    def search_value(self, table: ErrorTable, option: Option) -> np.ndarray | RoundSpec:
+    def search_value(self, table: ErrorTable, option: Option) -> RoundSpec | Dequantized:
         """What the search measures: round-to-nearest, or the method with ``--search-with-method``."""
         return self.swap(table, option, self.config.layer_method if self.config.search_with_method else Method.RTN)
 
@@ -203,7 +193,9 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
                   progress: Callable[[int, int], None] | None = None) -> list[float]:
     """Each plan's end-to-end distance with every weight it quantizes (those the evaluator can swap), in order.
 
-    A plan is measured as a model with DequantizeLinear nodes, not by
+    On the evaluator's chain of blocks, every plan runs in one sweep of
+    the blocks, each block's weights rounded as that block runs. Otherwise
+    a plan is measured as a model with DequantizeLinear nodes, not by
     feeding a float copy of every weight: memory holds one rounded weight at
     a time (its integers go to a scratch file when the model's weights live
     on disk), not the whole model again. Plans are models built here one at
@@ -213,19 +205,6 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
     """
     chosen = [[d for d in ds if d.table.site.name in evaluator.swappable] for ds in plans]
     runner = runner if runner is not None else inline()
-    if evaluator.chain is not None:  # block by block, each block's weights rounded as it runs
-        def swapped(idx: list[int]) -> Iterator[float]:
-            rounder.prefetch((d.table, d.option) for i in idx for d in chosen[i])
-            swaps = [{d.table.site.name: rounder.lazy(d.table, d.option) for d in chosen[i]} for i in idx]
-            for k, d in enumerate(evaluator.plan_distances(swaps, runner)):  # one sweep of the blocks for them all
-                if progress is not None:
-                    progress(k + 1, len(idx))
-                yield d
-
-        compute: Callable[[list[int]], Iterable[float]] = swapped
-        if memo is not None:
-            return memo.measured_many([plan_key(ds, evaluator, rounder) for ds in chosen], compute)
-        return list(compute(list(range(len(chosen)))))
     spills: deque[Spill] = deque()
     streamed = has_external_data(evaluator.model)  # type: ignore[arg-type]
 
@@ -237,7 +216,16 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
                 spills.append(spill)
             yield plan_model(evaluator.model, chosen[i], rounder, spill)  # type: ignore[arg-type]
 
-    def compute(idx: list[int]) -> Iterator[float]:
+    def swapped(idx: list[int]) -> Iterator[float]:
+        """On a chain: each block's weights rounded as the block runs, every plan in one sweep of the blocks."""
+        rounder.prefetch((d.table, d.option) for i in idx for d in chosen[i])
+        swaps = [{d.table.site.name: rounder.swap(d.table, d.option) for d in chosen[i]} for i in idx]
+        for k, d in enumerate(evaluator.plan_distances(swaps, runner)):
+            if progress is not None:
+                progress(k + 1, len(idx))
+            yield d
+
+    def as_models(idx: list[int]) -> Iterator[float]:
         try:
             for k, d in enumerate(evaluator.model_distances(models(idx), runner)):
                 if spills:  # the oldest plan in flight was measured: its scratch integers can go
@@ -249,6 +237,7 @@ def measure_plans(plans: Sequence[Sequence[Decision]], evaluator: EndToEnd, roun
             while spills:
                 spills.popleft().close()
 
+    compute = swapped if evaluator.chain is not None else as_models
     if memo is not None:
         return memo.measured_many([plan_key(ds, evaluator, rounder) for ds in chosen], compute)
     return list(compute(list(range(len(chosen)))))

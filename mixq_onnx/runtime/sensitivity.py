@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..executor import Executor, inline, ort_threads
 from ..graph.find import Source, WeightSite
 from ..graph.scopes import MAIN, iter_scopes
-from .chain import BlockChain, ChainRun, Replacement, materialize
+from .chain import BlockChain, ChainRun, Replacement, materialize, refusal
 from .inputs import Feed, session
 from ..planning.cache import SensitivityCache
 from ..planning.measure import ErrorTable, Option
@@ -221,8 +221,7 @@ class EndToEnd:
             try:
                 self._references = next(self.chain.run([ChainRun()], self.feeds))
             except Exception as exc:  # ORT raises its own types for blocks it cannot run alone
-                log.warning("the model cannot be run block by block (%s); measuring on the whole model",
-                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                log.warning("the model cannot be run block by block (%s); measuring on the whole model", refusal(exc))
                 self.chain.close()
                 self.chain = None
         if self.chain is None:
@@ -343,8 +342,7 @@ class EndToEnd:
             raise RuntimeError("this evaluator runs the whole model, not a chain of blocks")
         chosen = tuple(range(len(self.feeds))) if feeds is None else tuple(feeds)
         groups = self.run_groups(chosen)
-        stacked = [self.stacked(g) for g in groups]
-        key = ("groups", tuple(map(tuple, groups)))
+        stacked, key = self.view(groups)
         if not self.chain.stored(key):
             # Late starts read the float values at every cut, which the block-wise evaluator keeps for its views;
             # on other samples (every page image, say) storing them could take gigabytes: run from block 0.
@@ -432,6 +430,10 @@ class EndToEnd:
     def run_groups(self, chosen: Sequence[int]) -> list[list[int]]:
         """How the feeds in ``chosen`` are run: stacked in groups when batching agrees, else one at a time."""
         return self._groups(chosen) if self.batched else [[i] for i in chosen]
+
+    def view(self, groups: Sequence[Sequence[int]]) -> tuple[list[Feed], tuple]:
+        """The stacked feeds of ``groups`` and the key the chain keeps their boundary values under."""
+        return [self.stacked(g) for g in groups], ("groups", tuple(map(tuple, groups)))
 
     def stacked(self, group: Sequence[int]) -> Feed:
         """The feeds of one group as one feed (stacked along axis 0)."""
@@ -528,6 +530,8 @@ def squared_change(q: np.ndarray, f: np.ndarray) -> float:
 def _in_worker(evaluator: EndToEnd, threads: int, measure: Callable[[], R]) -> R:
     """Run ``measure`` in a worker with its share of threads; ONNX Runtime's errors travel back as their text."""
     evaluator.threads = threads
+    if evaluator.chain is not None:
+        evaluator.chain.threads = threads
     try:
         return measure()
     except Exception as exc:  # ORT's exception types do not always survive the trip back
@@ -543,12 +547,7 @@ def _distances_task(job: tuple[EndToEnd, tuple[tuple[str, Replacement], ...], tu
 def _chain_task(job: tuple[EndToEnd, tuple[ChainRun, ...], tuple[int, ...], int]) -> list[float]:
     """A worker's chunk of chain runs (see :meth:`EndToEnd.chain_distances`)."""
     evaluator, runs, feeds, threads = job
-
-    def measure() -> list[float]:
-        evaluator.chain.threads = threads  # type: ignore[union-attr]
-        return list(evaluator.chain_distances(runs, feeds, inline()))
-
-    return _in_worker(evaluator, threads, measure)
+    return _in_worker(evaluator, threads, lambda: list(evaluator.chain_distances(runs, feeds, inline())))
 
 
 def _model_distance_task(job: tuple[EndToEnd, onnx.ModelProto, int]) -> float:
