@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
 from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, hold_out, load_calibration
@@ -26,7 +27,8 @@ from .runtime.fusion import integer_inputs, ort_fusion
 from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
 from .graph.scopes import MAIN, default_opset
 from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, model_digest,
-                       model_files, output_bytes, stage_model, tensor_nbytes, write_text_atomic)
+                       model_files, output_bytes, stage_model, tensor_nbytes, write_text_atomic, inline_bytes,
+                       inline_copy, spill_initializers)
 from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
@@ -106,17 +108,21 @@ class QuantizeResult:
 
     ``spill`` holds the scratch file the new weights of a model with
     external data were written to; ``model`` reads from it until
-    :meth:`close` (or garbage collection) removes it.
+    :meth:`close` (or garbage collection) removes it. ``input_spill``
+    likewise, for the weights of a big inline input.
     """
 
     model: onnx.ModelProto
     report: Report
     plan: Plan
     spill: Spill | None = None
+    # Where quantize_file put the weights of a big inline input; the float tensors of ``model`` read from it.
+    input_spill: Spill | None = None
 
     def close(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
+        for s in (self.spill, self.input_spill):
+            if s is not None:
+                s.close()
 
 
 def _needed_opset(config: QuantConfig) -> int:
@@ -297,6 +303,7 @@ def quantize(
     executor: Executor | None = None,
     output_name: str = "model_q.onnx",
     sensitivity_cache: Path | None = None,
+    inline_output: bool = False,
 ) -> QuantizeResult:
     """Quantize a model (a ModelProto or a path) and return the new model with its report.
 
@@ -306,6 +313,9 @@ def quantize(
 
     ``output_name`` is the file name the model will be saved under (its
     data file's name is stored in the model, so ``--max-size`` counts it).
+    ``inline_output``: the model's external tensors are the caller's spill
+    of an inline input, and the output is written inline (see
+    :func:`quantize_file`): ``--max-size`` counts that form.
 
     ``calibration`` (feeds for the float model, see :func:`load_calibration`)
     enables output-aware sensitivity and the data-aware methods.
@@ -345,7 +355,7 @@ def quantize(
         written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
         if isinstance(config.search, Budget) and config.search.max_bytes is not None:
             measured, chosen, written = _fit_file(prepared, measured, chosen, written, config, rounder, calibration, scratch,
-                                                  progress, output_name)
+                                                  progress, output_name, inline_output)
     finally:
         if memo is not None:  # what was measured stays useful if writing fails
             if chosen.evaluator is not None:  # whether the model ran, and its outputs' kinds, for a later run
@@ -357,16 +367,22 @@ def quantize(
 
 
 def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: Written, config: QuantConfig, rounder: Rounder,
-              calibration: list[Feed] | None, scratch: Path | None, progress: Progress | None, output_name: str
-              ) -> tuple[Measured, Chosen, Written]:
+              calibration: list[Feed] | None, scratch: Path | None, progress: Progress | None, output_name: str,
+              inline_output: bool) -> tuple[Measured, Chosen, Written]:
     """Make the written file fit ``--max-size`` exactly: measure what it would take on disk, give the weights what the
     rest of the file really leaves, and search again (on the same measurements) until the plan stops changing."""
     max_bytes = config.search.max_bytes  # type: ignore[union-attr]
     external = has_external_data(prepared.original)
+
+    def file_bytes(model: onnx.ModelProto) -> int:
+        if inline_output and model_bytes(model) <= EXTERNAL_THRESHOLD:  # written inline, as quantize_file does
+            return inline_bytes(model)
+        return output_bytes(model, output_name + ".data", external)
+
     best: tuple[Measured, Chosen, Written, int] | None = None
     seen = set()
     for _ in range(4):
-        size = output_bytes(written.model, output_name + ".data", external)
+        size = file_bytes(written.model)
         fixed = size - plan_bytes(chosen.plan.decisions)
         if size <= max_bytes and (best is None or size > best[3]):
             best = (measured, chosen, written, size)
@@ -385,7 +401,7 @@ def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: W
             trial = dataclasses.replace(chosen, plan=Plan(ds, chosen.plan.summary))
             w = write_model(prepared, measured, trial, config, rounder, calibration, scratch, None)
             try:
-                return output_bytes(w.model, output_name + ".data", external) <= max_bytes
+                return file_bytes(w.model) <= max_bytes
             finally:
                 if w.spill is not None:
                     w.spill.close()
@@ -406,7 +422,7 @@ def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: W
                 written.spill.close()
         written = write_model(prepared, measured, chosen, config, rounder, calibration, scratch, progress)
     else:
-        size = output_bytes(written.model, output_name + ".data", external)
+        size = file_bytes(written.model)
         if size <= max_bytes and (best is None or size > best[3]):
             best = (measured, chosen, written, size)
     if best is None:
@@ -882,6 +898,8 @@ def _check(model: onnx.ModelProto, full: bool = True) -> str:
 
 # Models above this size run block by block wherever they are run whole before the evaluator exists.
 CHAIN_BYTES = 256 * 2**20
+# Inline inputs past this many bytes run with their weights spilled to a scratch file (see quantize_file).
+SPILL_BYTES = CHAIN_BYTES
 
 
 def _generated(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], samples: int, seed: int
@@ -915,8 +933,8 @@ class _Data:
     shapes: dict[str, tuple[int, ...]]
 
 
-def _data(model: onnx.ModelProto, config: QuantConfig, verify_options: VerifyOptions, calibration: CalibrationOptions | None,
-          writes: bool) -> _Data:
+def _data(model: onnx.ModelProto, inputs: list[ort.NodeArg], config: QuantConfig, verify_options: VerifyOptions,
+          calibration: CalibrationOptions | None, writes: bool) -> _Data:
     """Load and split the data: --inputs verify; else a held-out part of --calib does; else generated inputs.
 
     The search's whole-model measurements run on the calibration samples
@@ -927,12 +945,12 @@ def _data(model: onnx.ModelProto, config: QuantConfig, verify_options: VerifyOpt
     """
     shapes = parse_input_shapes(verify_options.input_shapes)
     bounds = gather_index_bounds(model)
-    feeds = load_calibration(calibration.path, model, calibration.samples) if calibration else None
-    inputs = load_inputs(verify_options.inputs, bounds) if verify_options.inputs is not None else None
+    feeds = load_calibration(calibration.path, model, calibration.samples, inputs=inputs) if calibration else None
+    given = load_inputs(verify_options.inputs, bounds) if verify_options.inputs is not None else None
     verify_feeds: list[Feed] | None = None
     label, source = "", DataSource.GENERATED
-    if inputs is not None and verify_options.enabled:
-        verify_feeds, label, source = inputs, f"--inputs {verify_options.inputs}", DataSource.INPUTS
+    if given is not None and verify_options.enabled:
+        verify_feeds, label, source = given, f"--inputs {verify_options.inputs}", DataSource.INPUTS
     elif feeds and verify_options.enabled:
         kept, held = hold_out(feeds, verify_options.holdout)
         if held:
@@ -946,8 +964,8 @@ def _data(model: onnx.ModelProto, config: QuantConfig, verify_options: VerifyOpt
         verify_feeds, label, shapes = gen.feeds, f"generated inputs (seed {verify_options.seed}, {gen.describe()})", gen.shapes
     evaluation, evaluation_label = None, ""
     if not feeds and _uses_e2e(config):
-        if inputs is not None:
-            evaluation, evaluation_label = inputs, f"--inputs {verify_options.inputs}"
+        if given is not None:
+            evaluation, evaluation_label = given, f"--inputs {verify_options.inputs}"
         else:
             evaluation, evaluation_label = _generated(model, shapes, config.e2e_samples, verify_options.seed)
             evaluation = evaluation or []
@@ -979,16 +997,35 @@ def quantize_file(
                               writes=(out, out.parent / (out.name + ".data")) if out is not None else ()) \
         if sensitivity_cache is not None else None
     loaded = load_model(input_path)
-    check_runs_in_ort(Path(input_path), loaded.model)
+    model, input_spill = loaded.model, None
+    if not loaded.had_external_data and model_bytes(model) > SPILL_BYTES:
+        # A big inline model runs as one with external data (its weights in a scratch file, read one at a time and
+        # mapped by ONNX Runtime), and is written inline again.
+        input_spill = Spill(out.parent if out is not None else None)
+        model = spill_initializers(model, input_spill)
+        loaded = dataclasses.replace(loaded, model=model)
+    del model
+    try:
+        inputs = check_runs_in_ort(Path(input_path), loaded.model, as_file=not loaded.had_external_data and input_spill is None)
+    except BaseException:
+        if input_spill is not None:
+            input_spill.close()
+        raise
     outputs = [o.name for o in loaded.model.graph.output]
     unknown = sorted({n for n, _ in verify_options.kinds} - set(outputs))
     if unknown:
         raise ConfigError(f"--output-kind names {unknown}, which are not outputs of the model; its outputs are {outputs}")
     config = config or QuantConfig()
-    data = _data(loaded.model, config, verify_options, calibration, out is not None)
-    result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
-                      out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx",
-                      cache)
+    data = _data(loaded.model, inputs, config, verify_options, calibration, out is not None)
+    try:
+        result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
+                          out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx",
+                          cache, inline_output=input_spill is not None)
+    except BaseException:
+        if input_spill is not None:
+            input_spill.close()
+        raise
+    result.input_spill = input_spill
     result.report.input = str(input_path)
     if data.evaluation is not None and data.evaluation is data.verify:
         result.report.notes.append("without --calib the search measured its plans on the --inputs samples, which the "
@@ -997,7 +1034,11 @@ def quantize_file(
         return result
     # The model is written in full beside OUT, verified there, and only then moved into place: OUT either holds
     # the complete, verified model or is untouched.
-    staged = stage_model(result.model, out, loaded.had_external_data)
+    written = result.model
+    if input_spill is not None and model_bytes(written) <= EXTERNAL_THRESHOLD:
+        written = inline_copy(written)
+    staged = stage_model(written, out, loaded.had_external_data)
+    del written
     try:
         if data.verify is not None:
             if data.verify_source is DataSource.GENERATED:
@@ -1047,15 +1088,24 @@ def _runtime_info(path: Path) -> dict[str, object]:
             "not_fused": [{"node": f.node, "rule": f.rule, "message": f.message} for f in fusion.findings]}
 
 
-def check_runs_in_ort(path: Path, model: onnx.ModelProto) -> None:
+def check_runs_in_ort(path: Path, model: onnx.ModelProto, as_file: bool = False) -> list[ort.NodeArg]:
     """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...).
 
+    Returns the model's inputs as ONNX Runtime describes them (what calibration data is checked against).
     ``model`` is the input as :func:`load_model` read it (its small external tensors inline, which ORT's
-    shape inference needs).
+    shape inference needs). ``as_file``: the file at ``path`` holds the whole model, and is handed to ONNX
+    Runtime as it is, which saves serializing it again; the model in memory (repaired on load) is the
+    authority when that fails.
     """
+    # Without pre-packing ORT maps the weights instead of copying them: loading costs no memory.
+    config = {"session.disable_prepacking": "1"}
+    if as_file:
+        try:
+            return session(path, config=config).get_inputs()
+        except Exception:  # ORT raises its own exception types; judged on the model in memory below
+            pass
     try:
-        # Without pre-packing ORT maps the weights instead of copying them: loading costs no memory.
-        session(model, config={"session.disable_prepacking": "1"})
+        return session(model, config=config).get_inputs()
     except Exception as exc:  # ORT raises its own exception types
         raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
                          "fix or re-export the model first") from exc

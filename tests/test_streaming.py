@@ -123,3 +123,40 @@ def test_a_non_numeric_external_offset_is_a_model_error(tmp_path):
     path.write_bytes(m.SerializeToString())
     with pytest.raises(ModelError, match="not a byte count"):
         load_model(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["max-size"]])
+def test_a_big_inline_input_runs_spilled_and_is_written_inline_byte_for_byte(tmp_path, monkeypatch, extra):
+    """Past SPILL_BYTES an inline model's weights go to a scratch file for the run (as external data would); the
+    output is the same inline file, byte for byte, as without the spill, with a verdict from ONNX Runtime, and the
+    scratch file is gone after the run. ``--max-size`` counts the inline form."""
+    import mixq_onnx.pipeline as pipeline
+    from mixq_onnx.config import Budget
+
+    config = CONFIG
+    if extra:
+        size = MODEL.stat().st_size // 5
+        config = QuantConfig(search=Budget(max_bytes=size), layouts=(Layout(Granularity.BLOCK, 32), Layout(Granularity.CHANNEL)))
+    plain, spilled = tmp_path / "plain.onnx", tmp_path / "spilled" / "spilled.onnx"
+    spilled.parent.mkdir()
+    first = quantize_file(MODEL, plain, config, VerifyOptions())
+    seen: list[int] = []
+    real = pipeline.spill_initializers
+
+    def spy(model, spill):
+        out = real(model, spill)
+        seen.append(sum(is_external(t) for t in out.graph.initializer))
+        return out
+
+    monkeypatch.setattr(pipeline, "SPILL_BYTES", 0)
+    monkeypatch.setattr(pipeline, "spill_initializers", spy)
+    second = quantize_file(MODEL, spilled, config, VerifyOptions())
+    assert seen and seen[0] > 0  # the run really went the spilled way
+    assert spilled.read_bytes() == plain.read_bytes()
+    # Inline: no data file. The scratch files stay with the result (its model reads them) until it is closed.
+    assert sorted(p.name for p in spilled.parent.iterdir() if not p.name.startswith(".mixq")) == ["spilled.onnx"]
+    assert second.report.verification.verdict.level == first.report.verification.verdict.level
+    if extra:
+        assert spilled.stat().st_size <= config.search.max_bytes
+    second.close()
+    assert sorted(p.name for p in spilled.parent.iterdir()) == ["spilled.onnx"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 import numpy as np
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import ModelError, OutputError
+from .scopes import MAIN, iter_scopes
 
 log = logging.getLogger(__name__)
 
@@ -256,18 +258,28 @@ def read_tensor(t: onnx.TensorProto) -> np.ndarray:
 def model_files(path: str | os.PathLike[str]) -> list[Path]:
     """The model file and the external data files it references (those that exist), without reading any data."""
     p = Path(path)
-    files = [p]
     if not p.is_file():  # a FIFO would block; load_model refuses anything but a regular file
-        return files
-    if not _contains(p, b"location"):  # no tensor names a data file: no need to parse (a big inline model's seconds)
-        return files
+        return [p]
     try:
-        m = onnx.load(str(p), load_external_data=False)
+        st = p.stat()
+    except OSError:
+        return [p]
+    # A run asks several times (output checks, sizes); the answer holds while the file is unchanged.
+    locs = _data_locations(str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+    return [p, *(p.parent / loc for loc in locs if _is_file(p.parent / loc))]
+
+
+@functools.lru_cache(maxsize=16)
+def _data_locations(path: str, inode: int, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """The data file names the model file references, sorted (the file's identity is the cache key)."""
+    p = Path(path)
+    if not _contains(p, b"location"):  # no tensor names a data file: no need to parse (a big inline model's seconds)
+        return ()
+    try:
+        m = onnx.load(path, load_external_data=False)
     except Exception:  # an unreadable model has no data files we could damage
-        return files
-    locs = {e.value for t in _all_tensors(m) for e in t.external_data if e.key == "location"}
-    files += [p.parent / loc for loc in sorted(locs) if _is_file(p.parent / loc)]
-    return files
+        return ()
+    return tuple(sorted({e.value for t in _all_tensors(m) for e in t.external_data if e.key == "location"}))
 
 
 def _contains(path: Path, needle: bytes, chunk: int = 16 * 2**20) -> bool:
@@ -608,13 +620,50 @@ class Spill:
         start = _pad_to(self._file, len(raw))
         self._file.write(raw)
         self._file.flush()
-        light = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+        # Every field but the data, as it was: inline_copy() gives the tensor back exactly.
+        light = onnx.TensorProto()
+        _copy_fields(t, light, skip=_DATA_FIELDS)
         _set_location(light, str(self.path), start, len(raw))
         self.bytes += len(raw)
         return light
 
     def close(self) -> None:
         self._finalizer()
+
+
+def spill_initializers(model: onnx.ModelProto, spill: Spill) -> onnx.ModelProto:
+    """A copy of an inline model whose main-graph initializers of 64 KiB or more keep their data in ``spill``'s file.
+
+    The rest of the run then treats the model as one with external data:
+    weights read one at a time, ONNX Runtime mapping them, block sessions
+    made from the graph alone. :func:`inline_copy` gives the inline form
+    back, byte for byte. The caller drops ``model`` to free its memory.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip=("graph",))
+    _copy_fields(model.graph, light.graph, skip=("initializer",))
+    # Only tensors that inline_copy() restores exactly: data in raw_data, no data_location of their own.
+    light.graph.initializer.extend(spill.take(t) if t.HasField("raw_data") and not t.HasField("data_location") else t
+                                   for t in model.graph.initializer)
+    return light
+
+
+def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with the data of every external tensor read back into it (the whole model in memory)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # external tensors hold no data: this copies the graph
+    for t in _all_tensors(out):
+        if is_external(t):
+            raw = _read_bytes(t)
+            del t.external_data[:]
+            t.ClearField("data_location")
+            t.raw_data = raw
+    return out
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """The size of the model with every tensor inline (all of it serialized, so it costs the model's memory)."""
+    return inline_copy(model).ByteSize() if has_external_data(model) else model.ByteSize()
 
 
 def _remove_spill(f: "object", folder: Path) -> None:
@@ -624,6 +673,62 @@ def _remove_spill(f: "object", folder: Path) -> None:
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in _all_tensors(model))
+
+
+_LIGHT_BYTES = 4096
+
+
+def light_copy(model: onnx.ModelProto, keep_bytes: int = _LIGHT_BYTES, placeholder: bytes = b"") -> onnx.ModelProto:
+    """A copy in which every initializer holding more than ``keep_bytes`` of data keeps only its name, type and shape.
+
+    For the passes that read the graph and never the weights (shape
+    inference, the version converter). The main graph's heavy tensors are
+    never copied, so the copy costs the graph, not the weights; those of
+    subgraphs (small, in practice) are copied, then emptied. ``placeholder``
+    becomes the emptied tensors' raw data, a marker a pass carries through.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip=("graph",))
+    _copy_fields(model.graph, light.graph, skip=("initializer",))
+    light.graph.initializer.extend(_emptied(t, placeholder) if _heavy(t, keep_bytes) else t for t in model.graph.initializer)
+    for scope in iter_scopes(light.graph):
+        if scope.path == MAIN:
+            continue
+        for t in scope.graph.initializer:
+            if _heavy(t, keep_bytes):
+                t.CopyFrom(_emptied(t, placeholder))
+    return light
+
+
+_DATA_FIELDS = ("raw_data", *_TYPED_FIELDS)
+
+
+def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
+    """Copy every set field of ``src`` into ``dst`` but those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _heavy(t: onnx.TensorProto, keep_bytes: int) -> bool:
+    """Whether the tensor's message takes more than ``keep_bytes`` (ByteSize encodes the message, so a tensor whose
+    shape says its data alone is larger is judged without it)."""
+    count = int(np.prod([int(d) for d in t.dims], dtype=object)) if t.dims else 1
+    size = _expected_bytes(t, count)
+    if size is not None and size > keep_bytes and not is_external(t):
+        return True
+    return t.ByteSize() > keep_bytes
+
+
+def _emptied(t: onnx.TensorProto, placeholder: bytes) -> onnx.TensorProto:
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=placeholder)
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -705,19 +810,16 @@ def stage_model(model: onnx.ModelProto, output: str | os.PathLike[str], external
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """A digest of the model: its graph as serialized (deterministic) and the bytes of every external data file.
+    """A digest of the model: its graph as serialized (deterministic), then the data of every large tensor.
 
-    External files are read in chunks (seconds for gigabytes), never held
-    whole; a model with the same graph and the same weights gives the
+    Large inline tensors are hashed from their data, not re-encoded with the
+    graph; external files are read in chunks (seconds for gigabytes), never
+    held whole. A model with the same graph and the same weights gives the
     same digest wherever it was loaded from.
     """
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # SHA extensions make it about twice blake2b's speed here
+    light = light_copy(model)
     files: dict[str, None] = {}
-    if not has_external_data(model):  # no locations to rewrite: no copy of the (inline) weights
-        h.update(model.SerializeToString(deterministic=True))
-        return h.hexdigest()
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
     for t in _all_tensors(light):
         if is_external(t):
             info = _external_info(t)
@@ -725,11 +827,17 @@ def model_digest(model: onnx.ModelProto) -> str:
             # The location is absolute in memory (see load_model): keep only its name, the bytes are hashed below.
             _set_location(t, Path(info["location"]).name, int(info.get("offset", 0)), _declared_length(t, info))
     h.update(light.SerializeToString(deterministic=True))
+    # The emptied tensors in the copy's order: each one's shape and type are in the graph hashed above, which
+    # fixes how many bytes it holds.
+    for scope in iter_scopes(model.graph):
+        for t in scope.graph.initializer:
+            if _heavy(t, _LIGHT_BYTES) and not is_external(t):
+                h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
     for location in sorted(files):
         with open(location, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, what: str = "the report") -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .io import light_copy
 from .scopes import iter_scopes
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,6 @@ def _contradicts(declared: list[int | str], inferred: list[int | str]) -> bool:
     return any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(declared, inferred))
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without the data of large initializers (inference only needs the small shape constants)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for scope in iter_scopes(light.graph):
-        for t in scope.graph.initializer:
-            if t.ByteSize() > 4096:
-                t.CopyFrom(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
-    return light
-
-
 def drop_contradicted_shapes(model: onnx.ModelProto) -> RepairResult:
     """Replace main-graph output shapes (and drop value_info) that shape inference contradicts, with a warning each.
 
@@ -64,7 +54,7 @@ def drop_contradicted_shapes(model: onnx.ModelProto) -> RepairResult:
     the model. Inference runs with the declarations removed, so it reports
     what the producers compute, with data propagation for shape arithmetic.
     """
-    light = _light_copy(model)
+    light = light_copy(model)  # inference needs only the small shape constants
     declared = {o.name: _dims(o.type) for o in light.graph.output}
     declared.update({v.name: _dims(v.type) for v in light.graph.value_info})
     for o in light.graph.output:

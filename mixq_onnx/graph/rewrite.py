@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from .find import Source, WeightSite
 from .scopes import MAIN, Namer, all_names, default_opset, iter_scopes, node_label, reads
-from .io import Spill, read_tensor
+from .io import Spill, light_copy, read_tensor
 from ..numerics.qdq import Grid, QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -68,23 +68,16 @@ _PLACEHOLDER = b"mixq-placeholder"
 
 
 def _strip_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[tuple[str, str], onnx.TensorProto]]:
-    """A copy whose large initializers point at a placeholder instead of holding data.
+    """A copy whose large initializers point at a placeholder instead of holding data, and the originals by scope.
 
     The version converter round-trips the whole model through C++ and only
     needs the graph, so this saves copying every weight twice.
     """
-    payloads: dict[tuple[str, str], onnx.TensorProto] = {}
-    for scope in iter_scopes(model.graph):
-        for t in scope.graph.initializer:
-            if t.ByteSize() > _STRIP_BYTES:
-                payloads[(scope.path, t.name)] = t
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for scope in iter_scopes(light.graph):
-        for t in scope.graph.initializer:
-            if (scope.path, t.name) in payloads:
-                # Same name, type and shape; no data. The converter never reads weights.
-                t.CopyFrom(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=_PLACEHOLDER))
+    light = light_copy(model, _STRIP_BYTES, _PLACEHOLDER)
+    stripped = {(scope.path, t.name) for scope in iter_scopes(light.graph) for t in scope.graph.initializer
+                if t.raw_data == _PLACEHOLDER}
+    payloads = {(scope.path, t.name): t for scope in iter_scopes(model.graph) for t in scope.graph.initializer
+                if (scope.path, t.name) in stripped}
     return light, payloads
 
 

@@ -100,9 +100,26 @@ def broadcast(value: np.ndarray, shape: tuple[int, ...], axis: int, block_size: 
         dims[axis] = value.size
         return value.reshape(dims)
     value = np.repeat(value, block_size, axis=axis)
-    if value.shape[axis] != shape[axis]:
-        value = value.take(np.arange(shape[axis]), axis=axis)
+    if value.shape[axis] != shape[axis]:  # a short last block: a view of the first shape[axis] entries
+        value = value[(slice(None),) * axis + (slice(0, shape[axis]),)]
     return value
+
+
+def _blocked(x: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, int]:
+    """``x`` viewed with whole blocks as an axis of their own (axis + 1), so that a block's scale broadcasts
+    along it instead of being repeated block_size times; returns the view and the block size left to apply
+    (0 once blocks are an axis; a short last block, or no blocks, keeps the array as it is).
+    """
+    if not block_size or x.shape[axis] % block_size:
+        return x, block_size
+    return x.reshape(x.shape[:axis] + (x.shape[axis] // block_size, block_size) + x.shape[axis + 1:]), 0
+
+
+def _per_block(value: np.ndarray, x: np.ndarray, axis: int, block_size: int, blocked: bool) -> np.ndarray:
+    """A scale or zero point shaped to broadcast against ``x`` as :func:`_blocked` left it (``blocked``: as a view)."""
+    if not blocked or value.size == 1:
+        return broadcast(value, x.shape, axis, block_size)
+    return value.reshape(value.shape[:axis + 1] + (1,) + value.shape[axis + 1:])
 
 
 def _round_clip(
@@ -116,11 +133,17 @@ def _round_clip(
     (every value involved is an integer below 2^24) and saturates where the
     reference's int32 cast would overflow.
     """
-    q = np.rint(x / broadcast(scale, x.shape, axis, block_size))
+    view, left = _blocked(x, axis, block_size)
+    return _round_clip_view(view, scale, zero_point, axis, left, lo, hi, view is not x).reshape(x.shape)
+
+
+def _round_clip_view(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int,
+                     lo: int, hi: int, blocked: bool) -> np.ndarray:
+    q = np.rint(x / _per_block(scale, x, axis, block_size, blocked))
     if q.dtype != np.float32:
         q = q.astype(np.float32)
     # Adding the zero point (or 0) also turns rint's -0.0 into the +0.0 an integer would give.
-    q += broadcast(zero_point.astype(np.float32), x.shape, axis, block_size) if zero_point is not None else np.float32(0)
+    q += _per_block(zero_point.astype(np.float32), x, axis, block_size, blocked) if zero_point is not None else np.float32(0)
     return np.clip(q, lo, hi, out=q)
 
 
@@ -140,11 +163,13 @@ def dequantize_linear(
     q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1, block_size: int = 0
 ) -> np.ndarray:
     """ONNX DequantizeLinear: (q - zero_point) * scale in float32, cast to the scale's dtype."""
-    dx = q.astype(np.float32)
+    flat = q.astype(np.float32)
+    dx, block = _blocked(flat, axis, block_size)
+    blocked = dx is not flat
     if zero_point is not None:
-        dx -= broadcast(zero_point.astype(np.float32), q.shape, axis, block_size)
-    dx *= broadcast(scale, q.shape, axis, block_size)
-    return dx.astype(scale.dtype, copy=False)
+        dx -= _per_block(zero_point.astype(np.float32), dx, axis, block, blocked)
+    dx *= _per_block(scale, dx, axis, block, blocked)
+    return dx.reshape(q.shape).astype(scale.dtype, copy=False)
 
 
 def group_reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> np.ndarray:
@@ -160,10 +185,10 @@ def group_reduce(w: np.ndarray, layout: Layout, axis: int, ufunc: np.ufunc) -> n
     whole = size - size % block
     parts = []
     if whole:
-        head = np.take(w, np.arange(whole), axis=axis) if whole != size else w
+        head = w[(slice(None),) * axis + (slice(0, whole),)] if whole != size else w
         parts.append(ufunc.reduce(head.reshape(w.shape[:axis] + (whole // block, block) + w.shape[axis + 1:]), axis=axis + 1))
     if whole != size:
-        parts.append(ufunc.reduce(np.take(w, np.arange(whole, size), axis=axis), axis=axis, keepdims=True))
+        parts.append(ufunc.reduce(w[(slice(None),) * axis + (slice(whole, size),)], axis=axis, keepdims=True))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
@@ -290,13 +315,15 @@ def fake_quantize(
     """
     scale, zp = params_from_range(rng, bits, symmetric, qtype, scale_dtype)
     lo, hi = logical_range(bits, symmetric)
-    q = _round_clip(w, scale, zp, axis, layout.block_size, lo, hi)
+    x, block = _blocked(w, axis, layout.block_size)
+    blocked = x is not w
+    q = _round_clip_view(x, scale, zp, axis, block, lo, hi, blocked)
     if zp is not None:
-        q -= broadcast(zp.astype(np.float32), w.shape, axis, layout.block_size)
-    q *= broadcast(scale, w.shape, axis, layout.block_size)
+        q -= _per_block(zp.astype(np.float32), x, axis, block, blocked)
+    q *= _per_block(scale, x, axis, block, blocked)
     if scale.dtype != np.float32:
         q = q.astype(scale.dtype).astype(np.float32)
-    return q, scale
+    return q.reshape(w.shape), scale
 
 
 def scale_count(shape: tuple[int, ...], layout: Layout, axis: int) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +121,14 @@ def _graph_of(model: bytes | Path | onnx.ModelProto) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=False)
 
 
-def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, samples: int | None, batch: int = 8) -> list[Feed]:
+def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, samples: int | None, batch: int = 8,
+                     inputs: Sequence[ort.NodeArg] | None = None) -> list[Feed]:
     """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
 
     The first axis of every array is the sample axis. ``samples`` keeps the
-    first N (files of a folder in name order).
+    first N (files of a folder in name order). ``inputs``: the model's
+    inputs as an ONNX Runtime session describes them, where the caller has
+    one (else a session is made here, which costs a model load).
     """
     p = Path(path)
     if not p.exists() and not is_script(p):
@@ -134,7 +137,8 @@ def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, sa
         raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
     parts = _parts_from(p)
     bounds = gather_index_bounds(_graph_of(model))
-    inputs = session(model, config={"session.disable_prepacking": "1"}).get_inputs()
+    if inputs is None:
+        inputs = session(model, config={"session.disable_prepacking": "1"}).get_inputs()
     # A fixed batch dimension of 1 in the model forces one sample per run.
     fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
     step = 1 if fixed and fixed[0] == 1 else batch
