@@ -139,7 +139,8 @@ def _round_clip(
 
 def _round_clip_view(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int,
                      lo: int, hi: int, blocked: bool) -> np.ndarray:
-    q = np.rint(x / _per_block(scale, x, axis, block_size, blocked))
+    q = x / _per_block(scale, x, axis, block_size, blocked)
+    np.rint(q, out=q)  # in place: one fresh array per call, not two (page faults dominate on big weights)
     if q.dtype != np.float32:
         q = q.astype(np.float32)
     # Adding the zero point (or 0) also turns rint's -0.0 into the +0.0 an integer would give.
