@@ -33,7 +33,7 @@ from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, sess
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
 from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_key,
-                            never_worse_than_uniform, smallest_within_loss)
+                            never_worse_than_uniform, smallest_within_loss, uniform_rivals)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
@@ -654,9 +654,10 @@ def _choose_with(prepared: Prepared, measured: Measured, config: QuantConfig, ro
     plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
     points = [] if isinstance(config.search, Uniform) else curve_plans(tables, config, totals)
     if cache_path is not None and memo is not None and evaluator is not None:
-        # Every plan of the curve measured whole: the curve is measured throughout, and a later run at any of its
-        # budgets finds its plan check in the file.
-        measure_plans([p.decisions for _, _, p in points], evaluator, rounder, memo, for_runtime(rounder.executor),
+        # Every plan of the curve measured whole, and the uniform rivals that fit its largest budget: the curve is
+        # measured throughout, and a later run at any of its budgets finds all its plan checks in the file.
+        rivals = [ds for _, ds in uniform_rivals(points[-1][2], config) if plan_bytes(ds) <= points[-1][1]] if points else []
+        measure_plans([p.decisions for _, _, p in points] + rivals, evaluator, rounder, memo, for_runtime(rounder.executor),
                       None if progress is None else lambda d, n: progress(d, n, "measuring the curve"))
     curve = tuple(accuracy_size_curve(
         tables, config, points,

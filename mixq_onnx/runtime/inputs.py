@@ -5,6 +5,11 @@ dynamic dimension that is not given is probed: the batch axis is 1, and the
 others take increasing sizes (spatial ones from 32 to 640, sequence ones 16
 then 128) until the float model runs and gives finite outputs. The sizes
 chosen are returned so the caller can say what it used.
+
+A decoder's key/value cache inputs (``past_key_values.N.key``...) get an
+empty past, the first step of generation, where the attention mask covers
+the new tokens only; position inputs count 0, 1, 2... along the sequence,
+token ids stay inside their embedding table and masks are ones.
 """
 
 from __future__ import annotations
@@ -82,16 +87,33 @@ def session(model: bytes | Path | onnx.ModelProto,
     return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=providers)
 
 
+def is_cache_input(name: str, type_: str) -> bool:
+    """A decoder's key/value cache input (``past_key_values.0.key``, ``past.3.value``, ``past_key_2``...): float, named
+    for the past, as optimum, ONNX Runtime GenAI and torch's exporters call them."""
+    dtype = ORT_TYPES.get(type_)
+    return dtype is not None and np.issubdtype(dtype, np.floating) and "past" in name.lower()
+
+
+def _is_positions(name: str, type_: str) -> bool:
+    dtype = ORT_TYPES.get(type_)
+    return dtype is not None and np.issubdtype(dtype, np.integer) and "position" in name.lower()
+
+
 def _role(inp: ort.NodeArg, axis: int) -> str:
-    """'batch', 'spatial' or 'sequence' for a dynamic dimension: images are float inputs of rank 4 or more."""
+    """'batch', 'past', 'spatial' or 'sequence' for a dynamic dimension: images are float inputs of rank 4 or more;
+    a cache input's other dynamic dimensions are the length of the past."""
     if axis == 0:
         return "batch"
+    if is_cache_input(inp.name, inp.type):
+        return "past"
     dtype = ORT_TYPES.get(inp.type)
     return "spatial" if dtype is not None and np.issubdtype(dtype, np.floating) and len(inp.shape) >= 4 else "sequence"
 
 
 def _shapes_at(inputs: list[ort.NodeArg], given: dict[str, tuple[int, ...]], step: int) -> dict[str, tuple[int, ...]]:
-    sizes = {"batch": 1, "spatial": SPATIAL_SIZES[min(step, len(SPATIAL_SIZES) - 1)],
+    # An empty past is the first step of generation: the attention mask then spans the new tokens only, so its
+    # length (total = past + new) needs no relation between differently named dimensions to hold.
+    sizes = {"batch": 1, "past": 0, "spatial": SPATIAL_SIZES[min(step, len(SPATIAL_SIZES) - 1)],
              "sequence": SEQUENCE_SIZES[min(step, len(SEQUENCE_SIZES) - 1)]}
     named: dict[str, int] = {}  # a named dimension shared by several inputs gets one size
     out = {}
@@ -124,6 +146,8 @@ def _fill(inputs: list[ort.NodeArg], shapes: dict[str, tuple[int, ...]], bounds:
             feed[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif inp.name in bounds:  # token ids: inside the embedding table
             feed[inp.name] = rng.integers(0, max(bounds[inp.name], 1), shape).astype(dtype)
+        elif _is_positions(inp.name, inp.type) and shape:  # 0, 1, 2... along the sequence (after an empty past)
+            feed[inp.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
         else:  # masks, flags and counts: ones are the valid common case
             feed[inp.name] = np.ones(shape, dtype=dtype)
     return feed
