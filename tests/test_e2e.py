@@ -279,3 +279,18 @@ def test_end_to_end_search_is_deterministic():
     a = quantize(m, QuantConfig(search=Budget(target_bits=5), min_elements=0)).model.SerializeToString()
     b = quantize(m, QuantConfig(search=Budget(target_bits=5), min_elements=0)).model.SerializeToString()
     assert a == b
+
+
+def test_an_infinite_mask_is_no_change_and_carries_no_signal():
+    """A -inf attention mask crossing a block boundary never changes: it adds nothing to a distance, where inf - inf
+    used to make every distance of its block NaN (and its signal inf, every distance 0)."""
+    from mixq_onnx.runtime.sensitivity import energy, squared_change
+
+    f = np.array([[0.0, -np.inf], [2.0, -np.inf]], np.float32)
+    q = np.array([[0.5, -np.inf], [2.0, -np.inf]], np.float32)
+    assert squared_change(q, f) == pytest.approx(0.25)
+    assert squared_change(f, f.copy()) == 0.0
+    assert energy(f) == pytest.approx(4.0)
+    broken = np.array([[0.5, 3.0], [2.0, -np.inf]], np.float32)  # a masked entry that became finite
+    assert squared_change(broken, f) == np.inf
+    assert squared_change(np.full_like(f, np.nan), f) == np.inf

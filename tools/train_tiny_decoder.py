@@ -107,6 +107,7 @@ def build_model():
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(VOCAB, DIM)
+            nn.init.normal_(self.embed.weight, std=0.02)  # as Llama's: N(0, 1) rows would make the tied logits huge
             self.layers = nn.ModuleList(Layer() for _ in range(LAYERS))
             self.norm = RMSNorm()
             inv = 1.0 / (10000 ** (torch.arange(0, HEAD, 2).float() / HEAD))
@@ -179,7 +180,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == args.steps - 1:
+        if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {loss.item():.3f}")
     model.eval()
     test = windows(held, TEST_WINDOWS, np.random.default_rng(1))

@@ -57,7 +57,7 @@ from ..graph.blocks import Block, Partition, block_model, partition
 from ..graph.find import WeightSite
 from ..graph.io import scratch_dir
 from .chain import Replacement, block_session, free_dims, materialize, refusal
-from .sensitivity import EndToEnd, overridable, squared_change
+from .sensitivity import EndToEnd, energy, overridable, squared_change
 from .store import ActivationStore, tensor_info
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ class BlockProxy:
                 signal = self._signal.get((view, b))
                 if signal is None:
                     signal = self._signal[(view, b)] = sum(
-                        float(np.sum(np.square(store.values[n][g], dtype=np.float64))) for g in range(len(groups)) for n in floats)
+                        energy(store.values[n][g]) for g in range(len(groups)) for n in floats)
                 yield BlockJob(self._block_model(block, {i: tensor_info(store.values[i]) for i in block.inputs}),
                                tuple({i: store.values[i][g] for i in block.inputs} for g in range(len(groups))),
                                tuple(floats), tuple(tuple(store.values[n][g] for n in floats) for g in range(len(groups))),

@@ -510,7 +510,7 @@ class EndToEnd:
         key = (feed, output)
         value = self._signals.get(key)
         if value is None:
-            value = self._signals[key] = float(np.sum(np.square(self.references[feed][output], dtype=np.float64)))
+            value = self._signals[key] = energy(self.references[feed][output])
         return value
 
     def describe(self) -> dict[str, object]:
@@ -523,9 +523,31 @@ class EndToEnd:
 
 
 def squared_change(q: np.ndarray, f: np.ndarray) -> float:
-    """Sum of (q - f)^2 in float64: the noise of every normalised-MSE distance (model outputs, block outputs)."""
-    d = np.subtract(q, f, dtype=np.float64)
-    return float(np.sum(np.square(d, out=d)))
+    """Sum of (q - f)^2 in float64: the noise of every normalised-MSE distance (model outputs, block outputs).
+
+    Equal values are no change even where they are infinite (a -inf attention mask that crosses a block
+    boundary); a value that turned non-finite is an infinite change.
+    """
+    with np.errstate(invalid="ignore"):  # inf - inf is handled below
+        d = np.subtract(q, f, dtype=np.float64)
+    total = float(np.sum(np.square(d, out=d)))
+    if math.isnan(total):  # the rare path: inf - inf somewhere
+        with np.errstate(invalid="ignore"):
+            d = np.subtract(q, f, dtype=np.float64)
+        d[np.asarray(q == f)] = 0.0
+        total = float(np.sum(np.square(d, out=d)))
+        total = math.inf if math.isnan(total) else total
+    return total
+
+
+def energy(a: np.ndarray) -> float:
+    """Sum of a^2 in float64 over the finite values: the signal of a normalised-MSE distance (a mask's -inf
+    entries, which never change, carry none)."""
+    total = float(np.sum(np.square(a, dtype=np.float64)))
+    if not math.isfinite(total):
+        a = np.asarray(a)
+        total = float(np.sum(np.square(a[np.isfinite(a)], dtype=np.float64)))
+    return total
 
 
 def _in_worker(evaluator: EndToEnd, threads: int, measure: Callable[[], R]) -> R:
