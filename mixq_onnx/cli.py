@@ -34,6 +34,7 @@ from .config import (
     MaxLoss,
     Method,
     Metric,
+    KQuantMixed,
     MixQuantRule,
     QuantConfig,
     Scheme,
@@ -71,14 +72,18 @@ def build_config(
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
     max_loss: float | None = None, e2e_samples: int = 32, smooth: str | None = None, quantize_attention: bool = False,
     reconstruction: Reconstruction | None = None, evaluation: str = "blocks", eval_block_weights: int = 4,
+    rule: str | None = None,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
-                            ("--target-bits", target_bits), ("--max-size", max_size), ("--max-loss", max_loss)) if v is not None]
+                            ("--target-bits", target_bits), ("--max-size", max_size), ("--max-loss", max_loss),
+                            ("--rule", rule)) if v is not None]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} choose different searches; give only one")
-    search: Uniform | Budget | MixQuantRule | MaxLoss
-    if bits is not None:
+    search: Uniform | Budget | MixQuantRule | MaxLoss | KQuantMixed
+    if rule is not None:
+        search = KQuantMixed()
+    elif bits is not None:
         search = Uniform(bits)
     elif max_loss is not None:
         search = MaxLoss(max_loss)
@@ -159,7 +164,7 @@ def quant_config(p: Params) -> QuantConfig:
         bias_correction=p["bias_correction"], activations=p["activations"], calib_method=p["calib_method"],
         target=p["target"], max_loss=p["max_loss"], e2e_samples=p["e2e_samples"], smooth=p["smooth"],
         quantize_attention=p["quantize_attention"], reconstruction=reconstruction, evaluation=p["evaluation"],
-        eval_block_weights=p["eval_block_weights"])
+        eval_block_weights=p["eval_block_weights"], rule=p["rule"])
 
 
 def parse_output_kinds(specs: tuple[str, ...]) -> tuple[tuple[str, OutputKind], ...]:
@@ -393,6 +398,11 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
     click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes."),
     click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
                   "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this."),
+    click.option("--rule", type=click.Choice(["kquant-mixed"]), help="A fixed rule instead of a search. kquant-mixed: llama.cpp's "
+                  "Q4_K_M mix as ONNX Runtime GenAI and ModelOpt copy it: the attention value and MLP down projections of the "
+                  "first and last eighth of the layers and every third layer between, and the output projection, at 8 bits "
+                  "per channel; every other weight at 4 bits (default --granularity block128 then channel). Roles are found "
+                  "from the graph, not from names."),
     click.option("--weighting", type=click.Choice([w.value for w in LayerWeighting]), default="equal", show_default=True, help="Budget search: weight of each tensor's normalised error in the total (equal, sqrt of params, params)."),
     click.option("--candidate-bits", default="2,3,4,5,6,7,8", show_default=True, help="Comma-separated bit-widths the search may use."),
     click.option("--literal-bits", is_flag=True, help="Keep 3, 5, 6, 7-bit widths even though they cost their container's bytes (for hardware with native n-bit math)."),

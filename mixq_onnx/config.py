@@ -30,6 +30,7 @@ from .kinds import (
     PER_TENSOR,
     Reconstruction,
     SEARCH_LAYOUTS,
+    KQUANT_LAYOUTS,
     Scheme,
     Sensitivity,
     Smooth,
@@ -105,7 +106,27 @@ class MaxLoss:
             raise ConfigError(f"--max-loss must be a positive number, got {self.max_loss}")
 
 
-Search = Uniform | MixQuantRule | Budget | MaxLoss
+@dataclass(frozen=True)
+class KQuantMixed:
+    """The fixed rule of llama.cpp's Q4_K_M, as ModelOpt's ``enable_mixed_quant`` and ONNX Runtime GenAI's
+    ``k_quant_mixed`` copy it (``--rule kquant-mixed``): the attention value and MLP down projections of the first and
+    last eighth of the layers and of every third layer between, and the output projection, at ``high_bits`` per
+    channel; every other weight at ``low_bits`` in the first layout.
+
+    ``promoted`` names the weights that get ``high_bits``; the pipeline fills it from the graph's structure (see
+    :mod:`mixq_onnx.graph.roles`), a caller may give it.
+    """
+
+    low_bits: int = 4
+    high_bits: int = 8
+    promoted: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        _check_bits(self.low_bits, "kquant-mixed low bits")
+        _check_bits(self.high_bits, "kquant-mixed high bits")
+
+
+Search = Uniform | MixQuantRule | Budget | MaxLoss | KQuantMixed
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,8 @@ class QuantConfig:
     search: Search = field(default_factory=lambda: Uniform(8))
     # None: the target's scheme (symmetric for TensorRT, else asymmetric).
     scheme: Scheme = None  # type: ignore[assignment]
-    # None: per-channel for uniform --bits; for the searches per-channel and every block size (SEARCH_LAYOUTS).
+    # None: per-channel for uniform --bits; block 128 then per-channel for the k-quant rule (KQUANT_LAYOUTS); for the
+    # searches per-channel and every block size (SEARCH_LAYOUTS).
     layouts: tuple[Layout, ...] = None  # type: ignore[assignment]
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     storage_aware: bool = True
@@ -178,7 +200,8 @@ class QuantConfig:
             object.__setattr__(self, "scheme", rules.default_scheme(self.activations))
         rules.check_config(self.scheme, self.allow_int2, self.activations)
         if self.layouts is None:
-            object.__setattr__(self, "layouts", (PER_CHANNEL,) if isinstance(self.search, Uniform) else SEARCH_LAYOUTS)
+            object.__setattr__(self, "layouts", (PER_CHANNEL,) if isinstance(self.search, Uniform) else
+                               KQUANT_LAYOUTS if isinstance(self.search, KQuantMixed) else SEARCH_LAYOUTS)
         if not self.layouts:
             raise ConfigError("give at least one --granularity")
         if len(set(self.layouts)) != len(self.layouts):
@@ -226,7 +249,7 @@ class QuantConfig:
         search = {"type": type(self.search).__name__}
         for f in dataclasses.fields(self.search):
             v = getattr(self.search, f.name)
-            search[f.name] = v.value if isinstance(v, enum.Enum) else v
+            search[f.name] = v.value if isinstance(v, enum.Enum) else sorted(v) if isinstance(v, frozenset) else v
         return {
             "search": search,
             "scheme": self.scheme.value,
@@ -284,5 +307,5 @@ def _check_bits(bits: int, what: str) -> None:
 __all__ = [
     "BLOCK_SIZES", "MAX_BITS", "MIN_BITS", "PER_CHANNEL", "PER_TENSOR", "SEARCH_LAYOUTS", "Activations", "Budget", "CalibMethod",
     "ForceBits", "Granularity", "LayerWeighting", "Layout", "MaxLoss", "Method", "Metric", "MixQuantRule", "QuantConfig",
-    "Reconstruction", "Scheme", "Sensitivity", "Smooth", "Target", "Uniform", "matches",
+    "Reconstruction", "Scheme", "Sensitivity", "Smooth", "Target", "Uniform", "matches", "KQuantMixed",
 ]

@@ -69,6 +69,8 @@ PER_CHANNEL = Layout(Granularity.CHANNEL)
 # What the searches choose among by default: finer scales often buy more accuracy per byte than more bits, and
 # per-tensor scales free the bytes of per-channel ones where a weight does not need them.
 SEARCH_LAYOUTS = (PER_CHANNEL, PER_TENSOR) + tuple(Layout(Granularity.BLOCK, b) for b in BLOCK_SIZES)
+# The k-quant mix as the ONNX tools write it: INT4 in blocks of 128, INT8 per channel for the promoted weights.
+KQUANT_LAYOUTS = (Layout(Granularity.BLOCK, 128), PER_CHANNEL)
 
 
 class Scheme(enum.Enum):

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .runtime.brecq import ReconstructionResult, reconstruct, require_torch
 from .runtime.calibrate import HOLDOUT_FRACTION, collect_activation_ranges, collect_input_stats, hold_out, load_calibration
-from .config import Activations, Budget, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
+from .config import Activations, Budget, KQuantMixed, MaxLoss, Method, MixQuantRule, QuantConfig, Scheme, Sensitivity, Target, Uniform
 from .errors import BudgetError, ConfigError, ModelError, VerdictError
 from .executor import Executor, for_runtime
 from .runtime.fusion import integer_inputs, ort_fusion
@@ -29,13 +28,14 @@ from .graph.scopes import MAIN, default_opset
 from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, model_digest,
                        model_files, output_bytes, stage_model, tensor_nbytes, write_text_atomic, inline_bytes,
                        inline_copy, spill_initializers)
-from .runtime.inputs import Feed, feed_samples, generate_inputs, is_script, session
+from .runtime.inputs import Feed, InputInfo, feed_samples, generate_inputs, input_infos, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
 from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
 from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_key,
                             never_worse_than_uniform, smallest_within_loss, uniform_rivals)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
+from .graph.roles import decoder_roles
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
 from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
@@ -145,6 +145,8 @@ def _bits_to_measure(config: QuantConfig, caps: Capabilities | None = None) -> t
     forced += (8,) if config.target is not Target.GENERIC or config.activations is not Activations.NONE else ()
     if isinstance(config.search, Uniform):
         return tuple(sorted({config.search.bits, *forced}))
+    if isinstance(config.search, KQuantMixed):
+        return tuple(sorted({config.search.low_bits, config.search.high_bits, *forced}))
     extra = (config.search.ref_bits,) if isinstance(config.search, MixQuantRule) else ()
     cands = config.candidate_bits
     if config.storage_aware:
@@ -168,8 +170,9 @@ def _nothing_to_quantize(where: str, inv: Inventory) -> ModelError:
 
 
 def _uses_e2e(config: QuantConfig) -> bool:
-    """Whether the search needs the end-to-end evaluator (uniform widths need no sensitivity at all)."""
-    return not isinstance(config.search, Uniform) and (config.sensitivity is Sensitivity.E2E or isinstance(config.search, Budget))
+    """Whether the search needs the end-to-end evaluator (uniform widths and fixed rules need no sensitivity at all)."""
+    return not isinstance(config.search, (Uniform, KQuantMixed)) \
+        and (config.sensitivity is Sensitivity.E2E or isinstance(config.search, Budget))
 
 
 def _needs_stats(config: QuantConfig) -> bool:
@@ -338,6 +341,7 @@ def quantize(
     config = config or QuantConfig()
     _check_inputs(config, calibration)
     prepared = prepare(model, config, calibration)
+    config = _with_roles(config, prepared)
     if evaluation is None and calibration:
         evaluation, evaluation_source = calibration, "calibration samples"
     elif evaluation is None and _uses_e2e(config):
@@ -435,6 +439,20 @@ def _fit_file(prepared: Prepared, measured: Measured, chosen: Chosen, written: W
                "fixed_bytes": size - plan_bytes(chosen.plan.decisions)}
     plan = Plan(chosen.plan.decisions, dataclasses.replace(chosen.plan.summary, details=details))
     return measured, dataclasses.replace(chosen, plan=plan), kept
+
+
+def _with_roles(config: QuantConfig, prepared: Prepared) -> QuantConfig:
+    """The k-quant rule with its promoted weights found in the graph (a config that names them keeps its own)."""
+    rule = config.search
+    if not isinstance(rule, KQuantMixed) or rule.promoted is not None:
+        return config
+    roles = decoder_roles(prepared.base)
+    if not roles.layers:
+        raise ModelError(f"{prepared.where}: --rule kquant-mixed needs transformer layers, and no attention core (a "
+                         "MatMul of Softmax probabilities and value projections) was found; use --target-bits or --bits")
+    promoted = roles.use_more_bits() & {w.name for w in prepared.inventory.weights}
+    log.info("kquant-mixed: %d layers; %d weights get %d bits", roles.layers, len(promoted), rule.high_bits)
+    return dataclasses.replace(config, search=dataclasses.replace(rule, promoted=promoted))
 
 
 def _check_inputs(config: QuantConfig, calibration: list[Feed] | None) -> None:
@@ -652,7 +670,7 @@ def _choose_with(prepared: Prepared, measured: Measured, config: QuantConfig, ro
         log.warning(msg)
         notes.append(msg)
     plan = pick_plan(tables, config, limit, evaluator, rounder, progress, memo=memo)
-    points = [] if isinstance(config.search, Uniform) else curve_plans(tables, config, totals)
+    points = [] if isinstance(config.search, (Uniform, KQuantMixed)) else curve_plans(tables, config, totals)
     if cache_path is not None and memo is not None and evaluator is not None:
         # Every plan of the curve measured whole, and the uniform rivals that fit its largest budget: the curve is
         # measured throughout, and a later run at any of its budgets finds all its plan checks in the file.
@@ -934,7 +952,7 @@ class _Data:
     shapes: dict[str, tuple[int, ...]]
 
 
-def _data(model: onnx.ModelProto, inputs: list[ort.NodeArg], config: QuantConfig, verify_options: VerifyOptions,
+def _data(model: onnx.ModelProto, inputs: list[InputInfo], config: QuantConfig, verify_options: VerifyOptions,
           calibration: CalibrationOptions | None, writes: bool) -> _Data:
     """Load and split the data: --inputs verify; else a held-out part of --calib does; else generated inputs.
 
@@ -1089,7 +1107,7 @@ def _runtime_info(path: Path) -> dict[str, object]:
             "not_fused": [{"node": f.node, "rule": f.rule, "message": f.message} for f in fusion.findings]}
 
 
-def check_runs_in_ort(path: Path, model: onnx.ModelProto, as_file: bool = False) -> list[ort.NodeArg]:
+def check_runs_in_ort(path: Path, model: onnx.ModelProto, as_file: bool = False) -> list[InputInfo]:
     """Refuse, as a model error, an input ONNX Runtime cannot load (unknown opset or domain, duplicate names...).
 
     Returns the model's inputs as ONNX Runtime describes them (what calibration data is checked against).
@@ -1102,11 +1120,11 @@ def check_runs_in_ort(path: Path, model: onnx.ModelProto, as_file: bool = False)
     config = {"session.disable_prepacking": "1"}
     if as_file:
         try:
-            return session(path, config=config).get_inputs()
+            return input_infos(session(path, config=config))
         except Exception:  # ORT raises its own exception types; judged on the model in memory below
             pass
     try:
-        return session(model, config=config).get_inputs()
+        return input_infos(session(model, config=config))
     except Exception as exc:  # ORT raises its own exception types
         raise ModelError(f"{path}: ONNX Runtime cannot load the input model ({str(exc).splitlines()[0][:240]}); "
                          "fix or re-export the model first") from exc

@@ -99,6 +99,7 @@ MODES = {
     "MixQuant rule": ("--qem", "1"),
     "budget 4.5 bits": ("--target-bits", "4.5"),
     "accuracy target": ("--max-loss", "0.005"),
+    "kquant-mixed rule": ("--rule", "kquant-mixed"),
 }
 
 

@@ -13,7 +13,8 @@ from functools import reduce
 
 import numpy as np
 
-from ..config import Budget, LayerWeighting, MixQuantRule, QuantConfig, Uniform
+from ..config import Budget, KQuantMixed, LayerWeighting, MixQuantRule, QuantConfig, Uniform
+from ..kinds import Granularity
 from ..errors import BudgetError
 from .measure import ErrorTable, Option, Spec
 
@@ -97,6 +98,8 @@ def search(tables: list[ErrorTable], config: QuantConfig, limit: int | None = No
             why = f"uniform --bits {s.bits}" if o.bits == s.bits else f"--target {config.target.value} does not allow {s.bits} bits here"
             chosen.append(Decision(t, o, why))
         summary = SearchSummary("uniform", {"bits": s.bits})
+    elif isinstance(s, KQuantMixed):
+        chosen, summary = _kquant_mixed(free, s)
     elif isinstance(s, MixQuantRule):
         chosen, summary = _mixquant(free, config, s)
     elif isinstance(s, Budget):
@@ -112,6 +115,22 @@ def search(tables: list[ErrorTable], config: QuantConfig, limit: int | None = No
 
 def _err(config: QuantConfig, o: Option) -> float:
     return o.sensitivity(config.metric, config.sensitivity)
+
+
+def _kquant_mixed(tables: list[ErrorTable], rule: KQuantMixed) -> tuple[list[Decision], SearchSummary]:
+    """The promoted weights at the high width per channel (else in the first layout), the rest at the low width."""
+    if rule.promoted is None:
+        raise ValueError("the kquant-mixed rule needs its promoted weights (see mixq_onnx.graph.roles)")
+    out = []
+    for t in tables:
+        if t.site.name in rule.promoted:
+            per_channel = [o for o in t.options if o.bits == rule.high_bits and o.layout.granularity is Granularity.CHANNEL]
+            o = per_channel[0] if per_channel else _first_layout_option(t, rule.high_bits)
+            out.append(Decision(t, o, f"kquant-mixed: {rule.high_bits} bits (attention value, MLP down or output projection)"))
+        else:
+            out.append(Decision(t, _first_layout_option(t, rule.low_bits), f"kquant-mixed: {rule.low_bits} bits"))
+    return out, SearchSummary("kquant-mixed", {"low_bits": rule.low_bits, "high_bits": rule.high_bits,
+                                               "promoted": sorted(rule.promoted)})
 
 
 def _mixquant(tables: list[ErrorTable], config: QuantConfig, rule: MixQuantRule) -> tuple[list[Decision], SearchSummary]:

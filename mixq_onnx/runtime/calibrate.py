@@ -37,7 +37,7 @@ from ..numerics.ranges import RangeHistogram
 from ..config import CalibMethod
 from ..numerics.statistics import InputStats
 from ..numerics.qdq import QType
-from .inputs import ORT_TYPES, check_index_values, feed_samples, is_script, script_feeds, session
+from .inputs import ORT_TYPES, InputInfo, check_index_values, feed_samples, input_infos, is_script, script_feeds, session
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _graph_of(model: bytes | Path | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, samples: int | None, batch: int = 8,
-                     inputs: Sequence[ort.NodeArg] | None = None) -> list[Feed]:
+                     inputs: Sequence[InputInfo] | None = None) -> list[Feed]:
     """Validated calibration batches: names, shapes and dtypes checked against the model, no NaNs.
 
     The first axis of every array is the sample axis. ``samples`` keeps the
@@ -138,7 +138,7 @@ def load_calibration(path: str | Path, model: bytes | Path | onnx.ModelProto, sa
     parts = _parts_from(p)
     bounds = gather_index_bounds(_graph_of(model))
     if inputs is None:
-        inputs = session(model, config={"session.disable_prepacking": "1"}).get_inputs()
+        inputs = input_infos(session(model, config={"session.disable_prepacking": "1"}))
     # A fixed batch dimension of 1 in the model forces one sample per run.
     fixed = [i.shape[0] for i in inputs if isinstance(i.shape[0], int) and i.shape[0] > 0]
     step = 1 if fixed and fixed[0] == 1 else batch

@@ -87,6 +87,20 @@ def session(model: bytes | Path | onnx.ModelProto,
     return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=providers)
 
 
+@dataclass(frozen=True)
+class InputInfo:
+    """A model input as ONNX Runtime describes it (name, shape with dimension names, type), as plain data: a
+    session's own NodeArg keeps the session, and its weights, alive."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    type: str
+
+
+def input_infos(sess: ort.InferenceSession) -> list[InputInfo]:
+    return [InputInfo(i.name, tuple(i.shape), i.type) for i in sess.get_inputs()]
+
+
 def is_cache_input(name: str, type_: str) -> bool:
     """A decoder's key/value cache input (``past_key_values.0.key``, ``past.3.value``, ``past_key_2``...): float, named
     for the past, as optimum, ONNX Runtime GenAI and torch's exporters call them."""
@@ -99,7 +113,7 @@ def _is_positions(name: str, type_: str) -> bool:
     return dtype is not None and np.issubdtype(dtype, np.integer) and "position" in name.lower()
 
 
-def _role(inp: ort.NodeArg, axis: int) -> str:
+def _role(inp: ort.NodeArg | InputInfo, axis: int) -> str:
     """'batch', 'past', 'spatial' or 'sequence' for a dynamic dimension: images are float inputs of rank 4 or more;
     a cache input's other dynamic dimensions are the length of the past."""
     if axis == 0:
