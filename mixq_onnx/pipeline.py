@@ -1024,19 +1024,14 @@ def quantize_file(
         model = spill_initializers(model, input_spill)
         loaded = dataclasses.replace(loaded, model=model)
     del model
-    try:
+    try:  # on any refusal the scratch file goes at once
         inputs = check_runs_in_ort(Path(input_path), loaded.model, as_file=not loaded.had_external_data and input_spill is None)
-    except BaseException:
-        if input_spill is not None:
-            input_spill.close()
-        raise
-    outputs = [o.name for o in loaded.model.graph.output]
-    unknown = sorted({n for n, _ in verify_options.kinds} - set(outputs))
-    if unknown:
-        raise ConfigError(f"--output-kind names {unknown}, which are not outputs of the model; its outputs are {outputs}")
-    config = config or QuantConfig()
-    data = _data(loaded.model, inputs, config, verify_options, calibration, out is not None)
-    try:
+        outputs = [o.name for o in loaded.model.graph.output]
+        unknown = sorted({n for n, _ in verify_options.kinds} - set(outputs))
+        if unknown:
+            raise ConfigError(f"--output-kind names {unknown}, which are not outputs of the model; its outputs are {outputs}")
+        config = config or QuantConfig()
+        data = _data(loaded.model, inputs, config, verify_options, calibration, out is not None)
         result = quantize(loaded.model, config, progress, data.calibration, data.evaluation, data.evaluation_label,
                           out.parent if out is not None else None, executor, out.name if out is not None else "model_q.onnx",
                           cache, inline_output=input_spill is not None)

@@ -130,7 +130,8 @@ def main() -> None:
     head = ["method", "file bytes", "perplexity", "vs fp32", "mean KL", "top-1 agreement", "seconds", "peak RSS MB"]
     table = markdown_table(head, [[r["method"], str(r["bytes"]), f"{r['perplexity']:.4f}",
                                    f"{r['perplexity'] / fp32['perplexity'] - 1:+.2%}", f"{r['kl']:.5f}",
-                                   f"{r['agreement']:.4f}", f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f}"] for r in rows])
+                                   f"{r['agreement']:.4f}", *((f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f}") if r is not fp32
+                                                              else ("-", "-"))] for r in rows])
     print(table)
     if args.no_write:
         return
