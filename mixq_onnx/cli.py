@@ -478,8 +478,9 @@ VERIFICATION = OptionGroup("Verification in ONNX Runtime", (
     click.option("--require", type=click.Choice(["good", "degraded"]), help="Fail (exit 6) and write nothing when the verdict "
                   "is below this; 'unverified' (generated inputs only) is below both."),
     click.option("--threshold", multiple=True, metavar="METRIC=GOOD:BROKEN", help="Verdict bounds of one metric: top1 "
-                  "(default 0.99:0.9), cosine (0.999:0.95) or sqnr in dB (25:10); at or above GOOD is good, below BROKEN "
-                  "is broken. Repeatable."),
+                  "(default 0.99:0.9), cosine (0.999:0.95), sqnr in dB (25:10) or perplexity (float over quantized "
+                  "next-token perplexity of a language model on real text, 0.95:0.8); at or above GOOD is good, below "
+                  "BROKEN is broken. Repeatable."),
     click.option("--output-kind", multiple=True, metavar="NAME=KIND", help="What an output holds, when the guess is wrong: "
                   "classes (top-1 agreement), labels (exact), embedding (mean cosine) or values (SQNR). Repeatable."),
     click.option("--verify-samples", type=int, default=8, show_default=True, help="Random samples for verification."),

@@ -1059,7 +1059,8 @@ def quantize_file(
                 log.info(GENERATED_WARNING)  # the CLI prints it as a warning; the report keeps it as a note
                 result.report.notes.append(GENERATED_WARNING)
             result.report.verification = verify(loaded.model, staged.path, data.verify, data.verify_label, data.verify_source,
-                                                verify_options.thresholds, dict(verify_options.kinds), progress)
+                                                verify_options.thresholds, dict(verify_options.kinds), progress,
+                                                _token_input(loaded.model))
         if config.target is Target.ORT_CPU or config.activations is not Activations.NONE:
             result.report.runtime = _runtime_info(staged.path)
         staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
@@ -1072,6 +1073,12 @@ def quantize_file(
         raise
     result.report.output = str(out)
     return result
+
+
+def _token_input(model: onnx.ModelProto) -> str | None:
+    """The one integer input that indexes an embedding table (a language model's token ids), if there is one."""
+    found = [name for name in gather_index_bounds(model) if name in {i.name for i in model.graph.input}]
+    return found[0] if len(found) == 1 else None
 
 
 def _data_files(path: Path) -> list[Path]:

@@ -374,6 +374,9 @@ def format_table(report: Report, max_rows: int = 0) -> str:
 def _output_line(o: OutputComparison) -> str:
     """One output's metrics: the verdict's metric first, then the rest."""
     parts = []
+    if o.perplexity is not None and o.perplexity_float is not None:
+        parts.append(f"next-token perplexity {o.perplexity:.4g} (float {o.perplexity_float:.4g}, "
+                     f"{o.perplexity / o.perplexity_float - 1:+.2%})")
     if o.top1_agreement is not None:
         where = f" along axis {o.class_axis}" if o.class_axis is not None else ""
         parts.append(f"top-1 agreement {o.top1_agreement:.2%}{where}")

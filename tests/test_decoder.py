@@ -137,3 +137,15 @@ def test_every_search_mode_quantizes_a_decoder_and_keeps_its_perplexity(tmp_path
     out, report = _quantize(tmp_path, model, "data_free", "--target-bits", "4.5")
     assert perplexity(out, cached) < fp32 * 1.10
     assert "generated inputs" in report["end_to_end"]["source"]
+
+
+def test_the_verdict_on_real_text_reads_perplexity(tmp_path):
+    """Held-out --calib windows are real text: the verdict of the logits is their next-byte perplexity, float
+    against quantized, the numbers this file computes itself."""
+    out, report = _quantize(tmp_path, PLAIN, "rule", "--rule", "kquant-mixed", "--calib", str(CALIB))
+    held = np.load(CALIB)["input_ids"][48:]  # the last quarter of 64 windows is held out for verification
+    exact = report["verification"]["runs"][0]["outputs"][0]
+    assert exact["metric"] == "perplexity" and report["verification"]["verdict"]["reason"].startswith("logits: next-token perplexity")
+    assert exact["perplexity_float"] == pytest.approx(perplexity(PLAIN, ids=held), rel=1e-4)
+    assert exact["perplexity"] == pytest.approx(perplexity(out, ids=held), rel=1e-2)
+    assert exact["value"] == pytest.approx(exact["perplexity_float"] / exact["perplexity"])

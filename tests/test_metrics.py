@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,27 @@ def test_weight_error_is_mse_nmse_and_max_abs():
     w = np.array([1.0, -2.0, 3.0, 0.0], np.float32)
     mse, nmse, mx = weight_error(w, w + np.array([0.5, 0, -1.0, 0], np.float32))
     assert mse == pytest.approx(0.3125) and nmse == pytest.approx(0.3125 / 3.5) and mx == pytest.approx(1.0)
+
+
+def test_next_token_logits_on_real_text_are_judged_by_perplexity():
+    """Logits [N, T, V] over the token ids [N, T] the model read: the verdict is the float model's next-token
+    perplexity over the quantized one's, where agreement would count flips on uncertain positions."""
+    from mixq_onnx.numerics.metrics import next_token_nll
+
+    r = np.random.default_rng(0)
+    ids = r.integers(0, 16, (4, 12))
+    ref = r.standard_normal((4, 12, 16)).astype(np.float32)
+    ref[np.arange(4)[:, None], np.arange(11)[None], ids[:, 1:]] += 3.0  # the float model predicts the text well
+    near = ref + np.float32(0.05) * r.standard_normal(ref.shape).astype(np.float32)
+    far = ref + np.float32(1.5) * r.standard_normal(ref.shape).astype(np.float32)
+    nll, n = next_token_nll(ref, ids)
+    assert n == 4 * 11 and nll > 0
+    good = compare_output("logits", [ref], [near], [4], T, tokens=[ids])
+    assert good.metric == "perplexity" and good.level == "good"
+    assert good.value == pytest.approx(good.perplexity_float / good.perplexity)
+    assert math.exp(nll / n) == pytest.approx(good.perplexity_float)
+    bad = compare_output("logits", [ref], [far], [4], T, tokens=[ids])
+    assert bad.metric == "perplexity" and bad.level == "broken" and bad.perplexity > bad.perplexity_float * 1.25
+    # Without the text, or with ids that do not index these logits, the same output is judged by agreement.
+    assert compare_output("logits", [ref], [near], [4], T).metric == "top1"
+    assert compare_output("logits", [ref], [near], [4], T, tokens=[ids[:, :5]]).metric == "top1"

@@ -20,6 +20,7 @@ axis. Pure numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class OutputComparison:
     ``metric`` and ``value`` are what the verdict of this output reads:
     ``top1``, ``top1-foreground`` (off a dominant class), ``decoded``
     (1 - CER of CTC-decoded sequences; these three use the top-1
-    thresholds), ``cosine`` or ``sqnr``; ``level`` is that verdict.
+    thresholds), ``cosine``, ``sqnr``, or ``perplexity`` (next-token logits
+    of a language model on real text: the float model's perplexity over the
+    quantized model's); ``level`` is that verdict.
     """
 
     name: str
@@ -60,6 +63,9 @@ class OutputComparison:
     metric: str
     value: float
     level: str
+    # Next-token perplexity of the real text the model read (language-model logits only), float then quantized.
+    perplexity_float: float | None = None
+    perplexity: float | None = None
 
 
 def _is_probability(a: np.ndarray, axis: int) -> bool:
@@ -141,10 +147,50 @@ class _Sums:
 
 
 def compare_output(name: str, refs: list[np.ndarray], outs: list[np.ndarray], samples: list[int],
-                   thresholds: Thresholds, kind: OutputKind | None = None) -> OutputComparison:
-    """Compare one output over several runs (``samples[i]``: the batch size of run ``i``)."""
+                   thresholds: Thresholds, kind: OutputKind | None = None,
+                   tokens: list[np.ndarray] | None = None) -> OutputComparison:
+    """Compare one output over several runs (``samples[i]``: the batch size of run ``i``).
+
+    ``tokens``: the token ids each run read, when the model reads text; an output of next-token logits over
+    them (``[N, T, V]`` for ids ``[N, T]``) is then judged by the perplexity of the text's next tokens.
+    """
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        return _compare(name, refs, outs, samples, thresholds, kind)
+        comparison = _compare(name, refs, outs, samples, thresholds, kind)
+        if tokens is not None and comparison.kind == OutputKind.CLASSES.value:
+            comparison = _with_perplexity(comparison, refs, outs, tokens, thresholds)
+        return comparison
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int] | None:
+    """Summed negative log-likelihood of each next token (``ids[:, t + 1]`` under ``logits[:, t]``) and the count;
+    None unless ``logits`` are ``[N, T, V]`` next-token scores for ``ids`` ``[N, T]`` (every id below V)."""
+    if logits.ndim != 3 or ids.ndim != 2 or logits.shape[:2] != ids.shape or ids.shape[1] < 2 \
+            or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= logits.shape[2]:
+        return None
+    z = logits[:, :-1].astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, ids[:, 1:, None].astype(np.int64), axis=-1)
+    return float(-picked.sum()), int(picked.size)
+
+
+def _with_perplexity(c: OutputComparison, refs: list[np.ndarray], outs: list[np.ndarray], tokens: list[np.ndarray],
+                     thresholds: Thresholds) -> OutputComparison:
+    """``c`` judged by next-token perplexity instead of agreement, where the output is next-token logits."""
+    f_sum = q_sum = 0.0
+    count = 0
+    for r, o, ids in zip(refs, outs, tokens):
+        f, q = next_token_nll(np.asarray(r), np.asarray(ids)), next_token_nll(np.asarray(o), np.asarray(ids))
+        if f is None or q is None:
+            return c
+        f_sum, q_sum, count = f_sum + f[0], q_sum + q[0], count + f[1]
+    if not count:
+        return c
+    ppl_f, ppl_q = math.exp(f_sum / count), math.exp(q_sum / count)
+    ratio = ppl_f / ppl_q if math.isfinite(ppl_q) else 0.0
+    level = thresholds.perplexity.level(ratio) if not math.isnan(ratio) else Level.BROKEN
+    return dataclasses.replace(c, metric="perplexity", value=ratio, level=level.value, perplexity_float=ppl_f,
+                               perplexity=ppl_q)
 
 
 def _compare(name: str, refs: list[np.ndarray], outs: list[np.ndarray], samples: list[int], thresholds: Thresholds,

@@ -144,8 +144,12 @@ def verdict_of(runs: tuple[RunComparison, ...], source: DataSource) -> Verdict:
         return Verdict(Level.UNVERIFIED.value, source.value, "no output could be compared")
     level, setting, o = min(judged, key=lambda j: (j[0].rank, j[2].value))
     names = {"top1": "top-1 agreement", "top1-foreground": "top-1 agreement off the dominant class",
-             "decoded": "decoded agreement (1 - CER)", "cosine": "mean cosine", "sqnr": "SQNR"}
-    value = f"{o.value:.1f} dB" if o.metric == "sqnr" else f"{o.value:.4f}"
+             "decoded": "decoded agreement (1 - CER)", "cosine": "mean cosine", "sqnr": "SQNR",
+             "perplexity": "next-token perplexity"}
+    if o.metric == "perplexity" and o.perplexity is not None and o.perplexity_float is not None:
+        value = f"{o.perplexity / o.perplexity_float - 1:+.2%} ({o.perplexity_float:.4g} -> {o.perplexity:.4g})"
+    else:
+        value = f"{o.value:.1f} dB" if o.metric == "sqnr" else f"{o.value:.4f}"
     reason = f"{o.name}: {names[o.metric]} {value} at {setting}"
     if source is DataSource.GENERATED:
         return Verdict(Level.UNVERIFIED.value, source.value,
@@ -157,6 +161,7 @@ def verify(
     float_model: bytes | Path | onnx.ModelProto, quant_model: bytes | Path, feeds: list[dict[str, np.ndarray]], label: str,
     source: DataSource = DataSource.GENERATED, thresholds: Thresholds | None = None,
     kinds: dict[str, OutputKind] | None = None, progress: Callable[[int, int, str], None] | None = None,
+    token_input: str | None = None,
 ) -> Verification:
     """Run both models on ``feeds`` at each setting, compare every output and give a verdict.
 
@@ -165,7 +170,9 @@ def verify(
     model near the memory's size can still be verified. The float session
     maps its weights instead of pre-packing copies of them. ``kinds`` names
     the kind of outputs whose guess (see :mod:`mixq_onnx.numerics.metrics`)
-    is wrong; ``progress(i, n, stage)`` is told of each run.
+    is wrong; ``progress(i, n, stage)`` is told of each run. ``token_input``:
+    the input that holds a text's token ids (a language model's); its
+    next-token logits are then judged by the text's perplexity.
     """
     thresholds = thresholds or Thresholds()
     kinds = kinds or {}
@@ -228,7 +235,8 @@ def verify(
         for k, name in enumerate(names):
             if not all(isinstance(r[k], np.ndarray) for r in refs) or not all(isinstance(o[k], np.ndarray) for o in outs):
                 continue  # sequence and map outputs (ZipMap) are not tensors: they have no distance
-            comps.append(compare_output(name, [r[k] for r in refs], [o[k] for o in outs], sizes, thresholds, kinds.get(name)))
+            comps.append(compare_output(name, [r[k] for r in refs], [o[k] for o in outs], sizes, thresholds, kinds.get(name),
+                                        [f[token_input] for f in feeds] if token_input in wanted else None))
         runs.append(RunComparison(label_s, tuple(comps)))
     samples = sum(sizes)
     statuses += [ProviderStatus(p, False, "not available in this onnxruntime build") for p in GPU_PROVIDERS if p not in available]
