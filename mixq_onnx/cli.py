@@ -433,7 +433,7 @@ QUANTIZATION = OptionGroup("Quantization: weights, layouts and rounding", (
     click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float."),
     click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable."),
     click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins."),
-    click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib."),
+    click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), hqq (data-free half-quadratic scale and zero point), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib."),
     click.option("--brecq-iters", type=int, help=f"Block reconstruction: optimisation steps per block. [default: {Reconstruction.iters}]"),
     click.option("--brecq-batch", type=int, help=f"Block reconstruction: calibration samples per step. [default: {Reconstruction.batch}]"),
     click.option("--brecq-samples", type=int, help=f"Block reconstruction: calibration samples it uses (the first N). [default: {Reconstruction.samples}]"),

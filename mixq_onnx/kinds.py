@@ -123,6 +123,7 @@ class Method(enum.Enum):
     MSE = "mse"
     GPTQ = "gptq"
     ADAROUND = "adaround"
+    HQQ = "hqq"
     # Block reconstruction (BRECQ): not a per-weight rule; see Reconstruction and mixq_onnx.runtime.brecq.
     BRECQ = "brecq"
 

@@ -199,3 +199,30 @@ def test_digits_gptq_with_bias_correction_from_the_cli(tmp_path):
     err = {k: float(np.sum((v - ref) ** 2)) for k, v in outs.items()}
     assert err["gptq"] < 0.7 * err["rtn"], err
     assert (outs["gptq"].argmax(1) == test["label"]).mean() >= 0.97
+
+
+def test_hqq_lowers_the_error_of_trained_weights_without_data_on_every_grid():
+    """hqq on the trained decoder's weights: integers in range, integer zero points, and less weight error than
+    min-max round-to-nearest on every grid (by less than ORT's fractional zero point would give: see docs/search.md)."""
+    from pathlib import Path
+
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "tiny_decoder.onnx"))
+    ws = [numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2][:6]
+    for bits, sym, lay, axis in [(4, False, Layout(Granularity.BLOCK, 32), 0), (4, True, Layout(Granularity.CHANNEL), 1),
+                                 (3, False, Layout(Granularity.CHANNEL), 1), (2, False, Layout(Granularity.TENSOR), 0)]:
+        grid = Grid(bits, sym, lay, axis, container_for(bits, sym, False), np.dtype(np.float32))
+        rtn_err = hqq_err = 0.0
+        for w in ws:
+            rounded = round_weight(w, grid, Method.HQQ)
+            t = rounded.tensor
+            assert rounded.method is Method.HQQ and t.values.dtype == grid.qtype.dtype
+            lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+            v = t.values.astype(np.int32)
+            assert v.min() >= lo and v.max() <= hi
+            assert (t.zero_point is None) == sym and t.scale.shape == grid.quantize(w).scale.shape
+            rtn_err += float(np.mean((grid.quantize(w).dequantize() - w) ** 2))
+            hqq_err += float(np.mean((t.dequantize() - w) ** 2))
+        assert hqq_err < rtn_err, (bits, sym, lay)
+    w = ws[0]
+    a, b = round_weight(w, grid, Method.HQQ).tensor, round_weight(w, grid, Method.HQQ).tensor
+    np.testing.assert_array_equal(a.values, b.values)  # deterministic

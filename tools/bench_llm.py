@@ -8,7 +8,8 @@ Llama-style layers, a tied embedding), evaluated on its 192 held-out windows of 
 and calibrated, where a method takes data, on the 64 training windows of models/tiny_decoder_calib.npz.
 
 Methods: ONNX Runtime's MatMulNBits quantizer (round-to-nearest and HQQ, 4 bits, blocks of 32 and 128; it leaves the
-tied table in float), its dynamic INT8 quantizer; our uniform 4-bit plans; the k-quant rule every peer ships
+tied table in float), its dynamic INT8 quantizer; our uniform 4-bit plans (also on ORT HQQ's tensors only, with
+round-to-nearest and ``--method hqq``); the k-quant rule every peer ships
 (``--rule kquant-mixed``, round-to-nearest and GPTQ); and our searches at the rule's bytes (``--max-size`` of the
 rule's file), data-free and with calibration. Each quantization runs in a fresh process: seconds and peak RSS are
 that process's. Metrics per held-out position: perplexity of the next byte, KL(fp32 || quantized) of the next-byte
@@ -117,14 +118,24 @@ def main() -> None:
         out = work / f"uniform_{block}.onnx"
         run(f"mixq --bits 4 --granularity {block}", [*mixq, "-o", str(out), "--no-verify", "--bits", "4",
                                                      "--granularity", block], out)
+    # ORT HQQ's tensors and layout (MatMul weights only, the tied table kept float), rounded both ways.
+    for method in ("rtn", "hqq"):
+        out = work / f"matmuls_{method}.onnx"
+        run(f"mixq --bits 4 --granularity block32 --method {method} --keep-float embed.weight",
+            [*mixq, "-o", str(out), "--no-verify", "--bits", "4", "--granularity", "block32", "--method", method,
+             "--keep-float", "embed.weight"], out)
+    out = work / "uniform_hqq.onnx"
+    run("mixq --bits 4 --granularity block32 --method hqq", [*mixq, "-o", str(out), "--no-verify", "--bits", "4",
+                                                             "--granularity", "block32", "--method", "hqq"], out)
     rule = work / "kquant.onnx"
     run("mixq --rule kquant-mixed (rtn)", [*mixq, "-o", str(rule), "--no-verify", "--rule", "kquant-mixed"], rule)
     out = work / "kquant_gptq.onnx"
     run("mixq --rule kquant-mixed --method gptq --calib", [*mixq, "-o", str(out), "--no-verify", "--rule", "kquant-mixed",
                                                            "--method", "gptq", *data], out)
     size = str(rule.stat().st_size)
-    for name, extra in (("data-free", []), ("--calib", data), ("--calib --method gptq", [*data, "--method", "gptq"])):
-        out = work / f"search_{len(extra)}.onnx"
+    for name, extra in (("data-free", []), ("data-free --method hqq", ["--method", "hqq"]), ("--calib", data),
+                        ("--calib --method gptq", [*data, "--method", "gptq"])):
+        out = work / f"search_{name.replace(' ', '_').replace('-', '')}.onnx"
         run(f"mixq --max-size (the rule's bytes) {name}", [*mixq, "-o", str(out), "--no-verify", "--max-size", size, *extra],
             out)
     head = ["method", "file bytes", "perplexity", "vs fp32", "mean KL", "top-1 agreement", "seconds", "peak RSS MB"]

@@ -15,6 +15,14 @@ one ``DequantizeLinear``, so nothing changes for the runtimes:
   or down by minimising ``tr(dW H dW^T)`` plus AdaRound's annealed
   regulariser (Nagel et al., 2020) with Adam, then rounds hard.
 
+- ``hqq``: data-free, half-quadratic (Badri and Shaji, 2023, as ONNX Runtime's
+  quantizer runs it): per group, alternates rounding with a shrinkage of the
+  error under an l_p norm (p = 0.7, which tolerates a few large errors) and a
+  closed-form update of the zero point (asymmetric grids) or of the scale
+  (symmetric ones), keeping the iterate with the least mean absolute error.
+  DequantizeLinear's zero points are integers, so the optimised zero point is
+  rounded, and the integers re-rounded on it, at the end.
+
 ``gptq`` and ``adaround`` optimise the layer's output error on the
 calibration data; if the result is not better there than ``mse`` (which can
 happen when H is nearly singular), ``mse``'s integers are kept and the
@@ -31,7 +39,7 @@ import numpy as np
 
 from ..config import Method
 from .statistics import InputStats
-from .qdq import Grid, GroupRange, QuantizedTensor, broadcast, group_reduce, logical_range
+from .qdq import Grid, GroupRange, QuantizedTensor, _round_clip, broadcast, group_reduce, logical_range
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ ADAROUND_LR = 0.1
 ADAROUND_LAMBDA = 3.0
 ADAROUND_WARMUP = 0.2
 ADAROUND_BETA = (20.0, 2.0)
+# HQQ: the l_p norm of the error model, the shrinkage's starting beta and its growth per step, and the step limit.
+HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_ITERS = 0.7, 10.0, 1.01, 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,8 @@ def round_weight(w: np.ndarray, grid: Grid, method: Method = Method.RTN, stats: 
         raise ValueError(f"{method.value} is not a per-weight method; round with its layer-wise fallback")
     if method is Method.RTN:
         return Rounded(grid.quantize(w), method)
+    if method is Method.HQQ:
+        return Rounded(hqq(w, grid), method)
     base = grid.quantize(w, clip_range(w, grid, _element_weights(w, stats)))
     if method is Method.MSE:
         return Rounded(base, method)
@@ -87,6 +99,52 @@ def round_weight(w: np.ndarray, grid: Grid, method: Method = Method.RTN, stats: 
     if not new_err <= old_err:
         return Rounded(base, Method.MSE, f"{method.value} output error {new_err:.3g} was not below mse's {old_err:.3g}; kept mse")
     return Rounded(cand, method)
+
+
+def hqq(w: np.ndarray, grid: Grid) -> QuantizedTensor:
+    """Half-quadratic rounding: min-max grid, then per group the zero point (or, symmetric, the scale) that the
+    proximal iterations find, with the integers rounded on it (see the module's docstring)."""
+    base = grid.quantize(w)
+    lo, hi = logical_range(grid.bits, grid.symmetric)
+    axis, layout, block = grid.axis, grid.layout, grid.layout.block_size
+    x = w.astype(np.float32)
+    count = np.asarray(group_reduce(np.ones_like(x), layout, axis, np.add), np.float32)
+
+    def spread(v: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(broadcast(np.asarray(v, np.float32), x.shape, axis, block), x.shape)
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        return np.asarray(group_reduce(v, layout, axis, np.add), np.float32) / count
+
+    scale = np.maximum(base.scale.astype(np.float32), np.finfo(np.float32).tiny)
+    zero = base.zero_point.astype(np.float32) if base.zero_point is not None else np.zeros_like(scale)
+    beta, best, kept = HQQ_BETA, np.inf, (scale, zero)
+    for _ in range(HQQ_ITERS):
+        s, z = spread(scale), spread(zero)
+        q = np.clip(np.rint(x / s + z), lo, hi)
+        err = x - (q - z) * s
+        e = float(np.mean(np.abs(err)))
+        if not e < best:
+            break
+        best, kept = e, (scale, zero)
+        # The error model: the part of the error an l_p norm (p < 1) attributes to a few outliers.
+        shrunk = np.sign(err) * np.maximum(np.abs(err) - np.power(np.abs(err) + 1e-8, HQQ_P - 1) / beta, 0)
+        target = x - shrunk  # what q's dequantized values should match
+        # DequantizeLinear's zero point is an integer: the zero point moves in whole steps, and the scale takes the
+        # least-squares value for the integers and zero point (HQQ's own float zero point would round back).
+        if not grid.symmetric:
+            zero = np.clip(np.rint(mean(q - target / s)), lo, hi).astype(np.float32)
+            z = spread(zero)
+        num = np.asarray(group_reduce(target * (q - z), layout, axis, np.add), np.float32)
+        den = np.asarray(group_reduce((q - z) * (q - z), layout, axis, np.add), np.float32)
+        scale = np.where(den > 0, num / np.where(den > 0, den, 1), scale).astype(np.float32)
+        scale = np.maximum(scale, np.finfo(np.float32).tiny)
+        beta *= HQQ_KAPPA
+    scale, zero = kept
+    scale = scale.astype(base.scale.dtype)
+    zp = np.clip(np.rint(zero), lo, hi).astype(grid.qtype.dtype) if base.zero_point is not None else None
+    values = _round_clip(x, scale, zp, axis, block, lo, hi)  # QuantizeLinear's arithmetic on the final grid
+    return dataclasses.replace(base, values=values.astype(grid.qtype.dtype), scale=scale, zero_point=zp)
 
 
 def _element_weights(w: np.ndarray, stats: InputStats | None) -> np.ndarray | None:
