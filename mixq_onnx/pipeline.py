@@ -36,7 +36,7 @@ from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_l
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
 from .graph.roles import decoder_roles
-from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes
+from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes, tie_transposed_tables
 from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
 from .numerics.metrics import weight_error
@@ -523,7 +523,7 @@ def prepare(model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig
     else:
         raise ModelError(f"{where}: opset {original} has no DequantizeLinear and {change.note}; convert the model to opset 13 or newer")
     opset_note = change.note if base is not model else ""
-    for repair in (densify_sparse_initializers, drop_contradicted_shapes):
+    for repair in (densify_sparse_initializers, drop_contradicted_shapes, tie_transposed_tables):
         fixed = repair(base)
         base = fixed.model
         notes.extend(fixed.notes)

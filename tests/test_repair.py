@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from mixq_onnx import QuantConfig, Uniform, quantize
 from mixq_onnx.graph.repair import densify_sparse_initializers, drop_contradicted_shapes
 from mixq_onnx.graph.rewrite import raise_opset
 
+from mixq_onnx.cli import main
+
 from .helpers import rng, run
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def crnn_with_a_wrong_output_shape() -> onnx.ModelProto:
@@ -92,3 +100,33 @@ def test_sparse_initializers_become_dense_ones_with_the_same_values():
     onnx.checker.check_model(out.model, full_check=True)
     x = {"x": np.ones((2, 4), np.float32)}
     np.testing.assert_array_equal(run(m, x)[0], run(out.model, x)[0])
+
+
+def test_a_tied_table_the_exporter_stored_twice_is_stored_once(tmp_path):
+    """The TorchScript decoder export holds the embedding table and, constant-folded, its transpose for the output
+    MatMul: the copy becomes a Transpose of the table (bit-equal logits), and the quantized file holds one table."""
+    import onnxruntime as ort
+
+    from mixq_onnx.graph.repair import tie_transposed_tables
+    from tests.test_decoder import CACHED, TEST, cache_feed
+
+    model = onnx.load(str(CACHED))
+    fixed = tie_transposed_tables(model)
+    assert fixed.changed and len(fixed.notes) == 1 and "core.embed.weight" in fixed.notes[0]
+    assert len(fixed.model.graph.initializer) == len(model.graph.initializer) - 1
+    onnx.checker.check_model(fixed.model, full_check=True)
+    feed = cache_feed(TEST[:4])
+    before, after = (ort.InferenceSession(m.SerializeToString()).run(["logits"], feed)[0] for m in (model, fixed.model))
+    assert np.array_equal(before, after)
+    # Nothing to tie elsewhere: one shared table (dynamo), no table (CNN), a table and an unrelated head (encoder).
+    for name in ("tiny_decoder.onnx", "digits_cnn.onnx", "tiny_transformer.onnx"):
+        assert not tie_transposed_tables(onnx.load(str(MODELS / name))).changed
+    out = tmp_path / "kv.onnx"
+    res = CliRunner().invoke(main, [str(CACHED), "-o", str(out), "--bits", "4", "--no-verify", "-q", "--report", str(out) + ".json"])
+    assert res.exit_code == 0, res.output
+    q = onnx.load(str(out))
+    assert sorted(tuple(t.dims) for t in q.graph.initializer if 256 in tuple(t.dims) and len(t.dims) == 2) == [(256, 64)]
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert any("stored twice" in n for n in report["notes"])
+    table = next(t for t in report["tensors"] if t["name"] == "core.embed.weight")
+    assert table["op_types"] == "Gather+MatMul" and table["via"] == ["Transpose"]

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .io import light_copy
-from .scopes import iter_scopes
+from .io import light_copy, read_tensor
+from .scopes import Namer, all_names, iter_scopes
 
 log = logging.getLogger(__name__)
 
@@ -133,4 +133,53 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> RepairResult:
     return RepairResult(out, True, tuple(notes))
 
 
-__all__ = ["RepairResult", "densify_sparse_initializers", "drop_contradicted_shapes"]
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def tie_transposed_tables(model: onnx.ModelProto) -> RepairResult:
+    """Store once an embedding table that the exporter wrote twice: a main-graph initializer that only MatMul or
+    Gemm weight inputs read and that is exactly the transpose of a table a Gather reads becomes a Transpose of it.
+
+    A tied output projection, constant-folded by torch's TorchScript exporter, is such a copy: left alone it is
+    rounded and stored twice. Bit-equal values only, so the model computes exactly what it did.
+    """
+    g = model.graph
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            readers.setdefault(i, []).append((n, k))
+    inits = {t.name: t for t in g.initializer if len(t.dims) == 2 and t.data_type in _FLOATS}
+    outputs = {o.name for o in g.output} | {i.name for i in g.input}
+    tables = {n: t for n, t in inits.items() if any(r.op_type == "Gather" and k == 0 for r, k in readers.get(n, ()))}
+    pairs: list[tuple[str, str]] = []
+    for bname, b in inits.items():
+        uses = readers.get(bname, ())
+        if bname in tables or bname in outputs or not uses or any(r.op_type not in ("MatMul", "Gemm") or k != 1 for r, k in uses):
+            continue
+        for aname, a in tables.items():
+            if a.data_type == b.data_type and list(a.dims) == list(b.dims)[::-1] and aname not in {x for _, x in pairs} \
+                    and np.array_equal(read_tensor(a).T, read_tensor(b)):
+                pairs.append((bname, aname))
+                break
+    if not pairs:
+        return RepairResult(model, False, ())
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dropped = {b for b, _ in pairs}
+    kept = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    namer = Namer(all_names(out))
+    nodes = [onnx.helper.make_node("Transpose", [a], [b], name=namer(f"{b}_tied"), perm=[1, 0]) for b, a in pairs]
+    rest = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + rest)
+    notes = tuple(f"'{b}' is the transpose of the embedding table '{a}' (a tied output projection the exporter stored "
+                  "twice): it is read through a Transpose of the table, so the table is rounded and stored once"
+                  for b, a in pairs)
+    for n in notes:
+        log.info(n)
+    return RepairResult(out, True, notes)
+
+
+__all__ = ["RepairResult", "densify_sparse_initializers", "drop_contradicted_shapes", "tie_transposed_tables"]
