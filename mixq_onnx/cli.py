@@ -397,7 +397,8 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   "(interpolated for fractional B); the report prints the stored bits per weight used."),
     click.option("--max-size", help="Budget search: on-disk size of the quantized weights, e.g. 1.5MB, 800KB, 2MiB or bytes."),
     click.option("--max-loss", type=float, help="Accuracy target: the smallest plan whose measured end-to-end output distance "
-                  "(KL for probability outputs, normalised MSE otherwise; the report's 'distance') is at most this."),
+                  "(KL for probability outputs and a language model's next-token logits, normalised MSE otherwise; the "
+                  "report's 'distance') is at most this."),
     click.option("--rule", type=click.Choice(["kquant-mixed"]), help="A fixed rule instead of a search. kquant-mixed: llama.cpp's "
                   "Q4_K_M mix as ONNX Runtime GenAI and ModelOpt copy it: the attention value and MLP down projections of the "
                   "first and last eighth of the layers and every third layer between, and the output projection, at 8 bits "

@@ -95,8 +95,8 @@ class Budget:
 class MaxLoss:
     """Accuracy target: the smallest plan whose measured end-to-end output distance stays within ``max_loss``.
 
-    The distance is the one the report prints (KL for probability outputs,
-    normalised MSE otherwise, averaged over outputs).
+    The distance is the one the report prints (KL for probability outputs and a language model's next-token
+    logits, normalised MSE otherwise, averaged over outputs).
     """
 
     max_loss: float

@@ -110,6 +110,9 @@ def test_a_data_free_search_quantizes_the_cache_model_and_the_tied_table_once(tm
     out, report = _quantize(tmp_path, CACHED, "kv", "--target-bits", "4.5")
     assert perplexity(out, cached=True) < fp32 * 1.10
     assert "generated inputs" in report["end_to_end"]["source"]
+    # The logits are compared as next-token distributions (KL of their softmax), the K/V caches as values.
+    outputs = report["end_to_end"]["outputs"]
+    assert outputs["logits"] == "kl (next-token logits)" and outputs["present.0.key"] == "nmse"
     out, report = _quantize(tmp_path, PLAIN, "tied", "--bits", "4", "--granularity", "block32")
     table = [t for t in report["tensors"] if t["name"] == "embed.weight"]
     assert len(table) == 1 and table[0]["op_types"] == "Gather+MatMul" and table[0]["via"] == ["Transpose"]

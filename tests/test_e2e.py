@@ -294,3 +294,22 @@ def test_an_infinite_mask_is_no_change_and_carries_no_signal():
     broken = np.array([[0.5, 3.0], [2.0, -np.inf]], np.float32)  # a masked entry that became finite
     assert squared_change(broken, f) == np.inf
     assert squared_change(np.full_like(f, np.nan), f) == np.inf
+
+
+def test_next_token_logits_are_compared_as_distributions():
+    """Logits [N, T, V] over the vocabulary of the model's token input: KL of their softmax, which a shift of every
+    score leaves at 0 and which counts one term per position."""
+    from mixq_onnx.runtime.sensitivity import _kl_sum
+
+    r = rng(1)
+    logits = r.standard_normal((2, 5, 7)).astype(np.float32)
+    assert output_kind([logits], vocabulary=7) is OutputKind.LOGITS
+    assert output_kind([logits]) is OutputKind.VALUES and output_kind([logits], vocabulary=8) is OutputKind.VALUES
+    assert output_kind([logits[0]], vocabulary=7) is OutputKind.VALUES  # [T, V] without a batch: not a sequence of them
+    total, count = _kl_sum(logits, logits + np.float32(3.0), True, True)
+    assert total == pytest.approx(0.0, abs=1e-9) and count == 10
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    q_logits = logits + r.standard_normal(logits.shape).astype(np.float32)
+    q = np.exp(q_logits) / np.exp(q_logits).sum(-1, keepdims=True)
+    expected = float(np.sum(p * (np.log(p) - np.log(q))))
+    assert _kl_sum(logits, q_logits, True, True)[0] == pytest.approx(expected, rel=1e-5)

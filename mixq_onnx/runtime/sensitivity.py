@@ -33,7 +33,7 @@ from onnx import helper
 
 from ..errors import ConfigError
 from ..executor import Executor, inline, ort_threads
-from ..graph.find import Source, WeightSite
+from ..graph.find import Source, WeightSite, gather_index_bounds
 from ..graph.scopes import MAIN, iter_scopes
 from .chain import BlockChain, ChainRun, Replacement, materialize, refusal
 from .inputs import Feed, session
@@ -53,13 +53,18 @@ class OutputKind(enum.Enum):
 
     PROBABILITIES = "kl"
     LOG_PROBABILITIES = "kl (log-probabilities)"
+    # A language model's next-token scores over its vocabulary: KL of their softmax, as the verdict's perplexity.
+    LOGITS = "kl (next-token logits)"
     VALUES = "nmse"
 
 
-def output_kind(values: list[np.ndarray]) -> OutputKind | None:
-    """KL for probability-like outputs, NMSE for other float outputs, None for integer ones."""
+def output_kind(values: list[np.ndarray], vocabulary: int | None = None) -> OutputKind | None:
+    """KL for probability-like outputs and for next-token logits (``[N, T, V]``, V the ``vocabulary`` of the
+    model's token input), NMSE for other float outputs, None for integer ones."""
     if not values or not np.issubdtype(values[0].dtype, np.floating) or values[0].ndim == 0:
         return None
+    if vocabulary is not None and vocabulary >= 2 and all(v.ndim == 3 and v.shape[-1] == vocabulary for v in values):
+        return OutputKind.LOGITS
     if any(v.shape[-1] < 2 for v in values):
         return OutputKind.VALUES
     arrays = [v.astype(np.float64) for v in values]
@@ -70,8 +75,23 @@ def output_kind(values: list[np.ndarray]) -> OutputKind | None:
     return OutputKind.VALUES
 
 
-def _kl_sum(p: np.ndarray, q: np.ndarray, log_space: bool) -> tuple[float, int]:
-    """Sum over positions of KL(p || q) along the last axis, and the number of positions."""
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """log softmax along the last axis in float64, shifted by the maximum (a fresh array)."""
+    out = z.astype(np.float64)
+    out -= out.max(-1, keepdims=True)
+    out -= np.log(np.exp(out).sum(-1, keepdims=True))
+    return out
+
+
+def _kl_sum(p: np.ndarray, q: np.ndarray, log_space: bool, logits: bool = False) -> tuple[float, int]:
+    """Sum over positions of KL(p || q) along the last axis, and the number of positions (``logits``: both are
+    unnormalised scores, normalised here; a vocabulary of 50k makes this the cost of a run's distance)."""
+    if logits:
+        lp, lq = _log_softmax(p), _log_softmax(q)
+        lq -= lp
+        np.exp(lp, out=lp)
+        kl = -np.einsum("...v,...v->...", lp, lq)
+        return float(np.sum(np.maximum(kl, 0.0))), int(kl.size)
     if log_space:
         lp, lq = p.astype(np.float64), q.astype(np.float64)
         lq = lq - np.logaddexp.reduce(lq, axis=-1, keepdims=True)
@@ -178,6 +198,9 @@ class EndToEnd:
         if not feeds:
             raise ConfigError("end-to-end sensitivity needs at least one sample")
         self.eligibility = eligibility(model, sites)
+        # A language model's one token input indexes a table of this many rows: its logits are compared as KL.
+        tokens = [v for k, v in gather_index_bounds(model).items() if k in {i.name for i in model.graph.input}]
+        self._vocabulary = tokens[0] if len(tokens) == 1 else None
         names = set(self.eligibility.names)
         chosen = [s for s in sites if s.name in names]
         self.model: onnx.ModelProto | None = model
@@ -227,7 +250,7 @@ class EndToEnd:
         if self.chain is None:
             self._references = [self._run(f, {}) for f in self.feeds]
         self._batched = self._batches_agree()
-        kinds = {n: output_kind([r[k] for r in self._references]) for k, n in enumerate(self.output_names)}
+        kinds = {n: output_kind([r[k] for r in self._references], self._vocabulary) for k, n in enumerate(self.output_names)}
         self._kinds = {n: k for n, k in kinds.items() if k is not None}
         if not self._kinds:
             raise ConfigError("the model has no float outputs to compare")
@@ -493,7 +516,7 @@ class EndToEnd:
                         noise[name] += squared_change(q, f)
                         signal[name] += self._signal(i, k)
                     else:
-                        total, count = _kl_sum(f, q, kind is OutputKind.LOG_PROBABILITIES)
+                        total, count = _kl_sum(f, q, kind is not OutputKind.PROBABILITIES, kind is OutputKind.LOGITS)
                         noise[name] += total
                         signal[name] += count
         self.evaluations += 1
