@@ -23,7 +23,7 @@ from .config import Activations, Budget, KQuantMixed, MaxLoss, Method, MixQuantR
 from .errors import BudgetError, ConfigError, ModelError, VerdictError
 from .executor import Executor, for_runtime
 from .runtime.fusion import integer_inputs, ort_fusion
-from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds
+from .graph.find import Inventory, Skipped, WeightSite, find_weights, gather_index_bounds, token_input
 from .graph.scopes import MAIN, default_opset
 from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_external_data, load_model, model_bytes, model_digest,
                        model_files, output_bytes, stage_model, tensor_nbytes, write_text_atomic, inline_bytes,
@@ -1060,7 +1060,7 @@ def quantize_file(
                 result.report.notes.append(GENERATED_WARNING)
             result.report.verification = verify(loaded.model, staged.path, data.verify, data.verify_label, data.verify_source,
                                                 verify_options.thresholds, dict(verify_options.kinds), progress,
-                                                _token_input(loaded.model))
+                                                tokens[0] if (tokens := token_input(loaded.model)) else None)
         if config.target is Target.ORT_CPU or config.activations is not Activations.NONE:
             result.report.runtime = _runtime_info(staged.path)
         staged_bytes = staged.path.stat().st_size + _data_size(staged.path)
@@ -1073,12 +1073,6 @@ def quantize_file(
         raise
     result.report.output = str(out)
     return result
-
-
-def _token_input(model: onnx.ModelProto) -> str | None:
-    """The one integer input that indexes an embedding table (a language model's token ids), if there is one."""
-    found = [name for name in gather_index_bounds(model) if name in {i.name for i in model.graph.input}]
-    return found[0] if len(found) == 1 else None
 
 
 def _data_files(path: Path) -> list[Path]:

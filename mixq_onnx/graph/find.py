@@ -389,3 +389,10 @@ def gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
                 rows = consts[n.input[0]][0] if consts[n.input[0]] else 1
                 bounds[n.input[1]] = min(bounds.get(n.input[1], rows), rows)
     return bounds
+
+
+def token_input(model: onnx.ModelProto) -> tuple[str, int] | None:
+    """A language model's token ids: the one graph input that indexes an embedding table, with the table's rows
+    (its vocabulary); None when no input, or more than one, does."""
+    bounds = gather_index_bounds(model)
+    return next(iter(bounds.items())) if len(bounds) == 1 else None

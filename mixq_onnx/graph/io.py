@@ -831,7 +831,7 @@ def model_digest(model: onnx.ModelProto) -> str:
     # fixes how many bytes it holds.
     for scope in iter_scopes(model.graph):
         for t in scope.graph.initializer:
-            if _heavy(t, _LIGHT_BYTES) and not is_external(t):
+            if _heavy(t, _LIGHT_BYTES):  # never an external tensor (its message is small)
                 h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
     for location in sorted(files):
         with open(location, "rb") as f:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .find import FLOAT_TYPES
 from .io import light_copy, read_tensor
 from .scopes import Namer, all_names, iter_scopes
 
@@ -133,9 +134,6 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> RepairResult:
     return RepairResult(out, True, tuple(notes))
 
 
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-
-
 def tie_transposed_tables(model: onnx.ModelProto) -> RepairResult:
     """Store once an embedding table that the exporter wrote twice: a main-graph initializer that only MatMul or
     Gemm weight inputs read and that is exactly the transpose of a table a Gather reads becomes a Transpose of it.
@@ -148,18 +146,20 @@ def tie_transposed_tables(model: onnx.ModelProto) -> RepairResult:
     for n in g.node:
         for k, i in enumerate(n.input):
             readers.setdefault(i, []).append((n, k))
-    inits = {t.name: t for t in g.initializer if len(t.dims) == 2 and t.data_type in _FLOATS}
+    inits = {t.name: t for t in g.initializer if len(t.dims) == 2 and t.data_type in FLOAT_TYPES | {onnx.TensorProto.DOUBLE}}
     outputs = {o.name for o in g.output} | {i.name for i in g.input}
     tables = {n: t for n, t in inits.items() if any(r.op_type == "Gather" and k == 0 for r, k in readers.get(n, ()))}
     pairs: list[tuple[str, str]] = []
+    tied: set[str] = set()
     for bname, b in inits.items():
         uses = readers.get(bname, ())
         if bname in tables or bname in outputs or not uses or any(r.op_type not in ("MatMul", "Gemm") or k != 1 for r, k in uses):
             continue
         for aname, a in tables.items():
-            if a.data_type == b.data_type and list(a.dims) == list(b.dims)[::-1] and aname not in {x for _, x in pairs} \
+            if aname not in tied and a.data_type == b.data_type and list(a.dims) == list(b.dims)[::-1] \
                     and np.array_equal(read_tensor(a).T, read_tensor(b)):
                 pairs.append((bname, aname))
+                tied.add(aname)
                 break
     if not pairs:
         return RepairResult(model, False, ())

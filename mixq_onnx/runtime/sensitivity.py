@@ -33,7 +33,7 @@ from onnx import helper
 
 from ..errors import ConfigError
 from ..executor import Executor, inline, ort_threads
-from ..graph.find import Source, WeightSite, gather_index_bounds
+from ..graph.find import Source, WeightSite, token_input
 from ..graph.scopes import MAIN, iter_scopes
 from .chain import BlockChain, ChainRun, Replacement, materialize, refusal
 from .inputs import Feed, session
@@ -198,9 +198,9 @@ class EndToEnd:
         if not feeds:
             raise ConfigError("end-to-end sensitivity needs at least one sample")
         self.eligibility = eligibility(model, sites)
-        # A language model's one token input indexes a table of this many rows: its logits are compared as KL.
-        tokens = [v for k, v in gather_index_bounds(model).items() if k in {i.name for i in model.graph.input}]
-        self._vocabulary = tokens[0] if len(tokens) == 1 else None
+        # A language model's token input indexes a table of this many rows: its logits are compared as KL.
+        tokens = token_input(model)
+        self._vocabulary = tokens[1] if tokens else None
         names = set(self.eligibility.names)
         chosen = [s for s in sites if s.name in names]
         self.model: onnx.ModelProto | None = model
