@@ -233,20 +233,51 @@ def test_ort_cpu_looks_up_4bit_tables_and_refuses_2bit_ones():
     assert any("cannot take 2 bits under --target ort-cpu" in n for n in two.report.notes)
 
 
-def test_a_table_also_read_by_a_matmul_stays_whole():
-    """Tied input/output embeddings: the MatMul needs the whole table, so it is dequantized once for both."""
-    table = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+@pytest.mark.parametrize(("bits", "layout", "scheme"), [(8, "channel", "symmetric"), (4, "block32", "symmetric"),
+                                                     (4, "block32", "asymmetric"), (8, "tensor", "asymmetric")])
+def test_a_tied_table_is_stored_once_transposed_for_matmulnbits_and_looked_up_by_columns(tmp_path, bits, layout, scheme):
+    """Tied input/output embeddings: the output projection reads the table through a Transpose. The table is stored
+    transposed, so ORT fuses the projection into MatMulNBits instead of dequantizing the whole table every run, and
+    the lookup dequantizes only the columns it gathers; every value equals the whole-table DequantizeLinear's."""
+    from mixq_onnx.config import Layout
+    from mixq_onnx.kinds import Scheme
+
+    table = np.random.default_rng(0).normal(size=(96, 64)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]),
              helper.make_node("Transpose", ["table"], ["table_t"]),
              helper.make_node("MatMul", ["emb", "table_t"], ["logits"])]
     graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 5])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 5, 64])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 5, 96]),
+                               helper.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, [2, 5, 64])],
                               [numpy_helper.from_array(table, "table")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    q = quantize(model, QuantConfig(search=Uniform(8), min_elements=0)).model
-    assert [n.op_type for n in q.graph.node if "table_quantized" in n.input[:1]] == ["DequantizeLinear"]
-    ids = np.array([[1, 2, 3, 4, 5], [60, 61, 62, 63, 0]], np.int64)
-    assert np.corrcoef(run(model, {"ids": ids})[0].ravel(), run(q, {"ids": ids})[0].ravel())[0, 1] > 0.999
+    config = QuantConfig(search=Uniform(bits), min_elements=0, layouts=(Layout.parse(layout),), scheme=Scheme(scheme))
+    result = quantize(model, config)
+    q = result.model
+    assert [tuple(t.dims) for t in q.graph.initializer if t.name == "table_quantized"] == [(64, 96)]
+    assert not any(t.name == "table" for t in q.graph.initializer)
+    # Each value is the whole-table DequantizeLinear's: the lookup against the report's own dequantized table.
+    ids = np.array([[1, 2, 3, 4, 95], [60, 61, 62, 63, 0]], np.int64)
+    logits, emb = run(q, {"ids": ids})
+    whole = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "table_quantized")).astype(np.float64)
+    dq = run(_whole_table(q), {})[0]
+    assert np.array_equal(emb, dq.T[ids]) and np.allclose(logits, emb @ dq, rtol=1e-5, atol=1e-5)
+    assert whole.shape == dq.shape
+    assert np.corrcoef(run(model, {"ids": ids})[0].ravel(), logits.ravel())[0, 1] > 0.99
+    # ORT runs the projection on the integers (MatMulNBits; with one scale, the looked-up integers move past their
+    # per-tensor DequantizeLinear into MatMulIntegerToFloat), and no DequantizeLinear of the whole table is left.
+    optimized = ort_optimized(_write(q, tmp_path / "q.onnx"))
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["MatMulNBits"] + ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "table_quantized" for n in optimized.graph.node)
+
+
+def _whole_table(q: onnx.ModelProto) -> onnx.ModelProto:
+    """A model that outputs the DequantizeLinear of the stored (transposed) table, as the rewrite wrote it."""
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "table_quantized")
+    inits = [t for t in q.graph.initializer if t.name in dq.input]
+    graph = helper.make_graph([dq], "whole", [], [helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=list(q.opset_import), ir_version=q.ir_version)
 
 
 def test_ort_cuda_keeps_block_scales_where_they_fuse_into_matmulnbits():

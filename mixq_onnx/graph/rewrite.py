@@ -259,6 +259,120 @@ def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[on
     return consts, nodes
 
 
+def _tied_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]
+                  ) -> tuple[list[tuple[int, onnx.NodeProto]], list[tuple[int, onnx.NodeProto]]] | None:
+    """The Gather (axis 0) and Transpose (2-D swap) nodes that read table ``name``, or None unless those are all its readers.
+
+    This is a tied embedding as exporters write it: the lookup reads the
+    table, the output projection reads its transpose.
+    """
+    readers = [(i, n) for i, n in enumerate(graph.node) if name in reads(n)]
+    if name in outer_refs or name in {o.name for o in graph.output}:
+        return None
+    gathers, transposes = [], []
+    for i, n in readers:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "Gather" and list(n.input).count(name) == 1 and n.input[0] == name and attrs.get("axis", 0) == 0:
+            gathers.append((i, n))
+        elif n.op_type == "Transpose" and list(attrs.get("perm", [1, 0])) == [1, 0]:
+            transposes.append((i, n))
+        else:
+            return None
+    return (gathers, transposes) if gathers and transposes else None
+
+
+def _tied_table(site: WeightSite, qt: QuantizedTensor, gathers: list[tuple[int, onnx.NodeProto]],
+                transposes: list[tuple[int, onnx.NodeProto]], namer: Namer, zero_point_ops: frozenset[str]
+                ) -> tuple[list[onnx.TensorProto], dict[int, list[onnx.NodeProto]]]:
+    """A tied table stored once, transposed, so that both its readers run on the integers.
+
+    The table [rows, width] is stored as its transpose [width, rows], with its
+    scales (blocks along a row, one per row, or one) transposed alike. The
+    Transpose reader becomes a DequantizeLinear of that storage: blocks along
+    K of a MatMul weight, which ONNX Runtime fuses into MatMulNBits at load,
+    where a DequantizeLinear of the table followed by a Transpose dequantizes
+    the whole table on every run. Each Gather looks up columns of the
+    integers (a 4-bit table goes through a Cast to 8 bits, which ONNX Runtime
+    folds at load) and of the scales, and dequantizes only those. The scales
+    reach the lookups through an Unsqueeze: a scale tensor with two readers
+    stops the MatMulNBits fusion. Every value is ``(q - zp) * s`` as the
+    whole-table DequantizeLinear computes it.
+    """
+    base = site.name
+    made, _ = _nodes_for(site, qt, namer, zero_point_ops)
+    arrays = [qt.values.T, qt.scale.T if qt.scale.ndim == 2 else qt.scale]
+    if len(made) > 2:
+        zp = qt.zero_point if qt.zero_point is not None else np.zeros(qt.scale.shape, qt.qtype.dtype)
+        arrays.append(zp.T if zp.ndim == 2 else zp)
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(a), t.name) for a, t in zip(arrays, made)]
+    if qt.block_size:
+        attrs: dict[str, int] = {"axis": 0, "block_size": qt.block_size}
+    elif qt.layout.granularity.value != "tensor":
+        attrs = {"axis": 1}
+    else:
+        attrs = {}
+    out_type = helper.np_dtype_to_tensor_dtype(site.np_dtype) if site.np_dtype != qt.scale.dtype else None
+    names = [t.name for t in tensors]
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for i, node in transposes:
+        out = node.output[0]
+        dq = namer(f"{out}_dequantized") if out_type is not None else out
+        replaced[i] = [helper.make_node("DequantizeLinear", names, [dq], name=namer(f"{base}_DequantizeLinear_transposed"), **attrs)]
+        if out_type is not None:
+            replaced[i].append(helper.make_node("Cast", [dq], [out], name=namer(f"{out}_Cast"), to=out_type))
+
+    # Shared by every lookup; they read only initializers, so they go before the first Gather.
+    shared: list[onnx.NodeProto] = []
+    eight = onnx.TensorProto.INT8 if qt.qtype.signed else onnx.TensorProto.UINT8
+    first = numpy_helper.from_array(np.array([0], np.int64), namer(f"{base}_first_axis"))
+    columns = namer(f"{base}_int8" if qt.qtype.bits < 8 else f"{names[0]}_lifted")
+    if qt.qtype.bits < 8:
+        shared.append(helper.make_node("Cast", [names[0]], [columns], name=namer(f"{base}_Cast_int8"), to=eight))
+    else:  # the integers too must reach the lookups through a node of their own, or ORT does not fuse the projection
+        shared.append(helper.make_node("Unsqueeze", [names[0], first.name], [columns], name=namer(f"{names[0]}_Unsqueeze")))
+    flat_shape = numpy_helper.from_array(np.array([-1], np.int64), namer(f"{base}_flat"))
+    width = numpy_helper.from_array(np.array([qt.values.shape[1]], np.int64), namer(f"{base}_width"))
+    tensors += [first, flat_shape, width]
+    params: list[tuple[str, int]] = []  # (lifted name to look up in, its axis of rows); axis -1: a per-tensor scalar
+    for k, p in enumerate(names[1:], start=1):
+        if k == 2 and qt.qtype.bits < 8:
+            cast = namer(f"{p}_int8")
+            shared.append(helper.make_node("Cast", [p], [cast], name=namer(f"{p}_Cast_int8"), to=eight))
+            p = cast
+        lifted = namer(f"{p}_lifted")
+        shared.append(helper.make_node("Unsqueeze", [p, first.name], [lifted], name=namer(f"{p}_Unsqueeze")))
+        params.append((lifted, arrays[k].ndim if attrs else -1))
+    for n, (i, gather) in enumerate(gathers):
+        out = gather.output[0]
+        flat, rows, cols = namer(f"{out}_flat_indices"), namer(f"{out}_columns_quantized"), namer(f"{out}_columns")
+        nodes = (shared if n == 0 else []) + [
+            helper.make_node("Reshape", [gather.input[1], flat_shape.name], [flat], name=namer(f"{out}_Reshape_indices"))]
+        if qt.qtype.bits < 8:
+            nodes.append(helper.make_node("Gather", [columns, flat], [rows], name=namer(f"{out}_Gather_columns"), axis=1))
+        else:
+            lifted = namer(f"{out}_columns_lifted")
+            nodes += [helper.make_node("Gather", [columns, flat], [lifted], name=namer(f"{out}_Gather_columns"), axis=2),
+                      helper.make_node("Squeeze", [lifted, first.name], [rows], name=namer(f"{out}_Squeeze_columns"))]
+        looked: list[str] = []
+        for p, axis in params:
+            g, sq = namer(f"{p}_columns"), namer(f"{p}_columns_squeezed")
+            if axis >= 0:
+                nodes.append(helper.make_node("Gather", [p, flat], [g], name=namer(f"{p}_Gather_columns"), axis=axis))
+            nodes.append(helper.make_node("Squeeze", [g if axis >= 0 else p, first.name], [sq], name=namer(f"{p}_Squeeze")))
+            looked.append(sq)
+        shape, ids_shape, flat_rows = namer(f"{out}_shape"), namer(f"{out}_indices_shape"), namer(f"{out}_rows")
+        final = namer(f"{out}_float") if out_type is not None else out
+        nodes += [helper.make_node("DequantizeLinear", [rows, *looked], [cols], name=namer(f"{out}_DequantizeLinear_columns"), **attrs),
+                  helper.make_node("Transpose", [cols], [flat_rows], name=namer(f"{out}_Transpose_rows"), perm=[1, 0]),
+                  helper.make_node("Shape", [gather.input[1]], [ids_shape], name=namer(f"{out}_Shape_indices")),
+                  helper.make_node("Concat", [ids_shape, width.name], [shape], name=namer(f"{out}_Concat_shape"), axis=0),
+                  helper.make_node("Reshape", [flat_rows, shape], [final], name=namer(f"{out}_Reshape_rows"))]
+        if out_type is not None:
+            nodes.append(helper.make_node("Cast", [final], [out], name=namer(f"{out}_Cast"), to=out_type))
+        replaced[i] = nodes
+    return tensors, replaced
+
+
 def apply_plan(
     model: onnx.ModelProto, weights: Sequence[tuple[WeightSite, Grid]], tensors: Sequence[QuantizedTensor], uses_int2: bool,
     zero_point_ops: frozenset[str] = frozenset(), gather_rows: bool = False, spill: Spill | None = None,
@@ -299,9 +413,18 @@ def apply_plan(
         # Only tables whose every use is a Gather are candidates; the graph is scanned once for them.
         tables = {weights[i][0].name for i in ds if gather_rows and gathers_rows(*weights[i])
                   and all(u.op_type == "Gather" for u in weights[i][0].uses)}
-        outer = _outer_references(graph) if tables else set()
+        tied_candidates = {weights[i][0].name for i in ds if gather_rows and weights[i][0].source is Source.INITIALIZER
+                           and gathers_rows(*weights[i]) and weights[i][0].via == ("Transpose",)}
+        outer = _outer_references(graph) if tables or tied_candidates else set()
         for k in ds:
             site, qt = weights[k][0], tensors[k]
+            tied = _tied_readers(graph, site.name, outer) if site.name in tied_candidates else None
+            if tied is not None:
+                made, replaced = _tied_table(site, qt, *tied, namer, zero_point_ops)
+                replaced_nodes.update(replaced)
+                del qt
+                replaced_inits[inits[site.name]] = [spill.take(t) for t in made] if spill is not None else made
+                continue
             made, nodes = _nodes_for(site, qt, namer, zero_point_ops)
             gathers = _gather_readers(graph, site.name, outer) if site.name in tables else []
             if gathers and qt.qtype.bits == 4:
