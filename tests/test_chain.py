@@ -124,3 +124,16 @@ def test_float_runner_and_generated_inputs_fall_back_to_the_whole_model():
 
     again = generate_inputs(model, {}, bounds, 2, 0, refuses)
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(gen.feeds, again.feeds) for k in x)
+
+
+def test_free_dims_name_each_inputs_dimensions_apart():
+    """ONNX Runtime takes a dimension name for one size across the graph: a block whose inputs differ in one axis
+    (Gemma's one key/value head beside four query heads) failed to run when every input's axes were d0, d1, ...;
+    shapes of rank 0 and 1 keep their sizes."""
+    from mixq_onnx.runtime.chain import free_dims
+
+    infos = {"k": (1, (4, 1, 16, 128)), "q": (1, (4, 4, 16, 128)), "sizes": (7, (3,))}
+    free = free_dims(infos)
+    names = [d for name in ("k", "q") for d in free[name][1]]
+    assert len(names) == len(set(names)) == 8 and all(isinstance(d, str) for d in names)
+    assert free["sizes"] == (7, (3,)) and free["k"][0] == 1

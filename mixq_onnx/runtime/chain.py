@@ -83,9 +83,14 @@ def free_dims(infos: Mapping[str, tuple[int, Shape]]) -> dict[str, tuple[int, Sh
 
     Groups of samples stack differently, and the batch is not always the
     first axis (a recurrent layer's ``[T, N, C]``); operators such as
-    Resize read the lengths of rank-1 inputs.
+    Resize read the lengths of rank-1 inputs. Each input's dimensions get
+    names of their own: ONNX Runtime takes one name for one size everywhere
+    in the graph, and a shared name on two inputs that differ (Gemma's one
+    key/value head beside its four query heads) makes it reuse a buffer of
+    the wrong size.
     """
-    return {k: (t, tuple(f"d{i}" for i in range(len(dims))) if len(dims) >= 2 else dims) for k, (t, dims) in infos.items()}
+    return {k: (t, tuple(f"in{j}_d{i}" for i in range(len(dims))) if len(dims) >= 2 else dims)
+            for j, (k, (t, dims)) in enumerate(infos.items())}
 
 
 @dataclass(frozen=True)
