@@ -50,7 +50,7 @@ from .executor import ExecutionOptions, ExecutorKind, make_executor
 from .graph.check import check_model
 from .graph.io import check_output_path, load_model, remove_stale, write_text_atomic
 from .pipeline import GENERATED_WARNING, CalibrationOptions, VerifyOptions, quantize_file
-from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
+from .kinds import DataSource, Evaluation, Level, OutputKind, PrecisionGroups, Thresholds
 from .report import format_table, verdict_line
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -72,7 +72,7 @@ def build_config(
     activations: str = "none", calib_method: str = "minmax", target: str = "generic",
     max_loss: float | None = None, e2e_samples: int = 32, smooth: str | None = None, quantize_attention: bool = False,
     reconstruction: Reconstruction | None = None, evaluation: str = "blocks", eval_block_weights: int = 4,
-    rule: str | None = None,
+    rule: str | None = None, precision_groups: str = "auto", awq: bool = False,
 ) -> QuantConfig:
     """Map CLI options one-to-one onto a validated :class:`QuantConfig`."""
     modes = [n for n, v in (("--bits", bits), ("--qem/--qem-ref-bits", qem if qem is not None else qem_ref_bits),
@@ -122,6 +122,8 @@ def build_config(
         smooth=_parse_smooth(smooth),
         quantize_attention=quantize_attention,
         reconstruction=reconstruction or Reconstruction(),
+        precision_groups=PrecisionGroups(precision_groups),
+        awq=awq,
     )
 
 
@@ -164,7 +166,8 @@ def quant_config(p: Params) -> QuantConfig:
         bias_correction=p["bias_correction"], activations=p["activations"], calib_method=p["calib_method"],
         target=p["target"], max_loss=p["max_loss"], e2e_samples=p["e2e_samples"], smooth=p["smooth"],
         quantize_attention=p["quantize_attention"], reconstruction=reconstruction, evaluation=p["evaluation"],
-        eval_block_weights=p["eval_block_weights"], rule=p["rule"])
+        eval_block_weights=p["eval_block_weights"], rule=p["rule"], precision_groups=p["precision_groups"],
+        awq=p["awq"])
 
 
 def parse_output_kinds(specs: tuple[str, ...]) -> tuple[tuple[str, OutputKind], ...]:
@@ -423,6 +426,10 @@ SEARCH = OptionGroup("Search: how bit-widths are chosen", (
                   "says so) and is replaced."),
     click.option("--eval-block-weights", type=int, default=4, show_default=True,
                   help="Block-wise evaluation: the most quantized weights merged into one block (a layer that has more stays whole)."),
+    click.option("--precision-groups", type=click.Choice([g.value for g in PrecisionGroups]), default="auto", show_default=True,
+                  help="Budget and --max-loss searches: weights whose MatMuls read the same input (a layer's Q/K/V, an MLP's "
+                  "gate and up) get one width and layout, chosen as one item. auto: where the target combines such layers "
+                  "(tensorrt); on; off."),
     click.option("--search-with-method", is_flag=True, help="Let the search measure every candidate with --method instead of round-to-nearest (slower; see docs/search.md)."),
 ))
 
@@ -434,6 +441,10 @@ QUANTIZATION = OptionGroup("Quantization: weights, layouts and rounding", (
     click.option("--min-elements", type=int, default=1024, show_default=True, help="Tensors with fewer elements stay float."),
     click.option("--keep-float", multiple=True, metavar="PATTERN", help="Leave tensors or nodes matching this glob in float. Repeatable."),
     click.option("--force-bits", multiple=True, metavar="PATTERN=N", help="Give tensors or nodes matching this glob N bits. Repeatable; the last match wins."),
+    click.option("--awq", is_flag=True, help="Activation-aware weight scaling (AWQ-style) before anything is measured: per group of "
+                  "weights that read one activation, rows scaled by mean|x|^alpha (alpha searched on the --calib samples for the "
+                  "least weight-only output error at the search's low width and first --granularity) and 1/s folded into the "
+                  "producer or multiplied in. Composes with every search and --method; needs --calib."),
     click.option("--method", type=click.Choice([m.value for m in Method]), default="rtn", show_default=True, help="Rounding: rtn (nearest), mse (clipping search), hqq (data-free half-quadratic scale and zero point), gptq, adaround or brecq (block reconstruction; needs the [brecq] extra). gptq, adaround and brecq need --calib."),
     click.option("--brecq-iters", type=int, help=f"Block reconstruction: optimisation steps per block. [default: {Reconstruction.iters}]"),
     click.option("--brecq-batch", type=int, help=f"Block reconstruction: calibration samples per step. [default: {Reconstruction.batch}]"),

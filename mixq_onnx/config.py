@@ -28,6 +28,7 @@ from .kinds import (
     Metric,
     PER_CHANNEL,
     PER_TENSOR,
+    PrecisionGroups,
     Reconstruction,
     SEARCH_LAYOUTS,
     KQUANT_LAYOUTS,
@@ -191,6 +192,28 @@ class QuantConfig:
     quantize_attention: bool = False
     # Only read with method brecq.
     reconstruction: Reconstruction = field(default_factory=Reconstruction)
+    # AWQ-style activation-aware scaling of the weights before anything is measured (needs calibration data).
+    awq: bool = False
+    # Weights that read the same input share one width and layout in budget and --max-loss searches.
+    precision_groups: PrecisionGroups = PrecisionGroups.AUTO
+    # The groups themselves (weight names); the pipeline fills them from the graph when they are on.
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def awq_bits(self) -> int:
+        """The width AWQ scales for: the uniform width, the k-quant rule's low width, else the narrowest
+        candidate from 4 bits up (where rounding error matters)."""
+        if isinstance(self.search, Uniform):
+            return self.search.bits
+        if isinstance(self.search, KQuantMixed):
+            return self.search.low_bits
+        return min((b for b in self.candidate_bits if b >= 4), default=min(self.candidate_bits))
+
+    @property
+    def groups_on(self) -> bool:
+        """Whether ``precision_groups`` asks for groups on this target."""
+        return self.precision_groups is PrecisionGroups.ON or (
+            self.precision_groups is PrecisionGroups.AUTO and rules_for(self.target).fuses_shared_input)
 
     def __post_init__(self) -> None:
         rules = rules_for(self.target)
@@ -238,6 +261,12 @@ class QuantConfig:
                               f"({min(self.candidate_bits)}); raise it or add smaller --candidate-bits")
         if self.search_with_method and self.method is Method.RTN:
             raise ConfigError("--search-with-method needs a --method other than rtn (rtn is what the search measures anyway)")
+        if self.awq and self.smooth is not None:
+            raise ConfigError("--awq scales weights for weight-only rounding and --smooth for activation quantization; "
+                              "use one of them")
+        seen = [n for g in self.groups for n in g]
+        if any(len(set(g)) < 2 for g in self.groups) or len(seen) != len(set(seen)):
+            raise ConfigError("precision groups need two or more weights each, and a weight in one group at most")
         if isinstance(self.search, Uniform) and len(self.layouts) > 1:
             raise ConfigError(
                 "several --granularity values need a search to choose among them (--qem, --target-bits or --max-size); "
@@ -272,6 +301,9 @@ class QuantConfig:
             "calib_method": self.calib_method.value,
             "target": self.target.value,
             "quantize_attention": self.quantize_attention,
+            "awq": self.awq,
+            "precision_groups": self.precision_groups.value,
+            "groups": [list(g) for g in self.groups],
             "smooth": None if self.smooth is None else ("search" if self.smooth.alpha is None else self.smooth.alpha),
             "reconstruction": None if self.method is not Method.BRECQ else {
                 f.name: (v.value if isinstance(v := getattr(self.reconstruction, f.name), enum.Enum) else v)

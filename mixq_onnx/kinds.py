@@ -116,6 +116,18 @@ class Evaluation(enum.Enum):
     MODEL = "model"
 
 
+class PrecisionGroups(enum.Enum):
+    """Whether a search gives weights that read the same input (Q/K/V, gate/up) one width and layout.
+
+    ``auto``: where the target combines such layers (TensorRT's horizontal
+    fusion needs equal precision); ``on``; ``off``.
+    """
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class Method(enum.Enum):
     """How a weight is rounded onto its chosen grid (``--method``)."""
 

@@ -30,12 +30,12 @@ from .graph.io import (EXTERNAL_THRESHOLD, Spill, check_output_path, has_externa
                        inline_copy, spill_initializers)
 from .runtime.inputs import Feed, InputInfo, feed_samples, generate_inputs, input_infos, is_script, session
 from .planning.measure import Capabilities, ErrorTable, Option, Progress, Spec, measure, option_specs, restrict, uniform_bytes
-from .numerics.qdq import QTYPES, activation_params, container_for, required_opset
+from .numerics.qdq import QTYPES, Grid, activation_params, container_for, required_opset
 from .runtime.plans import (CONTAINER_WIDTHS, Rounder, RoundedSequence, budget_limit, measure_plans, plan_key,
                             never_worse_than_uniform, smallest_within_loss, uniform_rivals)
 from .report import Report, RoundingEntry, build_report
 from .graph.placement import Placement, place_activations
-from .graph.roles import decoder_roles
+from .graph.roles import decoder_roles, shared_input_groups
 from .graph.repair import densify_sparse_initializers, drop_contradicted_shapes, tie_transposed_tables
 from .graph.rewrite import ActivationQDQ, apply_plan, correct_biases, insert_activation_qdq, raise_opset
 from .targets import TargetRules, rules_for
@@ -48,6 +48,7 @@ from .runtime.blockwise import BlockProxy
 from .runtime.chain import float_runner
 from .planning.cache import SensitivityCache, feeds_digest
 from .planning.curve import CurvePoint, accuracy_size_curve, curve_plans
+from .runtime.awq import awq_model, describe_awq
 from .runtime.smoothing import ActivationGrid, SmoothingResult, smooth_model
 from .kinds import DataSource, Evaluation, Level, OutputKind, Thresholds
 from .runtime.verify import load_inputs, parse_input_shapes, verify
@@ -341,7 +342,7 @@ def quantize(
     config = config or QuantConfig()
     _check_inputs(config, calibration)
     prepared = prepare(model, config, calibration)
-    config = _with_roles(config, prepared)
+    config = _with_groups(_with_roles(config, prepared), prepared)
     if evaluation is None and calibration:
         evaluation, evaluation_source = calibration, "calibration samples"
     elif evaluation is None and _uses_e2e(config):
@@ -455,6 +456,15 @@ def _with_roles(config: QuantConfig, prepared: Prepared) -> QuantConfig:
     return dataclasses.replace(config, search=dataclasses.replace(rule, promoted=promoted))
 
 
+def _with_groups(config: QuantConfig, prepared: Prepared) -> QuantConfig:
+    """The precision groups (weights that read one input) filled in from the graph, for searches that choose widths."""
+    if not config.groups_on or config.groups or not isinstance(config.search, (Budget, MaxLoss)):
+        return config
+    groups = shared_input_groups(prepared.base, {w.name for w in prepared.inventory.weights})
+    log.info("precision groups: %d (%d weights) share one width and layout", len(groups), sum(map(len, groups)))
+    return dataclasses.replace(config, groups=groups)
+
+
 def _check_inputs(config: QuantConfig, calibration: list[Feed] | None) -> None:
     """Refuse, before any work, options whose extra or data is missing."""
     if config.method is Method.BRECQ:
@@ -462,6 +472,7 @@ def _check_inputs(config: QuantConfig, calibration: list[Feed] | None) -> None:
     if not calibration:
         needs = [f"--method {config.method.value}"] if config.method.needs_calibration else []
         needs += ["--bias-correction"] if config.bias_correction else []
+        needs += ["--awq"] if config.awq else []
         needs += [f"--activations {config.activations.value}"] if config.activations is not Activations.NONE else []
         if needs:
             raise ConfigError(f"{' and '.join(needs)} need calibration data; pass --calib FILE.npz (see docs/search.md, 'Output sensitivity with calibration data')")
@@ -479,6 +490,7 @@ class Prepared:
     opset_note: str
     smoothing: SmoothingResult | None
     notes: tuple[str, ...]
+    awq: SmoothingResult | None = None
 
     @property
     def where(self) -> str:
@@ -531,8 +543,25 @@ def prepare(model: onnx.ModelProto | str | os.PathLike[str], config: QuantConfig
     if config.smooth is not None and calibration:
         smoothing = _smooth(base, config, calibration)
         base = smoothing.model
+    awq = None
+    if config.awq and calibration:
+        awq = _awq(base, config, calibration)
+        base = awq.model
     inv = inventory if base is model else find_weights(base, config)
-    return Prepared(model, path, base, inv, original, opset_note, smoothing, tuple(notes))
+    return Prepared(model, path, base, inv, original, opset_note, smoothing, tuple(notes), awq)
+
+
+def _awq(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]) -> SmoothingResult:
+    """AWQ-style scaling on the float model, for the width it will mostly be stored at and the first layout."""
+    bits, symmetric = config.awq_bits, config.scheme is Scheme.SYMMETRIC
+    qtype = container_for(bits, symmetric, config.allow_int2)
+    grid = Grid(bits, symmetric, config.layouts[0], 0, qtype, np.dtype(np.float32))
+    kept = frozenset(t.name for t in model.graph.initializer if config.kept_float((t.name,)))
+    result = awq_model(model, calibration, grid, kept)
+    applied = sum(g.alpha is not None for g in result.groups)
+    log.info("awq: %d of %d MatMul/Gemm inputs scaled for %d bits %s", applied, len(result.groups) + len(result.skipped),
+             bits, config.layouts[0].name)
+    return result
 
 
 def _smooth(model: onnx.ModelProto, config: QuantConfig, calibration: list[Feed]) -> SmoothingResult:
@@ -807,6 +836,8 @@ def _report(prepared: Prepared, measured: Measured, chosen: Chosen, written: Wri
     report.reconstruction = written.reconstruction.describe() if written.reconstruction is not None else None
     if prepared.smoothing is not None and report.activations is not None:
         report.activations["smoothing"] = prepared.smoothing.describe()
+    if prepared.awq is not None:
+        report.awq = describe_awq(prepared.awq)
     return report
 
 

@@ -128,6 +128,8 @@ class Report:
     runtime: dict[str, Any] | None = None
     # Block reconstruction (--method brecq): the blocks, what each did and its block-output error before and after.
     reconstruction: dict[str, Any] | None = None
+    # AWQ-style scaling (--awq): per activation, the alpha chosen (or why none) and the weight-only output errors.
+    awq: dict[str, Any] | None = None
     # The accuracy-size curve: the plan the same measurements pick at each --target-bits, predicted and measured.
     curve: list[CurvePoint] = field(default_factory=list)
 

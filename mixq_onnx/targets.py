@@ -90,6 +90,9 @@ class TargetRules:
     fastest_activations: Activations = Activations.NONE
     # Activation types the target runs, but slowly: why, as measured.
     slow_activations: tuple[tuple[Activations, str], ...] = ()
+    # Layers that read one tensor with one op and equal precision are combined into one (TensorRT's horizontal
+    # fusion): ``--precision-groups auto`` ties such weights' widths and layouts on this target.
+    fuses_shared_input: bool = False
 
     def activation_warning(self, activations: Activations) -> str:
         """Why ``activations`` is a poor choice on this target, or ''."""
@@ -180,7 +183,7 @@ RULES: dict[Target, TargetRules] = {
         Target.TENSORRT, Scheme.SYMMETRIC, False, frozenset({Activations.INT8}), True, False,
         frozenset({"MatMul", "Gemm"}), frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
         sub_byte_elsewhere=False, why_no_activations="TensorRT quantizes activations to symmetric INT8 only",
-        fastest_activations=Activations.INT8, gather_rows=False,
+        fastest_activations=Activations.INT8, gather_rows=False, fuses_shared_input=True,
     ),
 }
 

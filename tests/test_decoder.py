@@ -155,3 +155,15 @@ def test_the_verdict_on_real_text_reads_perplexity(tmp_path):
     assert exact["perplexity_float"] == pytest.approx(perplexity(PLAIN, ids=held), rel=1e-4)
     assert exact["perplexity"] == pytest.approx(perplexity(out, ids=held), rel=1e-2)
     assert exact["value"] == pytest.approx(exact["perplexity_float"] / exact["perplexity"])
+
+
+def test_precision_groups_tie_each_layers_qkv_and_gate_up_in_the_search(tmp_path):
+    """--precision-groups on: each layer's Q/K/V and gate/up get one width and layout, within the budget, and the
+    model still models held-out text."""
+    out, report = _quantize(tmp_path, PLAIN, "groups", "--target-bits", "4.5", "--precision-groups", "on")
+    groups = report["config"]["groups"]
+    assert sorted(map(len, groups)) == [2] * 4 + [3] * 4
+    chosen = {t["name"]: (t["chosen"]["bits"], t["chosen"]["granularity"]) for t in report["tensors"]}
+    assert all(len({chosen[w] for w in g}) == 1 for g in groups)
+    assert report["search"]["used_bytes"] <= report["search"]["limit_bytes"]
+    assert perplexity(out) < perplexity(PLAIN) * 1.10

@@ -94,3 +94,19 @@ def test_the_kquant_mixed_rule_from_the_cli(tmp_path):
                                      "--bits", "4"])
     assert both.exit_code != 0 and "give only one" in both.output
     assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "e.onnx").exists()
+
+
+def test_shared_input_groups_are_each_layers_qkv_and_gate_up_by_module_name():
+    """Weights whose MatMuls read one activation: in the cache export (module names kept) each layer's q/k/v and its
+    gate/up; not o_proj or down_proj (alone on their input), not the tied table (a Gather reads it too)."""
+    from mixq_onnx.graph.roles import shared_input_groups
+
+    model = onnx.load(str(MODELS / "tiny_decoder_kv.onnx"))
+    names = _reader_names(model)
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    groups = shared_input_groups(model, weights)
+    modules = [tuple(names[w].split("/")[2] for w in g) for g in groups]
+    assert [tuple(names[g[0]].split("/")[1] for _ in g) for g in groups] == [(f"layers.{i}",) * len(g)
+                                                                           for i in range(4) for g in ((0, 0, 0), (0, 0))]
+    assert modules == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 4
+    assert shared_input_groups(onnx.load(str(MODELS / "digits_cnn.onnx")), weights) == ()

@@ -215,3 +215,38 @@ def test_max_size_bounds_the_written_file_and_5_bits_lands_between_4_and_8(tmp_p
             assert {t.chosen.bits for t in r.report.tensors} == {4, 8}
     assert sqnr["4"] < sqnr["5"] < sqnr["8"], sqnr
     assert load_model(tmp_path / "b5.onnx").model.graph.node
+
+
+def _shared_input_model():
+    """Three projections of one input (a layer's Q, K, V), one of them outlier-heavy, and a fourth weight after them."""
+    r = rng(3)
+    inits, nodes = [], []
+    for name in ("q", "k", "v"):
+        w = r.normal(0, 0.06, (128, 128)).astype(np.float32)
+        if name == "v":
+            w[r.integers(0, 128, 128), np.arange(128)] = r.choice([-1, 1], 128)
+        inits.append(init(name, w))
+        nodes.append(helper.make_node("MatMul", ["x", name], [f"{name}_out"], name=f"mm_{name}"))
+    inits.append(init("o", r.normal(0, 0.06, (128, 128)).astype(np.float32)))
+    nodes += [helper.make_node("Sum", ["q_out", "k_out", "v_out"], ["s"]), helper.make_node("MatMul", ["s", "o"], ["y"], name="mm_o")]
+    return make_model(nodes, [vi("x", [8, 128])], [vi("y", [8, 128])], inits)
+
+
+def test_precision_groups_give_weights_that_read_one_input_one_width_and_layout():
+    from mixq_onnx.kinds import PrecisionGroups, Target
+
+    m = _shared_input_model()
+    base = dict(sensitivity=Sensitivity.WEIGHT, min_elements=0, search=Budget(target_bits=5.0))
+    alone = quantize(m, QuantConfig(precision_groups=PrecisionGroups.OFF, **base)).report
+    tied = quantize(m, QuantConfig(precision_groups=PrecisionGroups.ON, **base)).report
+    pick = {r: {t.name: (t.chosen.bits, t.chosen.granularity) for t in rep.tensors} for r, rep in (("alone", alone), ("tied", tied))}
+    # Alone, the outlier-heavy V takes more bits than Q and K; tied, the three share one choice (the group is one item).
+    assert pick["alone"]["v"] != pick["alone"]["q"]
+    assert pick["tied"]["q"] == pick["tied"]["k"] == pick["tied"]["v"]
+    assert tied.config["groups"] == [["q", "k", "v"]] and alone.config["groups"] == []
+    for rep in (alone, tied):
+        assert rep.search["used_bytes"] <= rep.search["limit_bytes"]
+    # One constraint more can only cost the knapsack's objective, never lower it.
+    assert tied.search["objective"] >= alone.search["objective"] - 1e-12 and tied.search["precision_groups"] == 1
+    # auto: on where the target combines such layers (TensorRT), off on ONNX Runtime's CPU.
+    assert QuantConfig(target=Target.TENSORRT).groups_on and not QuantConfig(target=Target.ORT_CPU).groups_on

