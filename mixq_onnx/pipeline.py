@@ -43,7 +43,7 @@ from .numerics.metrics import weight_error
 from .numerics.rounding import Rounded
 from .numerics.statistics import InputStats
 from .planning.search import Decision, Plan, effective_bits, plan_bytes, search
-from .runtime.sensitivity import EndToEnd, attach_e2e, limit_feeds
+from .runtime.sensitivity import LOGITS_BYTES, EndToEnd, attach_e2e, limit_feeds
 from .runtime.blockwise import BlockProxy
 from .runtime.chain import float_runner
 from .planning.cache import SensitivityCache, feeds_digest
@@ -270,7 +270,8 @@ def _sensitivity_cache(path: Path, base: onnx.ModelProto, evaluation: list[Feed]
     """The cache file's measurements, valid only for this model, these samples and the settings that change a value."""
     settings = {"scheme": config.scheme.value, "method": config.method.value, "layer_method": config.layer_method.value,
                 "search_with_method": config.search_with_method, "evaluation": config.evaluation.value,
-                "eval_block_weights": config.eval_block_weights, "bias_correction": config.bias_correction}
+                "eval_block_weights": config.eval_block_weights, "bias_correction": config.bias_correction,
+                "logits_bytes": LOGITS_BYTES}
     context = {"model": model_digest(base),
                "samples": feeds_digest(limit_feeds(evaluation, config.e2e_samples)) if evaluation else "-",
                # The layers' statistics (data-aware rounding, output errors in the tables) read the calibration data.

@@ -167,3 +167,30 @@ def test_precision_groups_tie_each_layers_qkv_and_gate_up_in_the_search(tmp_path
     assert all(len({chosen[w] for w in g}) == 1 for g in groups)
     assert report["search"]["used_bytes"] <= report["search"]["limit_bytes"]
     assert perplexity(out) < perplexity(PLAIN) * 1.10
+
+
+def test_logits_references_are_kept_at_every_kth_position_when_they_are_too_big(monkeypatch):
+    """A big vocabulary's logits for every position and sample do not fit in memory (Gemma 3: 4.3 GB for 32 windows
+    of 128 tokens): the evaluator keeps every k-th position within LOGITS_BYTES, and the KL it measures there stays
+    close to the KL over every position."""
+    from mixq_onnx import QuantConfig
+    from mixq_onnx.graph.find import find_weights
+    from mixq_onnx.graph.io import load_model
+    from mixq_onnx.numerics.qdq import QTYPES, Grid
+    from mixq_onnx.config import Layout
+    from mixq_onnx.runtime import sensitivity
+    from mixq_onnx.runtime.sensitivity import EndToEnd, OutputKind
+
+    model = load_model(PLAIN).model
+    sites = list(find_weights(model, QuantConfig()).weights)
+    feeds = [{"input_ids": np.load(CALIB)["input_ids"][i : i + 1, :64]} for i in range(8)]
+    site = next(s for s in sites if s.name != "embed.weight")
+    grid = Grid(3, False, Layout.parse("channel"), 1, QTYPES["uint4"], np.dtype(np.float32))
+    w = grid.fake_quantize(site.array, grid.range_of(site.array))
+    full = EndToEnd(model, sites, feeds, "calibration samples")
+    assert full.kinds["logits"] is OutputKind.LOGITS and full.references[0][0].shape == (1, 64, 256)
+    monkeypatch.setattr(sensitivity, "LOGITS_BYTES", 8 * 16 * 256 * 4)  # room for 16 of the 64 positions
+    strided = EndToEnd(model, sites, feeds, "calibration samples")
+    assert strided.references[0][0].shape == (1, 16, 256)
+    a, b = full.distance({site.name: w}), strided.distance({site.name: w})
+    assert a > 0 and 0.5 < b / a < 2.0

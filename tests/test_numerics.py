@@ -132,3 +132,23 @@ def test_storage_bytes_matches_packed_onnx_tensor(layout, axis):
         len(numpy_helper.from_array(a, "t").raw_data) for a in (qt.values, qt.scale, qt.zero_point)
     )
     assert qt.nbytes == onnx_bytes == storage_bytes(w.shape, layout, axis, QTYPES["uint4"], False, 4)
+
+
+def test_fake_quantize_in_place_gives_the_same_floats_in_the_callers_array():
+    """A swap for a big weight (a 671 MB tied table) rounds in the array it read, not in a second one."""
+    from mixq_onnx.numerics.qdq import Grid, QTYPES
+    from mixq_onnx.config import Layout
+
+    w = np.random.default_rng(5).normal(size=(96, 64)).astype(np.float32)
+    for layout, axis, qtype, symmetric in ((Layout.parse("block32"), 1, QTYPES["uint4"], False),
+                                           (Layout.parse("channel"), 0, QTYPES["int8"], True)):
+        grid = Grid(4 if qtype.bits == 4 else 8, symmetric, layout, axis, qtype, np.dtype(np.float32))
+        expected = grid.fake_quantize(w.copy(), grid.range_of(w))
+        mine = w.copy()
+        got = grid.fake_quantize(mine, grid.range_of(mine), in_place=True)
+        assert np.array_equal(got, expected) and np.shares_memory(got, mine)
+    frozen = w.copy()
+    frozen.flags.writeable = False  # a read-only array (an inline tensor's buffer) is left alone
+    grid = Grid(8, True, Layout.parse("channel"), 0, QTYPES["int8"], np.dtype(np.float32))
+    assert np.array_equal(grid.fake_quantize(frozen, grid.range_of(frozen), in_place=True), grid.fake_quantize(w, grid.range_of(w)))
+    assert np.array_equal(frozen, w)

@@ -85,21 +85,35 @@ def _anon_bytes(pid: int) -> int:
     return 0
 
 
+def _high_water(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM): its own address space's high-water mark."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measured(cmd: list[str]) -> tuple[float, int, int, int]:
     """(seconds, peak RSS bytes, peak anonymous RSS bytes sampled every 50 ms, exit status) of one process.
 
-    Peak RSS (the kernel's ru_maxrss) counts the file pages a process maps and touches, such as weights ONNX
-    Runtime maps from a data file; the anonymous peak is the memory the process allocated.
+    Peak RSS counts the file pages a process maps and touches, such as weights ONNX Runtime maps from a data
+    file; the anonymous peak is the memory the process allocated. The peak is the child's own high-water mark
+    (VmHWM, sampled) where it was read: the kernel's ru_maxrss carries the parent's resident size over fork and
+    exec, so a benchmark that holds a model in memory would see it in every child's peak.
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    anon, status, usage = 0, None, None
+    anon, hwm, status, usage = 0, 0, None, None
     stop = threading.Event()
 
     def poll() -> None:
-        nonlocal anon
+        nonlocal anon, hwm
         while not stop.is_set():
             anon = max(anon, _anon_bytes(proc.pid))
+            hwm = max(hwm, _high_water(proc.pid))
             stop.wait(0.05)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -112,7 +126,7 @@ def measured(cmd: list[str]) -> tuple[float, int, int, int]:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         print(f"  exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}", flush=True)
-    return seconds, usage.ru_maxrss * 1024, anon, code
+    return seconds, hwm or usage.ru_maxrss * 1024, anon, code
 
 
 def _layers(gb: float) -> int:

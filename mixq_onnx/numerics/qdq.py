@@ -138,8 +138,9 @@ def _round_clip(
 
 
 def _round_clip_view(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int,
-                     lo: int, hi: int, blocked: bool) -> np.ndarray:
-    q = x / _per_block(scale, x, axis, block_size, blocked)
+                     lo: int, hi: int, blocked: bool, in_place: bool = False) -> np.ndarray:
+    s = _per_block(scale, x, axis, block_size, blocked)
+    q = np.divide(x, s, out=x) if in_place and x.dtype == np.result_type(x, s) else x / s
     np.rint(q, out=q)  # in place: one fresh array per call, not two (page faults dominate on big weights)
     if q.dtype != np.float32:
         q = q.astype(np.float32)
@@ -306,19 +307,22 @@ def quantize_weight(
 
 
 def fake_quantize(
-    w: np.ndarray, bits: int, symmetric: bool, layout: Layout, axis: int, qtype: QType, scale_dtype: np.dtype, rng: GroupRange
+    w: np.ndarray, bits: int, symmetric: bool, layout: Layout, axis: int, qtype: QType, scale_dtype: np.dtype, rng: GroupRange,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dequantized weight (as float32) and its scale, without materialising the integer container.
 
     Gives exactly ``quantize_weight(...).dequantize()``: the integers are
     the same integer-valued floats, and (q - zp) * scale is the same float32
-    arithmetic DequantizeLinear does.
+    arithmetic DequantizeLinear does. ``in_place``: ``w`` (the caller's own,
+    writable copy) is overwritten and returned, so a big weight costs one
+    array rather than two (the same values: the same operations in place).
     """
     scale, zp = params_from_range(rng, bits, symmetric, qtype, scale_dtype)
     lo, hi = logical_range(bits, symmetric)
     x, block = _blocked(w, axis, layout.block_size)
     blocked = x is not w
-    q = _round_clip_view(x, scale, zp, axis, block, lo, hi, blocked)
+    q = _round_clip_view(x, scale, zp, axis, block, lo, hi, blocked, in_place and w.flags.writeable)
     if zp is not None:
         q -= _per_block(zp.astype(np.float32), x, axis, block, blocked)
     q *= _per_block(scale, x, axis, block, blocked)
@@ -358,8 +362,9 @@ class Grid:
     def quantize(self, w: np.ndarray, rng: GroupRange | None = None) -> QuantizedTensor:
         return quantize_weight(w, self.bits, self.symmetric, self.layout, self.axis, self.qtype, self.scale_dtype, rng)
 
-    def fake_quantize(self, w: np.ndarray, rng: GroupRange) -> np.ndarray:
-        return fake_quantize(w, self.bits, self.symmetric, self.layout, self.axis, self.qtype, self.scale_dtype, rng)[0]
+    def fake_quantize(self, w: np.ndarray, rng: GroupRange, in_place: bool = False) -> np.ndarray:
+        return fake_quantize(w, self.bits, self.symmetric, self.layout, self.axis, self.qtype, self.scale_dtype, rng,
+                             in_place)[0]
 
     def range_of(self, w: np.ndarray) -> GroupRange:
         return GroupRange.of(w, self.layout, self.axis)

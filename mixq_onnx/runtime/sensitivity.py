@@ -83,6 +83,27 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return out
 
 
+# Next-token logits kept for the distances, over every sample: a language model's reference outputs are kept at
+# every k-th position so that they fit in this (KL is a mean over positions). Gemma 3's 262144-token vocabulary
+# makes 32 calibration windows of 128 tokens 4.3 GB of logits.
+LOGITS_BYTES = 256 * 2**20
+
+
+def logits_strides(references: list[list[np.ndarray]], kinds: list[OutputKind | None],
+                   budget: int | None = None) -> dict[int, int]:
+    """Per next-token logits output (by index), the position stride that keeps its references within ``budget``
+    (default :data:`LOGITS_BYTES`)."""
+    budget = LOGITS_BYTES if budget is None else budget
+    out = {}
+    for k, kind in enumerate(kinds):
+        if kind is OutputKind.LOGITS:
+            total = sum(int(r[k].nbytes) for r in references)
+            stride = min(-(-total // budget), min(int(r[k].shape[1]) for r in references))
+            if stride > 1:
+                out[k] = stride
+    return out
+
+
 def _kl_sum(p: np.ndarray, q: np.ndarray, log_space: bool, logits: bool = False) -> tuple[float, int]:
     """Sum over positions of KL(p || q) along the last axis, and the number of positions (``logits``: both are
     unnormalised scores, normalised here; a vocabulary of 50k makes this the cost of a run's distance)."""
@@ -229,6 +250,7 @@ class EndToEnd:
         self._references: list[list[np.ndarray]] | None = None
         self._batched = False
         self._kinds: dict[str, OutputKind] | None = None
+        self._strides: dict[int, int] = {}
         self._known = {n: OutputKind(k) for n, k in (known_kinds or {}).items()}
         if known_kinds is None:
             self._reference_pass()
@@ -254,6 +276,12 @@ class EndToEnd:
         self._kinds = {n: k for n, k in kinds.items() if k is not None}
         if not self._kinds:
             raise ConfigError("the model has no float outputs to compare")
+        self._strides = logits_strides(self._references, [self._kinds.get(n) for n in self.output_names])
+        for k, stride in self._strides.items():
+            for r in self._references:
+                r[k] = np.ascontiguousarray(r[k][:, ::stride])
+            log.info("output %s: next-token KL on every %d-th position (the logits of every position would take "
+                     "more than %d MiB)", self.output_names[k], stride, LOGITS_BYTES // 2**20)
 
     @property
     def references(self) -> list[list[np.ndarray]]:
@@ -512,6 +540,8 @@ class EndToEnd:
                     if len(group) > 1:
                         q = q[starts[k] : starts[k] + f.shape[0]]
                         starts[k] += f.shape[0]
+                    if k in self._strides:
+                        q = q[:, :: self._strides[k]]
                     if kind is OutputKind.VALUES:
                         noise[name] += squared_change(q, f)
                         signal[name] += self._signal(i, k)
