@@ -74,22 +74,11 @@ ORT_HQQ_SCRIPT = ORT_SCRIPT.replace(
     "q = MatMulNBitsQuantizer(m, algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4))")
 
 
-def _anon_bytes(pid: int) -> int:
-    """The process's anonymous resident memory (RssAnon): what it allocated, not file pages it maps."""
+def _status_bytes(pid: int, field: str) -> int:
+    """One memory line of /proc/PID/status in bytes: RssAnon (what the process allocated) or VmHWM (its peak RSS)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _high_water(pid: int) -> int:
-    """The process's peak RSS so far (VmHWM): its own address space's high-water mark."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -112,8 +101,8 @@ def measured(cmd: list[str]) -> tuple[float, int, int, int]:
     def poll() -> None:
         nonlocal anon, hwm
         while not stop.is_set():
-            anon = max(anon, _anon_bytes(proc.pid))
-            hwm = max(hwm, _high_water(proc.pid))
+            anon = max(anon, _status_bytes(proc.pid, "RssAnon"))
+            hwm = max(hwm, _status_bytes(proc.pid, "VmHWM"))
             stop.wait(0.05)
 
     poller = threading.Thread(target=poll, daemon=True)
