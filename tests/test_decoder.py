@@ -190,7 +190,12 @@ def test_logits_references_are_kept_at_every_kth_position_when_they_are_too_big(
     full = EndToEnd(model, sites, feeds, "calibration samples")
     assert full.kinds["logits"] is OutputKind.LOGITS and full.references[0][0].shape == (1, 64, 256)
     monkeypatch.setattr(sensitivity, "LOGITS_BYTES", 8 * 16 * 256 * 4)  # room for 16 of the 64 positions
-    strided = EndToEnd(model, sites, feeds, "calibration samples")
-    assert strided.references[0][0].shape == (1, 16, 256)
-    a, b = full.distance({site.name: w}), strided.distance({site.name: w})
-    assert a > 0 and 0.5 < b / a < 2.0
+    a = full.distance({site.name: w})
+    # One session of the whole model, and the chain of block sessions, which shrinks the logits as they are made.
+    for blocks in (0, 4):
+        strided = EndToEnd(model, sites, feeds, "calibration samples", blocks=blocks)
+        assert (strided.chain is not None) == (blocks > 0) and strided.logits_stride == 4
+        assert strided.references[0][0].shape == (1, 16, 256)
+        b = strided.distance({site.name: w})
+        assert a > 0 and 0.5 < b / a < 2.0
+        assert strided.describe()["logits_positions"] == "every 4th"

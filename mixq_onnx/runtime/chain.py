@@ -129,6 +129,9 @@ class BlockChain:
         self.final = max(b.index for b in blocks if any(o in self.output_names for o in b.outputs)) if self.output_names \
             and any(o in made for o in self.output_names) else len(blocks) - 1
         self.made_out = frozenset(self.output_names)
+        # Applied to each graph output as a block makes it, before it is held for the run's reduction (the
+        # evaluator keeps a language model's logits at every k-th position: see sensitivity.LOGITS_BYTES).
+        self.shrink: Callable[[str, np.ndarray], np.ndarray] | None = None
         self.last_read: dict[str, int] = {}
         for b in blocks:
             for name in b.inputs:
@@ -246,7 +249,11 @@ class BlockChain:
             for r, per_run in zip(active, inputs):
                 arrays = {w: materialize(runs[r].swaps[w]) for w in b.weights if w in runs[r].swaps}
                 for g, feed in enumerate(per_run):
-                    live[r][g].update(zip(names, sess.run(None, {**feed, **arrays})))
+                    made = zip(names, sess.run(None, {**feed, **arrays}))
+                    if self.shrink is not None and record is None:  # a recording sweep keeps outputs whole
+                        made = ((n, self.shrink(n, a) if n in self.made_out and self.last_read.get(n, -1) <= b.index
+                                 else a) for n, a in made)
+                    live[r][g].update(made)
                     self.runs += 1
                 del arrays
                 if record is not None:

@@ -89,19 +89,14 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 LOGITS_BYTES = 256 * 2**20
 
 
-def logits_strides(references: list[list[np.ndarray]], kinds: list[OutputKind | None],
-                   budget: int | None = None) -> dict[int, int]:
-    """Per next-token logits output (by index), the position stride that keeps its references within ``budget``
-    (default :data:`LOGITS_BYTES`)."""
+def logits_stride(token_shapes: Sequence[tuple[int, ...]], vocabulary: int | None, budget: int | None = None) -> int:
+    """The position stride that keeps every sample's next-token logits (float32 ``[N, T, vocabulary]``, one per
+    token input of ``token_shapes``) within ``budget`` (default :data:`LOGITS_BYTES`); 1 when they fit."""
     budget = LOGITS_BYTES if budget is None else budget
-    out = {}
-    for k, kind in enumerate(kinds):
-        if kind is OutputKind.LOGITS:
-            total = sum(int(r[k].nbytes) for r in references)
-            stride = min(-(-total // budget), min(int(r[k].shape[1]) for r in references))
-            if stride > 1:
-                out[k] = stride
-    return out
+    if not vocabulary or not token_shapes or any(len(s) != 2 for s in token_shapes):
+        return 1
+    total = sum(int(np.prod(s)) for s in token_shapes) * vocabulary * 4
+    return max(1, min(-(-total // budget), min(int(s[1]) for s in token_shapes)))
 
 
 def _kl_sum(p: np.ndarray, q: np.ndarray, log_space: bool, logits: bool = False) -> tuple[float, int]:
@@ -243,6 +238,13 @@ class EndToEnd:
         inits = {t.name for t in model.graph.initializer}
         model_inputs = [i.name for i in model.graph.input if i.name not in inits and i.name not in names]
         self.feeds = self._split_large([{k: f[k] for k in model_inputs} for f in feeds])
+        self.logits_stride = logits_stride([np.shape(f[tokens[0]]) for f in self.feeds if tokens[0] in f], self._vocabulary) \
+            if tokens else 1
+        if self.logits_stride > 1:
+            log.info("next-token KL on every %d-th position: the logits of every position would take more than %d MiB",
+                     self.logits_stride, LOGITS_BYTES // 2**20)
+        if self.chain is not None:
+            self.chain.shrink = self._shrink
         self.source = source
         self.samples = sum(_rows(f) for f in self.feeds)
         self.output_names = [o.name for o in model.graph.output]
@@ -250,7 +252,6 @@ class EndToEnd:
         self._references: list[list[np.ndarray]] | None = None
         self._batched = False
         self._kinds: dict[str, OutputKind] | None = None
-        self._strides: dict[int, int] = {}
         self._known = {n: OutputKind(k) for n, k in (known_kinds or {}).items()}
         if known_kinds is None:
             self._reference_pass()
@@ -270,24 +271,25 @@ class EndToEnd:
                 self.chain.close()
                 self.chain = None
         if self.chain is None:
-            self._references = [self._run(f, {}) for f in self.feeds]
+            self._references = [[self._shrink(n, o) for n, o in zip(self.output_names, self._run(f, {}))] for f in self.feeds]
         self._batched = self._batches_agree()
         kinds = {n: output_kind([r[k] for r in self._references], self._vocabulary) for k, n in enumerate(self.output_names)}
         self._kinds = {n: k for n, k in kinds.items() if k is not None}
         if not self._kinds:
             raise ConfigError("the model has no float outputs to compare")
-        self._strides = logits_strides(self._references, [self._kinds.get(n) for n in self.output_names])
-        for k, stride in self._strides.items():
-            for r in self._references:
-                r[k] = np.ascontiguousarray(r[k][:, ::stride])
-            log.info("output %s: next-token KL on every %d-th position (the logits of every position would take "
-                     "more than %d MiB)", self.output_names[k], stride, LOGITS_BYTES // 2**20)
+
 
     @property
     def references(self) -> list[list[np.ndarray]]:
         if self._references is None:
             self._reference_pass()
         return self._references  # type: ignore[return-value]
+
+    def _shrink(self, name: str, a: np.ndarray) -> np.ndarray:
+        """A language model's logits output at every ``logits_stride``-th position; anything else as it is."""
+        if self.logits_stride > 1 and a.ndim == 3 and a.shape[-1] == self._vocabulary:
+            return np.ascontiguousarray(a[:, :: self.logits_stride])
+        return a
 
     @property
     def batched(self) -> bool:
@@ -448,7 +450,7 @@ class EndToEnd:
         for k, out in enumerate(outs):
             ref = np.concatenate([np.asarray(self.references[i][k]) for i in group]) \
                 if all(np.ndim(self.references[i][k]) for i in group) else None
-            out = np.asarray(out)
+            out = self._shrink(self.output_names[k], np.asarray(out))
             if ref is None or ref.shape != out.shape or ref.dtype != out.dtype:
                 return False
             if np.issubdtype(ref.dtype, np.floating):
@@ -540,8 +542,8 @@ class EndToEnd:
                     if len(group) > 1:
                         q = q[starts[k] : starts[k] + f.shape[0]]
                         starts[k] += f.shape[0]
-                    if k in self._strides:
-                        q = q[:, :: self._strides[k]]
+                    if q.ndim == 3 and q.shape[1] != f.shape[1]:  # a whole run's logits (a chain shrinks them itself)
+                        q = self._shrink(name, q)
                     if kind is OutputKind.VALUES:
                         noise[name] += squared_change(q, f)
                         signal[name] += self._signal(i, k)
@@ -571,6 +573,7 @@ class EndToEnd:
                 if self.chain is not None else "one session of the whole model")
         return {"samples": self.samples, "source": self.source, "outputs": {n: k.value for n, k in self.kinds.items()},
                 "model_runs_as": runs,
+                **({"logits_positions": f"every {self.logits_stride}th"} if self.logits_stride > 1 else {}),
                 "weights_measured": len(self.eligibility.names),
                 "not_measured": dict(sorted(self.eligibility.reasons.items()))}
 
