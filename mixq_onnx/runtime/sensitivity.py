@@ -278,7 +278,6 @@ class EndToEnd:
         if not self._kinds:
             raise ConfigError("the model has no float outputs to compare")
 
-
     @property
     def references(self) -> list[list[np.ndarray]]:
         if self._references is None:
