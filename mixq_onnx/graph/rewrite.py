@@ -115,21 +115,29 @@ def _infer_value_info(model: onnx.ModelProto) -> None:
         scope.graph.value_info.extend(fresh.get(scope.path, []))
 
 
-def _nodes_for(
-    site: WeightSite, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str] = frozenset()
-) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Tensors and nodes that recompute weight ``site`` under its original name.
+def _stored(site: WeightSite, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str]
+            ) -> list[tuple[str, np.ndarray]]:
+    """(name, array) of what a weight is stored as: its integers, scale and, where there is one, zero point.
 
     A symmetric weight read by an op in ``zero_point_ops`` gets an explicit
     all-zero zero point: ONNX Runtime fuses DQ->Gemm into QGemm only then.
     """
     base = site.name
-    tensors = [numpy_helper.from_array(qt.values, namer(f"{base}_quantized")), numpy_helper.from_array(qt.scale, namer(f"{base}_scale"))]
+    out = [(namer(f"{base}_quantized"), qt.values), (namer(f"{base}_scale"), qt.scale)]
     zp = qt.zero_point
     if zp is None and any(u.op_type in zero_point_ops for u in site.uses):
         zp = np.zeros(qt.scale.shape, qt.qtype.dtype)
     if zp is not None:
-        tensors.append(numpy_helper.from_array(zp, namer(f"{base}_zero_point")))
+        out.append((namer(f"{base}_zero_point"), zp))
+    return out
+
+
+def _nodes_for(
+    site: WeightSite, qt: QuantizedTensor, namer: Namer, zero_point_ops: frozenset[str] = frozenset()
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Tensors and nodes that recompute weight ``site`` under its original name (see :func:`_stored`)."""
+    base = site.name
+    tensors = [numpy_helper.from_array(a, name) for name, a in _stored(site, qt, namer, zero_point_ops)]
     attrs: dict[str, int] = {}
     if qt.layout.granularity.value != "tensor":
         attrs["axis"] = qt.axis
@@ -213,6 +221,20 @@ def _unpack_nibbles(packed: str, width: int, base: str, namer: Namer) -> tuple[l
     return consts, nodes, flat
 
 
+def _rows_as_lookup(gather: onnx.NodeProto, rows: str, width: str, out_type: int | None, namer: Namer) -> list[onnx.NodeProto]:
+    """Nodes that reshape dequantized rows [n, width] to the Gather's output (indices' shape + [width]), cast back
+    to the weight's float type when it is not the scales' (``out_type``)."""
+    base = gather.output[0]
+    shape, ids_shape = namer(f"{base}_shape"), namer(f"{base}_indices_shape")
+    final = namer(f"{base}_float") if out_type is not None else base
+    nodes = [helper.make_node("Shape", [gather.input[1]], [ids_shape], name=namer(f"{base}_Shape_indices")),
+             helper.make_node("Concat", [ids_shape, width], [shape], name=namer(f"{base}_Concat_shape"), axis=0),
+             helper.make_node("Reshape", [rows, shape], [final], name=namer(f"{base}_Reshape_rows"))]
+    if out_type is not None:
+        nodes.append(helper.make_node("Cast", [final], [base], name=namer(f"{base}_Cast"), to=out_type))
+    return nodes
+
+
 def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[onnx.TensorProto], out_type: int | None,
                    namer: Namer) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Nodes that replace ``gather`` on a quantized table: look up the integer rows and their scales, dequantize those.
@@ -247,16 +269,7 @@ def _gathered_rows(gather: onnx.NodeProto, qt: QuantizedTensor, tensors: list[on
     attrs = {"axis": 1, "block_size": qt.block_size} if qt.block_size else ({"axis": 0} if per_row else {})
     deq = namer(f"{base}_rows")
     nodes.append(helper.make_node("DequantizeLinear", [rows, *params], [deq], name=namer(f"{base}_DequantizeLinear_rows"), **attrs))
-    shape, ids_shape = namer(f"{base}_shape"), namer(f"{base}_indices_shape")
-    nodes += [helper.make_node("Shape", [gather.input[1]], [ids_shape], name=namer(f"{base}_Shape_indices")),
-              helper.make_node("Concat", [ids_shape, consts[1].name], [shape], name=namer(f"{base}_Concat_shape"), axis=0)]
-    if out_type is None:
-        nodes.append(helper.make_node("Reshape", [deq, shape], [base], name=namer(f"{base}_Reshape_rows")))
-    else:
-        cast_in = namer(f"{base}_float")
-        nodes += [helper.make_node("Reshape", [deq, shape], [cast_in], name=namer(f"{base}_Reshape_rows")),
-                  helper.make_node("Cast", [cast_in], [base], name=namer(f"{base}_Cast"), to=out_type)]
-    return consts, nodes
+    return consts, nodes + _rows_as_lookup(gather, deq, consts[1].name, out_type, namer)
 
 
 def _tied_readers(graph: onnx.GraphProto, name: str, outer_refs: set[str]
@@ -299,12 +312,9 @@ def _tied_table(site: WeightSite, qt: QuantizedTensor, gathers: list[tuple[int, 
     whole-table DequantizeLinear computes it.
     """
     base = site.name
-    made, _ = _nodes_for(site, qt, namer, zero_point_ops)
-    arrays = [qt.values.T, qt.scale.T if qt.scale.ndim == 2 else qt.scale]
-    if len(made) > 2:
-        zp = qt.zero_point if qt.zero_point is not None else np.zeros(qt.scale.shape, qt.qtype.dtype)
-        arrays.append(zp.T if zp.ndim == 2 else zp)
-    tensors = [numpy_helper.from_array(np.ascontiguousarray(a), t.name) for a, t in zip(arrays, made)]
+    stored = [(name, a.T if a.ndim == 2 else a) for name, a in _stored(site, qt, namer, zero_point_ops)]
+    arrays = [a for _, a in stored]
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(a), name) for name, a in stored]
     if qt.block_size:
         attrs: dict[str, int] = {"axis": 0, "block_size": qt.block_size}
     elif qt.layout.granularity.value != "tensor":
@@ -360,16 +370,10 @@ def _tied_table(site: WeightSite, qt: QuantizedTensor, gathers: list[tuple[int, 
                 nodes.append(helper.make_node("Gather", [p, flat], [g], name=namer(f"{p}_Gather_columns"), axis=axis))
             nodes.append(helper.make_node("Squeeze", [g if axis >= 0 else p, first.name], [sq], name=namer(f"{p}_Squeeze")))
             looked.append(sq)
-        shape, ids_shape, flat_rows = namer(f"{out}_shape"), namer(f"{out}_indices_shape"), namer(f"{out}_rows")
-        final = namer(f"{out}_float") if out_type is not None else out
+        flat_rows = namer(f"{out}_rows")
         nodes += [helper.make_node("DequantizeLinear", [rows, *looked], [cols], name=namer(f"{out}_DequantizeLinear_columns"), **attrs),
-                  helper.make_node("Transpose", [cols], [flat_rows], name=namer(f"{out}_Transpose_rows"), perm=[1, 0]),
-                  helper.make_node("Shape", [gather.input[1]], [ids_shape], name=namer(f"{out}_Shape_indices")),
-                  helper.make_node("Concat", [ids_shape, width.name], [shape], name=namer(f"{out}_Concat_shape"), axis=0),
-                  helper.make_node("Reshape", [flat_rows, shape], [final], name=namer(f"{out}_Reshape_rows"))]
-        if out_type is not None:
-            nodes.append(helper.make_node("Cast", [final], [out], name=namer(f"{out}_Cast"), to=out_type))
-        replaced[i] = nodes
+                  helper.make_node("Transpose", [cols], [flat_rows], name=namer(f"{out}_Transpose_rows"), perm=[1, 0])]
+        replaced[i] = nodes + _rows_as_lookup(gather, flat_rows, width.name, out_type, namer)
     return tensors, replaced
 
 
